@@ -1,0 +1,133 @@
+"""Prometheus metrics (SPEC §7) and the /metrics, /healthz, /readyz endpoint.
+
+All metrics live in one :class:`Metrics` object so tests can make a private registry. Labels are
+bounded: role names, decisions, statement kinds and reasons — never logins or SQL text.
+The HTTP endpoint is a small asyncio server on the metrics port (no threads): ``/metrics`` renders
+the registry, ``/healthz`` says the process is alive, ``/readyz`` says it can serve (policy
+loaded, listening, upstream reachable recently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
+_STATEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0)
+
+
+class Metrics:
+    """The SPEC §7 metric families in one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.connections = Gauge("pgveil_connections", "Open client connections", registry=r,
+                                 multiprocess_mode="livesum")
+        self.statements = Counter(
+            "pgveil_statements_total", "Statements handled",
+            ["role", "decision", "kind"], registry=r)
+        self.protected_rows = Counter(
+            "pgveil_protected_rows_total", "Rows of protected tables returned to clients",
+            ["role", "table"], registry=r)
+        self.blocked = Counter(
+            "pgveil_blocked_total", "Statements denied by the policy", ["role", "reason"],
+            registry=r)
+        self.statement_duration = Histogram(
+            "pgveil_statement_duration_seconds", "Statement latency through pgveil",
+            buckets=_STATEMENT_BUCKETS, registry=r)
+        self.rewrite_duration = Histogram(
+            "pgveil_rewrite_duration_seconds", "Time spent analysing and rewriting SQL",
+            buckets=_FAST_BUCKETS, registry=r)
+        self.rewrite_cache = Counter(
+            "pgveil_rewrite_cache_total", "Decision cache lookups", ["result"], registry=r)
+        self.audit_records = Counter(
+            "pgveil_audit_records_total", "Audit records written", registry=r)
+        self.audit_failures = Counter(
+            "pgveil_audit_failures_total", "Audit records that could not be written", registry=r)
+        self.audit_queue = Gauge(
+            "pgveil_audit_queue", "Audit records waiting to be written", registry=r,
+            multiprocess_mode="livesum")
+        self.policy_reloads = Counter(
+            "pgveil_policy_reloads_total", "Policy reload attempts", ["result"], registry=r)
+        self.policy_info = Gauge(
+            "pgveil_policy_info", "The policy version in force (value 1)", ["version"],
+            registry=r, multiprocess_mode="liveall")
+        self.upstream_errors = Counter(
+            "pgveil_upstream_errors_total", "Failures connecting to or talking to PostgreSQL",
+            registry=r)
+        self.lookups = Counter(
+            "pgveil_lookups_total", "Exact-match lookups on raw masked columns",
+            ["role", "column"], registry=r)
+        # make the label-less counters and common label sets visible from the first scrape
+        for result in ("hit", "miss"):
+            self.rewrite_cache.labels(result=result)
+        for result in ("ok", "error"):
+            self.policy_reloads.labels(result=result)
+        self._policy_version: str | None = None
+
+    def set_policy_version(self, version: str) -> None:
+        if self._policy_version is not None:
+            self.policy_info.remove(self._policy_version)
+        self._policy_version = version
+        self.policy_info.labels(version=version).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """HTTP/1.0-style endpoint on asyncio: GET /metrics, /healthz, /readyz.
+
+    ``ready`` is a callable so readiness reflects live state (policy loaded, upstream reachable).
+    """
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool],
+                 render: Callable[[], bytes] | None = None):
+        self.metrics = metrics
+        self.ready = ready
+        self.render = render or metrics.render
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+            if path == "/metrics":
+                status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, self.render()
+            elif path == "/healthz":
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ok = self.ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", b"ready\n" if ok else b"not ready\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode("latin-1") + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,434 @@
+"""The long-lived state of one pgveil worker process, and its life cycle.
+
+A :class:`Runtime` owns what outlives a connection: the config, the policy in force (swapped
+atomically on reload: each statement sees exactly one policy version, because a session reads
+``self.policy`` once per connection and the analyser keys its cache on the version), the
+catalog of each database clients use (read over pgveil's own asyncpg control connection), the
+decision analyser and its cache, the audit trail, the metrics, and the map of cancel keys.
+
+``serve(config)`` runs it: listen (SO_REUSEPORT so several workers can share the port), serve
+metrics, reload the policy on SIGHUP and when the file changes, and drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from proxy.config import Config
+from proxy.metrics import Metrics, MetricsServer
+from proxy.server import (
+    CANCEL_REQUEST,
+    ClientConnection,
+    PassthroughAuthenticator,
+    make_server_ssl,
+    make_upstream_ssl,
+    random_key,
+    spawn_holder,
+)
+from proxy.session import Session
+from rewriters.model import Action, Analysis, Catalog, LexSettings, OperatorView
+
+log = logging.getLogger("pgveil")
+
+
+def control_dsn(config: Config, database: str) -> str | None:
+    """The control DSN pointed at another database: catalogs are per database."""
+    dsn = config.control.dsn
+    if not dsn:
+        return None
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+
+
+class Runtime:
+    """See module docstring."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None, *,
+                 worker: int = 0, cancel_dir: Path | None = None):
+        from rewriters.analyze import Analyzer
+
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.worker = worker
+        self.cancel_dir = cancel_dir
+        self.policy: Any = None
+        self.policy_mtime: float | None = None
+        self.analyzer = Analyzer()
+        self.catalogs: dict[str, Catalog] = {}
+        self._catalog_locks: dict[str, asyncio.Lock] = {}
+        self._catalog_loaded: dict[str, float] = {}
+        self._views: dict[tuple[Any, ...], OperatorView] = {}
+        self.cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
+        self.clients: set[ClientConnection] = set()
+        self.tasks, self.spawn = spawn_holder()
+        self.audit: Any = None
+        self.authenticator = PassthroughAuthenticator()
+        self.server_ssl = None
+        self.client_tls_mode = "disable"
+        if config.tls is not None and config.tls.cert and config.tls.key:
+            self.server_ssl = make_server_ssl(str(config.tls.cert), str(config.tls.key))
+            self.client_tls_mode = config.tls.mode
+        self.upstream_ssl = make_upstream_ssl(
+            config.upstream.tls, str(config.upstream.ca) if config.upstream.ca else None)
+        self.strict_audit = config.audit.durability == "strict"
+        self._server: asyncio.base_events.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._draining = False
+        self._upstream_ok_at = 0.0
+
+    # ------------------------------------------------------------------ policy
+    def load_policy(self) -> None:
+        """Parse → validate → swap. Raises PolicyError; the caller decides what that means."""
+        from rewriters.policy import load_policy
+
+        policy = load_policy(self.config.policy)
+        self.policy = policy
+        self._views.clear()
+        with contextlib.suppress(OSError):
+            self.policy_mtime = os.stat(self.config.policy).st_mtime
+        self.metrics.set_policy_version(policy.version)
+
+    def reload_policy(self) -> bool:
+        from rewriters.policy import PolicyError
+
+        try:
+            self.load_policy()
+        except PolicyError as exc:
+            self.metrics.policy_reloads.labels(result="error").inc()
+            log.error("policy reload failed, keeping version %s:\n%s",
+                      getattr(self.policy, "version", "?"), exc)
+            with contextlib.suppress(OSError):
+                self.policy_mtime = os.stat(self.config.policy).st_mtime
+            return False
+        self.metrics.policy_reloads.labels(result="ok").inc()
+        log.info("policy reloaded: version %s", self.policy.version)
+        return True
+
+    async def _watch_policy(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                mtime = os.stat(self.config.policy).st_mtime
+            except OSError:
+                continue
+            if mtime != self.policy_mtime:
+                self.reload_policy()
+
+    # ------------------------------------------------------------------ catalog
+    def control_dsn(self, database: str) -> str | None:
+        return control_dsn(self.config, database)
+
+    async def catalog(self, database: str) -> Catalog:
+        cat = self.catalogs.get(database)
+        fresh = time.monotonic() - self._catalog_loaded.get(database, 0) < \
+            self.config.catalog_refresh_seconds
+        if cat is not None and fresh:
+            return cat
+        lock = self._catalog_locks.setdefault(database, asyncio.Lock())
+        async with lock:
+            cat = self.catalogs.get(database)
+            if cat is not None and time.monotonic() - self._catalog_loaded.get(database, 0) < \
+                    self.config.catalog_refresh_seconds:
+                return cat
+            loaded = await self._load_catalog(database)
+            if loaded is not None:
+                self.catalogs[database] = loaded
+                self._catalog_loaded[database] = time.monotonic()
+                self._views = {k: v for k, v in self._views.items() if k[-1] != database}
+                return loaded
+            return cat or Catalog()
+
+    async def _load_catalog(self, database: str) -> Catalog | None:
+        import asyncpg
+
+        from proxy.catalog import load_catalog
+
+        dsn = self.control_dsn(database)
+        if dsn is None:
+            return None
+        try:
+            conn = await asyncpg.connect(dsn, password=self.config.control_password, timeout=10)
+        except Exception as exc:
+            log.warning("catalog: cannot connect to %s: %s", database, exc)
+            return None
+        try:
+            cat, missing = await load_catalog(conn, self.policy.protected_tables)
+            for name in missing:
+                log.warning("protected table %s is missing from database %s", name, database)
+            return cat
+        except Exception as exc:
+            log.warning("catalog: cannot read %s: %s", database, exc)
+            return None
+        finally:
+            await conn.close()
+
+    def invalidate_catalog(self, database: str) -> None:
+        self._catalog_loaded.pop(database, None)
+
+    async def operator_view(self, login: str, ip: str | None, application: str,
+                            database: str) -> OperatorView:
+        from rewriters.policy import build_operator_view
+
+        policy = self.policy
+        operator = policy.resolve(login, ip, application)
+        if operator is None:
+            raise LookupError(f"no policy role matches login {login!r} and the policy has no "
+                              "'default' role: connection refused")
+        catalog = await self.catalog(database)
+        key = (policy.version, operator.role, tuple(sorted(operator.attributes.items())),
+               login, id(catalog), database)
+        view = self._views.get(key)
+        if view is None:
+            view = build_operator_view(policy, operator, catalog)
+            self._views[key] = view
+        return view
+
+    # ------------------------------------------------------------------ sessions
+    def new_session(self, view: OperatorView, lex: LexSettings, identity: dict[str, Any],
+                    database: str) -> Session:
+        from rewriters.shape import redact_literals
+
+        metrics = self.metrics
+        analyzer = self.analyzer
+        role = view.role
+        statements = metrics.statements
+        cache_hit = metrics.rewrite_cache.labels(result="hit")
+        cache_miss = metrics.rewrite_cache.labels(result="miss")
+        rewrite_hist = metrics.rewrite_duration
+
+        def analyze(sql: str, v: OperatorView, lx: LexSettings, **kw: Any) -> Analysis:
+            analysis = analyzer.analyze(sql, v, lx, **kw)
+            if analysis.statements and (analysis.cached or analysis.rewrite_seconds > 0):
+                (cache_hit if analysis.cached else cache_miss).inc()
+                rewrite_hist.observe(analysis.rewrite_seconds)
+            for st in analysis.statements:
+                statements.labels(role, _DECISION[st.action], st.kind).inc()
+                if st.kind == "ddl" and st.action is not Action.DENY:
+                    self.invalidate_catalog(database)
+            return analysis
+
+        redact = redact_literals if self.config.audit.redact_literals else None
+        available = (lambda: self.audit.available) if self.audit is not None else (lambda: True)
+        if self.audit is not None and self.config.audit.on_failure == "allow":
+            available = lambda: True  # noqa: E731 - statements pass; failures are counted
+        return Session(view=view, analyze=analyze, lex=lex, identity=identity,
+                       audit_all=self.config.audit.all, audit_available=available,
+                       redact=redact)
+
+    def submit_audit(self, fields: dict[str, Any]) -> asyncio.Future[None] | None:
+        role = fields.get("role", "")
+        if fields.get("decision") == "blocked":
+            reason = (fields.get("reasons") or ["policy"])[0]
+            self.metrics.blocked.labels(role, _reason_label(reason)).inc()
+        rows = fields.get("rows") or 0
+        if rows:
+            for table in fields.get("tables") or ():
+                self.metrics.protected_rows.labels(role, table).inc(rows)
+        if self.audit is None:
+            return None
+        try:
+            return self.audit.record(fields)
+        except Exception as exc:  # the trail counts its own failures
+            log.error("audit record failed: %s", exc)
+            return None
+
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.clients.add(conn)
+        self.metrics.connections.inc()
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.clients.discard(conn)
+        self.metrics.connections.dec()
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.clients)
+
+    # ------------------------------------------------------------------ cancel
+    def register_cancel_key(self, backend: tuple[int, int]) -> tuple[int, int]:
+        """Hand the client a key of ours. Its pid carries the worker index in the top bits so
+        a CancelRequest landing on another worker can be routed to the right one."""
+        pid, key = random_key()
+        pid = (self.worker << 22) | (pid & 0x3FFFFF)
+        self.cancel_keys[(pid, key)] = backend
+        return pid, key
+
+    async def handle_cancel(self, pid: int, key: int) -> None:
+        backend = self.cancel_keys.get((pid, key))
+        if backend is not None:
+            await self.send_cancel(backend)
+            return
+        worker = pid >> 22
+        if worker != self.worker and self.cancel_dir is not None:
+            path = self.cancel_dir / f"worker-{worker}.sock"
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_unix_connection(str(path))
+                w.write(struct.pack("!IIII", 16, CANCEL_REQUEST, pid, key))
+                await w.drain()
+                w.close()
+
+    async def send_cancel(self, backend: tuple[int, int]) -> None:
+        cfg = self.config.upstream
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(cfg.host, cfg.port), cfg.connect_timeout)
+            writer.write(struct.pack("!IIII", 16, CANCEL_REQUEST, *backend))
+            await writer.drain()
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("could not send cancel upstream: %s", exc)
+
+    async def _serve_cancel_socket(self) -> None:
+        if self.cancel_dir is None:
+            return
+        path = self.cancel_dir / f"worker-{self.worker}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                data = await reader.readexactly(16)
+                _, code, pid, key = struct.unpack("!IIII", data)
+                backend = self.cancel_keys.get((pid, key))
+                if code == CANCEL_REQUEST and backend is not None:
+                    await self.send_cancel(backend)
+            writer.close()
+
+        await asyncio.start_unix_server(handle, str(path))
+
+    # ------------------------------------------------------------------ life cycle
+    def ready(self) -> bool:
+        return self.policy is not None and self._server is not None and not self._draining
+
+    async def start(self) -> None:
+        cfg = self.config
+        if self.policy is None:
+            self.load_policy()
+        if cfg.audit.file is not None or cfg.audit.postgres is not None:
+            from proxy.audit import AuditSettings, AuditTrail
+
+            a = cfg.audit
+            settings = AuditSettings(
+                file=a.file, postgres_dsn=a.postgres.dsn if a.postgres else None,
+                postgres_table=a.postgres.table if a.postgres else "pgveil.audit",
+                signing_key=a.signing_key, durability=a.durability, on_failure=a.on_failure,
+                redact_literals=a.redact_literals, all=a.all,
+                checkpoint_every=a.checkpoint_every, checkpoint_seconds=a.checkpoint_seconds,
+                rotate_bytes=a.rotate_bytes, keep_files=a.keep_files)
+            chain = f"{socket.gethostname()}-{os.getpid()}-w{self.worker}"
+            self.audit = AuditTrail(settings, chain_id=chain, metrics=_AuditMetrics(self.metrics))
+            await self.audit.start()
+        sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((cfg.listen.host, cfg.listen.port))
+        sock.listen(cfg.listen.backlog)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
+        for s in self._server.sockets:
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.spawn(self._watch_policy())
+        self.spawn(self._serve_cancel_socket())
+        if cfg.listen.idle_timeout > 0:
+            self.spawn(self._idle_reaper(cfg.listen.idle_timeout))
+        # warm the catalog of the databases we know of, so the first client does not wait
+        log.info("pgveil listening on %s:%s (worker %d, policy %s)", cfg.listen.host,
+                 self.port, self.worker, self.policy.version)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start_metrics(self, render: Any = None) -> None:
+        cfg = self.config.metrics
+        if not cfg.enabled:
+            return
+        self._metrics_server = MetricsServer(self.metrics, self.ready, render)
+        await self._metrics_server.start(cfg.host, cfg.port)
+
+    async def _idle_reaper(self, timeout: float) -> None:
+        from proxy.server import fatal
+
+        while True:
+            await asyncio.sleep(min(timeout, 5.0))
+            for conn in list(self.clients):
+                if conn.session is not None and not conn.session._slots and \
+                        conn.idle_for() > timeout:
+                    conn._send_client(fatal("57P05", "terminating connection due to idle "
+                                            "timeout (pgveil listen.idle_timeout)"))
+                    conn.close()
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let in-flight statements finish, then close everything."""
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+        deadline = time.monotonic() + timeout
+        while self.clients and time.monotonic() < deadline:
+            busy = [c for c in self.clients if c.session is None or c.session._slots]
+            idle = [c for c in self.clients if c not in busy]
+            for c in idle:
+                c.close()
+            if not busy:
+                break
+            await asyncio.sleep(0.1)
+        for c in list(self.clients):
+            c.close()
+        if self.audit is not None:
+            await self.audit.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
+
+
+_DECISION = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten", Action.DENY: "blocked"}
+
+
+def _reason_label(reason: str) -> str:
+    """Bounded label for pgveil_blocked_total: the reason's category, not its details."""
+    low = reason.lower()
+    for word in ("copy", "row limit", "unbounded", "hours", "quota", "audit", "ddl", "role",
+                 "function", "statistics", "cannot analyse", "lookup", "explain", "insert",
+                 "update", "delete", "view"):
+        if word in low:
+            return word.replace(" ", "_")
+    return "policy"
+
+
+class _AuditMetrics:
+    """Adapter handing the audit trail the three audit metrics."""
+
+    def __init__(self, m: Metrics):
+        self.records = m.audit_records
+        self.failures = m.audit_failures
+        self.queue = m.audit_queue
+
+
+async def run_worker(config: Config, worker: int = 0, cancel_dir: Path | None = None,
+                     serve_metrics: bool = True) -> None:
+    rt = Runtime(config, worker=worker, cancel_dir=cancel_dir)
+    rt.load_policy()
+    await rt.start()
+    if serve_metrics:
+        await rt.start_metrics()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, rt.reload_policy)
+    await stop.wait()
+    log.info("draining")
+    await rt.drain()

@@ -1,0 +1,614 @@
+"""The asyncio shell: sockets, TLS, startup/authentication relay, and byte pumping.
+
+This is the only place (with the metrics/audit/catalog I/O) that touches asyncio. Per client:
+
+1. ``ClientConnection`` (an asyncio Protocol — cheaper per message than streams) reads the
+   startup packet: SSLRequest → 'S' + TLS handshake (or 'N'), GSSENCRequest → 'N',
+   CancelRequest → forwarded to the right upstream backend, StartupMessage → continue.
+2. The operator is resolved from login, client address and application_name (once per
+   connection; later SET ROLE / application_name changes change nothing), an upstream connection
+   is opened (TLS per ``upstream.tls``), and authentication is relayed (``auth.mode:
+   passthrough``) or terminated at pgveil (``scram``/``userlist``, see ``proxy.auth``).
+3. The client gets pgveil's own BackendKeyData; the real one is kept for cancels.
+4. From then on every chunk of bytes goes through ``proxy.session.Session`` (pure), and the
+   shell performs what it returns: write to either side, cancel upstream, submit audit records
+   (holding client output while strict-durability records are in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from proxy.session import Output, Session, error_message
+
+if TYPE_CHECKING:
+    from proxy.runtime import Runtime
+
+log = logging.getLogger("pgveil.server")
+
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+PROTOCOL_3 = 196608
+MAX_STARTUP = 10000
+
+_I32 = struct.Struct("!I")
+
+
+def fatal(sqlstate: str, message: str, hint: str | None = None) -> bytes:
+    return error_message(sqlstate, message, severity="FATAL", hint=hint)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class _Reader:
+    """Buffered reads for the startup phase, fed by a Protocol's data_received."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[None] | None = None
+        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def _need(self, n: int) -> None:
+        while len(self.buf) < n:
+            if self.eof:
+                raise ClientGone("connection closed")
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+
+    async def read_startup(self) -> bytes:
+        await self._need(4)
+        length = _I32.unpack_from(self.buf, 0)[0]
+        if length < 8 or length > MAX_STARTUP:
+            raise ValueError(f"invalid startup packet length {length}")
+        await self._need(length)
+        packet = bytes(self.buf[:length])
+        del self.buf[:length]
+        return packet
+
+    async def read_message(self, max_size: int = 1 << 26) -> tuple[int, bytes]:
+        await self._need(5)
+        mtype = self.buf[0]
+        length = _I32.unpack_from(self.buf, 1)[0]
+        if length < 4 or length > max_size:
+            raise ValueError(f"invalid message length {length}")
+        await self._need(1 + length)
+        frame = bytes(self.buf[:1 + length])
+        del self.buf[:1 + length]
+        return mtype, frame
+
+    def take(self) -> bytes:
+        data = bytes(self.buf)
+        self.buf.clear()
+        return data
+
+
+def parse_startup_params(packet: bytes) -> dict[str, str]:
+    parts = packet[8:].split(b"\x00")
+    params: dict[str, str] = {}
+    for i in range(0, len(parts) - 1, 2):
+        if not parts[i]:
+            break
+        params[parts[i].decode("utf-8", "replace")] = parts[i + 1].decode("utf-8", "replace")
+    return params
+
+
+def build_startup(params: dict[str, str]) -> bytes:
+    body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items())
+    body = struct.pack("!I", PROTOCOL_3) + body + b"\x00"
+    return struct.pack("!I", len(body) + 4) + body
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """The pgveil → PostgreSQL leg; hands bytes to its ClientConnection."""
+
+    def __init__(self, client: ClientConnection):
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.reader = _Reader()
+        self.relaying = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.relaying:
+            self.client.from_server(data)
+        else:
+            self.reader.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reader.feed_eof()
+        self.client.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.client.pause_reading_client()
+
+    def resume_writing(self) -> None:
+        self.client.resume_reading_client()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client session (see module docstring)."""
+
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.transport: asyncio.Transport | None = None
+        self.reader = _Reader()
+        self.upstream: UpstreamProtocol | None = None
+        self.session: Session | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.peer: str = ""
+        self.peer_ip: str | None = None
+        self.tls = False
+        self.closed = False
+        self.backend_key: tuple[int, int] | None = None  # upstream (pid, secret)
+        self.our_key: tuple[int, int] | None = None
+        self._held: list[bytes] = []
+        self._audit_waits: list[asyncio.Future[None]] = []
+        self._last_activity = time.monotonic()
+        self._counted = False
+
+    # ----------------------------------------------------------- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = str(peer[0])
+            self.peer = f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer_ip, self.peer = None, "local"
+        if self.rt.connection_count >= self.rt.config.listen.max_connections:
+            transport.write(fatal("53300", "sorry, too many clients already (pgveil "
+                                  "listen.max_connections)"))
+            transport.close()
+            self.closed = True
+            return
+        self.rt.connection_opened(self)
+        self._counted = True
+        self.task = asyncio.get_running_loop().create_task(self._startup())
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        session = self.session
+        if session is not None:
+            try:
+                out = session.from_client(data)
+            except Exception as exc:  # a malformed stream: end the session cleanly
+                log.warning("client %s sent an invalid message stream: %s", self.peer, exc)
+                self._send_client(fatal("08P01", f"invalid frontend message: {exc}"))
+                self.close()
+                return
+            self._perform(out)
+        else:
+            self.reader.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reader.feed_eof()
+        was_busy = self.session is not None and bool(self.session._slots)
+        if was_busy and self.backend_key is not None:
+            # the client vanished mid-query: don't leave PostgreSQL working for nobody
+            self.rt.spawn(self.rt.send_cancel(self.backend_key))
+        self.close()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            with contextlib.suppress(Exception):
+                self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            with contextlib.suppress(Exception):
+                self.upstream.transport.resume_reading()
+
+    def pause_reading_client(self) -> None:
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+
+    def resume_reading_client(self) -> None:
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.resume_reading()
+
+    # ----------------------------------------------------------- relay
+    def from_server(self, data: bytes) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            out = session.from_server(data)
+        except Exception as exc:
+            log.exception("error handling server data for %s", self.peer)
+            self.rt.metrics.upstream_errors.inc()
+            self._send_client(fatal("XX000", f"pgveil internal error: {exc}"))
+            self.close()
+            return
+        self._perform(out)
+
+    def _perform(self, out: Output) -> None:
+        up = self.upstream
+        if out.to_server and up is not None and up.transport is not None:
+            if len(out.to_server) == 1:
+                up.transport.write(out.to_server[0])
+            else:
+                up.transport.writelines(out.to_server)
+        if out.audit:
+            for ev in out.audit:
+                fut = self.rt.submit_audit(ev.fields)
+                if fut is not None and self.rt.strict_audit:
+                    self._audit_waits.append(fut)
+        if out.to_client:
+            if self._audit_waits or self._held:
+                self._held.extend(out.to_client)
+                self._schedule_release()
+            else:
+                self._send_client_many(out.to_client)
+        if out.cancel and self.backend_key is not None:
+            self.rt.spawn(self.rt.send_cancel(self.backend_key))
+        if out.close:
+            self.close()
+
+    def _schedule_release(self) -> None:
+        waits = [f for f in self._audit_waits if not f.done()]
+        if not waits:
+            self._audit_waits.clear()
+            held, self._held = self._held, []
+            self._send_client_many(held)
+            return
+        if getattr(self, "_releasing", False):
+            return
+        self._releasing = True
+
+        async def release() -> None:
+            try:
+                while True:
+                    waits = [f for f in self._audit_waits if not f.done()]
+                    if not waits:
+                        break
+                    await asyncio.wait(waits)
+                self._audit_waits.clear()
+                held, self._held = self._held, []
+                self._send_client_many(held)
+            finally:
+                self._releasing = False
+
+        self.rt.spawn(release())
+
+    def _send_client(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _send_client_many(self, chunks: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:
+                self.transport.writelines(chunks)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        if self.session is not None:
+            self.rt.metrics.upstream_errors.inc()
+            self._send_client(fatal(
+                "08006", "the connection to the PostgreSQL server was lost",
+                hint="pgveil is still running; reconnect when the database is back"))
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._counted:
+            self.rt.connection_closed(self)
+        if self.upstream is not None and self.upstream.transport is not None:
+            with contextlib.suppress(Exception):
+                if not self.upstream.transport.is_closing():
+                    self.upstream.transport.write(b"X\x00\x00\x00\x04")
+                self.upstream.transport.close()
+        if self.transport is not None:
+            self.transport.close()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self._last_activity
+
+    # ----------------------------------------------------------- startup
+    async def _startup(self) -> None:
+        try:
+            await self._negotiate()
+        except ClientGone:
+            self.close()
+        except asyncio.CancelledError:
+            self.close()
+        except ValueError as exc:
+            self._send_client(fatal("08P01", f"invalid startup packet: {exc}"))
+            self.close()
+        except Exception as exc:  # never let one client's failure take the server down
+            log.exception("startup failed for %s", self.peer)
+            self._send_client(fatal("XX000", f"pgveil: {exc}"))
+            self.close()
+
+    async def _negotiate(self) -> None:
+        tls_mode = self.rt.client_tls_mode
+        while True:
+            packet = await self.reader.read_startup()
+            code = _I32.unpack_from(packet, 4)[0]
+            if code == SSL_REQUEST:
+                if self.tls or tls_mode == "disable" or self.rt.server_ssl is None:
+                    self._send_client(b"N")
+                    continue
+                if self.reader.buf:
+                    raise ValueError("data received before TLS handshake")
+                self._send_client(b"S")
+                loop = asyncio.get_running_loop()
+                assert self.transport is not None
+                new = await loop.start_tls(self.transport, self, self.rt.server_ssl,
+                                           server_side=True)
+                self.transport = new  # type: ignore[assignment]
+                self.tls = True
+                continue
+            if code == GSSENC_REQUEST:
+                self._send_client(b"N")
+                continue
+            if code == CANCEL_REQUEST:
+                if len(packet) == 16:
+                    pid, key = struct.unpack_from("!II", packet, 8)
+                    await self.rt.handle_cancel(pid, key)
+                self.close()
+                return
+            if code >> 16 != 3:
+                raise ValueError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+            break
+        if tls_mode == "require" and not self.tls:
+            self._send_client(fatal("28000", "pgveil requires TLS (tls.mode: require)",
+                                    hint="connect with sslmode=require"))
+            self.close()
+            return
+        params = parse_startup_params(packet)
+        await self._login(packet, params)
+
+    async def _login(self, packet: bytes, params: dict[str, str]) -> None:
+        user = params.get("user", "")
+        database = params.get("database", user)
+        application = params.get("application_name", "")
+        if not user:
+            self._send_client(fatal("28000", "no PostgreSQL user name specified in startup "
+                                    "packet"))
+            self.close()
+            return
+        try:
+            view = await self.rt.operator_view(user, self.peer_ip, application, database)
+        except LookupError as exc:
+            self._send_client(fatal("28000", str(exc)))
+            self.close()
+            return
+        options = params.get("options", "")
+        if not view.unrestricted and _options_switch_role(options):
+            self._send_client(fatal(
+                "42501", f"startup option {options!r} would switch the database role and "
+                f"escape the policy for role {view.role}"))
+            self.close()
+            return
+        upstream = await self._connect_upstream()
+        if upstream is None:
+            return
+        self.upstream = upstream
+        assert upstream.transport is not None
+        upstream.transport.write(build_startup(params))
+        ok = await self.rt.authenticator.relay(self, upstream, params)
+        if not ok:
+            self.close()
+            return
+        await self._finish_startup(upstream, view, params, database, application, user)
+
+    async def _connect_upstream(self) -> UpstreamProtocol | None:
+        cfg = self.rt.config.upstream
+        loop = asyncio.get_running_loop()
+        proto = UpstreamProtocol(self)
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: proto, cfg.host, cfg.port), cfg.connect_timeout)
+            if cfg.tls != "disable":
+                transport.write(struct.pack("!II", 8, SSL_REQUEST))
+                await proto.reader._need(1)
+                answer = bytes(proto.reader.buf[:1])
+                del proto.reader.buf[:1]
+                if answer == b"S":
+                    ctx = self.rt.upstream_ssl
+                    transport = await loop.start_tls(
+                        transport, proto, ctx,
+                        server_hostname=cfg.host if cfg.tls == "verify-full" else None)
+                    proto.transport = transport  # type: ignore[assignment]
+                    proto.tls = True  # type: ignore[attr-defined]
+                elif cfg.tls in ("require", "verify-ca", "verify-full"):
+                    raise ConnectionError("upstream PostgreSQL refused TLS (upstream.tls: "
+                                          f"{cfg.tls})")
+        except (OSError, asyncio.TimeoutError, ConnectionError, ClientGone, ssl.SSLError) as exc:
+            self.rt.metrics.upstream_errors.inc()
+            log.warning("cannot reach upstream %s:%s: %s", cfg.host, cfg.port, exc)
+            self._send_client(fatal(
+                "08006", f"pgveil cannot connect to the PostgreSQL server at "
+                f"{cfg.host}:{cfg.port}: {exc or type(exc).__name__}",
+                hint="the database may be down or restarting; retry shortly"))
+            self.close()
+            return None
+        return proto
+
+    async def _finish_startup(self, upstream: UpstreamProtocol, view: Any,
+                              params: dict[str, str], database: str, application: str,
+                              user: str) -> None:
+        """Relay ParameterStatus/BackendKeyData until ReadyForQuery, then switch to relaying."""
+        parameters: dict[str, str] = {}
+        chunks: list[bytes] = []
+        while True:
+            mtype, frame = await upstream.reader.read_message()
+            if mtype == 0x4B:  # BackendKeyData: keep the real one, hand out ours
+                pid, key = struct.unpack_from("!II", frame, 5)
+                self.backend_key = (pid, key)
+                self.our_key = self.rt.register_cancel_key(self.backend_key)
+                chunks.append(b"K" + struct.pack("!III", 12, *self.our_key))
+                continue
+            if mtype == 0x53:  # ParameterStatus
+                name, _, rest = frame[5:].partition(b"\x00")
+                parameters[name.decode()] = rest.split(b"\x00")[0].decode("utf-8", "replace")
+            chunks.append(frame)
+            if mtype == 0x45:  # ErrorResponse during startup (e.g. database does not exist)
+                self._send_client_many(chunks)
+                self.close()
+                return
+            if mtype == 0x5A:
+                break
+        from rewriters.model import LexSettings
+
+        lex = LexSettings(parameters.get("standard_conforming_strings", "on") == "on",
+                          parameters.get("client_encoding", "UTF8"))
+        identity = {
+            "session": secrets.token_hex(4), "operator": user, "role": view.role,
+            "client": self.peer, "application": application, "database": database,
+        }
+        self.session = self.rt.new_session(view, lex, identity, database)
+        self.session.parameters.update(parameters)
+        upstream.relaying = True
+        leftover = upstream.reader.take()
+        self._send_client_many(chunks)
+        pending = self.reader.take()
+        if leftover:
+            self.from_server(leftover)
+        if pending:
+            self.data_received(pending)
+
+
+def _options_switch_role(options: str) -> bool:
+    low = options.replace(" ", "").lower()
+    return "role=" in low or "session_authorization" in low or "authorization=" in low
+
+
+class PassthroughAuthenticator:
+    """auth.mode passthrough: relay the authentication exchange; PostgreSQL decides.
+
+    SCRAM channel binding cannot cross a proxy that terminates TLS: the client would bind to
+    pgveil's certificate, not PostgreSQL's. So pgveil removes SCRAM-SHA-256-PLUS from what it
+    relays. A TLS client that supports binding then sends the gs2 flag 'y' ("I could bind, you
+    didn't offer it"), which PostgreSQL — having offered PLUS on its TLS leg — rejects as a
+    downgrade attack. That combination is detected and explained instead of failing obscurely.
+    """
+
+    async def relay(self, client: ClientConnection, upstream: UpstreamProtocol,
+                    params: dict[str, str]) -> bool:
+        stripped_plus = False
+        while True:
+            mtype, frame = await upstream.reader.read_message()
+            if mtype == 0x45:  # ErrorResponse: wrong password etc. — relay verbatim
+                client._send_client(frame)
+                return False
+            if mtype != 0x52:  # anything but Authentication*: push back, auth is done
+                upstream.reader.buf[:0] = frame
+                return True
+            code = _I32.unpack_from(frame, 5)[0]
+            if code == 0:  # AuthenticationOk
+                client._send_client(frame)
+                return True
+            if code == 10:  # AuthenticationSASL: list of mechanisms
+                mechs = [m for m in frame[9:].split(b"\x00") if m]
+                if b"SCRAM-SHA-256-PLUS" in mechs:
+                    stripped_plus = True
+                    mechs = [m for m in mechs if m != b"SCRAM-SHA-256-PLUS"]
+                body = struct.pack("!I", 10) + b"".join(m + b"\x00" for m in mechs) + b"\x00"
+                frame = b"R" + struct.pack("!I", len(body) + 4) + body
+            client._send_client(frame)
+            if code in (3, 5, 7, 8, 9, 10, 11):  # these expect a client response
+                rtype, reply = await client.reader.read_message(max_size=1 << 16)
+                if rtype != 0x70:
+                    client._send_client(fatal("08P01", "expected a password message"))
+                    return False
+                if code == 10 and stripped_plus and client.tls and _gs2_flag(reply) == "y":
+                    client._send_client(fatal(
+                        "28000",
+                        "SCRAM channel binding cannot cross pgveil: the client supports "
+                        "channel binding over its TLS connection to pgveil, and PostgreSQL "
+                        "offers SCRAM-SHA-256-PLUS on its own TLS connection, so PostgreSQL "
+                        "would reject the login as a downgrade",
+                        hint="use auth.mode: scram (pgveil terminates SCRAM and supports "
+                             "channel binding), set upstream.tls: disable, or connect with "
+                             "channel_binding=disable"))
+                    return False
+                assert upstream.transport is not None
+                upstream.transport.write(reply)
+
+
+def _gs2_flag(sasl_initial: bytes) -> str:
+    """The gs2 channel-binding flag ('n', 'y' or 'p') of a SASLInitialResponse."""
+    try:
+        mech_end = sasl_initial.index(b"\x00", 5)
+        data = sasl_initial[mech_end + 5:]
+        return chr(data[0]) if data else "n"
+    except (ValueError, IndexError):
+        return "n"
+
+
+def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def make_upstream_ssl(mode: str, ca: str | None) -> ssl.SSLContext:
+    if mode in ("verify-ca", "verify-full"):
+        ctx = ssl.create_default_context(cafile=ca)
+        ctx.check_hostname = mode == "verify-full"
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def random_key() -> tuple[int, int]:
+    return (secrets.randbelow(1 << 30) + 1, secrets.randbits(32))
+
+
+def spawn_holder() -> tuple[set[asyncio.Task[Any]], Callable[[Any], asyncio.Task[Any]]]:
+    """Keep task references so they are not garbage-collected mid-flight (STYLE rule 7)."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    return tasks, spawn
+
+
+__all__ = ["ClientConnection", "PassthroughAuthenticator", "os"]

@@ -1,0 +1,630 @@
+"""The per-connection policy state machine, after startup: pure, no sockets, no asyncio.
+
+The asyncio shell (``proxy.server``) feeds it the bytes each side sends and performs what it
+returns. Theory of operation:
+
+* **Client → server.** Frames are split; only Query ('Q') and Parse ('P') carry SQL, so only
+  they are analysed (``rewriters.analyze.Analyzer``). A statement that needs no change is
+  forwarded byte-for-byte; a rewritten one is re-encoded with the session's client encoding; a
+  denied one is replaced by a statement that makes *PostgreSQL itself* raise SQLSTATE 42501
+  with our message (``DO $$ … RAISE …``). That keeps client and server in step on transaction
+  state for free: inside a block the transaction ends up failed on both sides, and in the
+  extended protocol the server skips the rest of the batch until Sync exactly as it would for
+  any failed Parse. The denied statement itself never reaches PostgreSQL.
+  Bind/Execute/Describe/Close/Sync are tracked (portals and statements by name) so results can
+  be attributed to the decision that produced them.
+* **Server → client.** Results are attributed to *slots* pushed in client order: one per
+  simple Query (covering each of its statements in turn), one per Execute, and a marker per
+  Sync. DataRows of protected statements are counted; past the role's ``max_rows`` they stop
+  being forwarded, the shell cancels the query upstream, and the statement's end
+  (CommandComplete / PortalSuspended / the cancel's ErrorResponse) is replaced by our 42501
+  error. When a statement ends, an audit record is emitted if it touched a protected table.
+* ReadyForQuery and ParameterStatus keep the session's view of the transaction status and of the
+  settings that change how SQL is lexed (client_encoding, standard_conforming_strings).
+
+Effects the shell must perform are returned as :class:`Output` (bytes to each side, plus a
+cancel request flag and audit events).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewriters.model import (
+    DENY_SQLSTATE,
+    Action,
+    Analysis,
+    LexSettings,
+    OperatorView,
+    StatementDecision,
+)
+
+_I32 = struct.Struct("!i")
+_HDR = struct.Struct("!cI")
+
+# PostgreSQL encoding names → Python codecs. SQL_ASCII passes bytes through: latin-1 maps
+# every byte to one code point and back, so re-encoding is lossless.
+_CODECS = {
+    "UTF8": "utf-8", "UNICODE": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1",
+    "LATIN2": "iso8859-2", "LATIN9": "iso8859-15", "WIN1252": "cp1252", "WIN1251": "cp1251",
+    "GBK": "gbk", "GB18030": "gb18030", "EUC_CN": "gb2312", "BIG5": "big5", "SJIS": "shift_jis",
+    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "UHC": "cp949", "KOI8R": "koi8_r",
+}
+
+
+def python_codec(pg_encoding: str) -> str | None:
+    """The Python codec for a PostgreSQL client_encoding name, None when we have none."""
+    return _CODECS.get(pg_encoding.upper())
+
+
+class TxStatus(enum.Enum):
+    IDLE = "I"
+    IN_TRANSACTION = "T"
+    FAILED = "E"
+
+
+class ProtocolState(enum.Enum):
+    """What the server side of the session is doing (tracked from the messages we relay)."""
+
+    READY = "ready"  # idle, waiting for the client
+    BUSY = "busy"  # results of a query or batch are pending
+    COPY_IN = "copy_in"
+    COPY_OUT = "copy_out"
+    COPY_BOTH = "copy_both"
+
+
+AnalyzeFn = Callable[..., Analysis]
+
+
+@dataclass
+class AuditEvent:
+    """What the session knows about one finished statement on a protected table."""
+
+    fields: dict[str, Any]
+
+
+@dataclass
+class Output:
+    to_server: list[bytes] = field(default_factory=list)
+    to_client: list[bytes] = field(default_factory=list)
+    cancel: bool = False
+    audit: list[AuditEvent] = field(default_factory=list)
+    close: bool = False
+
+
+@dataclass
+class _StatementRun:
+    """One statement being executed upstream, attributed results and counted rows."""
+
+    decision: StatementDecision
+    started: float
+    rows: int = 0
+    counter_key: tuple[str, str] | None = None  # ("portal"|"cursor", name): cumulative counting
+    capped: bool = False
+    denied: bool = False
+    error: str | None = None
+
+
+@dataclass
+class _Slot:
+    """A unit of expected server output: a simple Query, an Execute, or a Sync marker."""
+
+    kind: str  # "query" | "execute" | "sync" | "inject"
+    runs: list[_StatementRun] = field(default_factory=list)
+    index: int = 0
+    failed: bool = False
+
+
+def _frame(type_byte: bytes, payload: bytes) -> bytes:
+    return _HDR.pack(type_byte, len(payload) + 4) + payload
+
+
+def _cstr(data: bytes, pos: int) -> tuple[bytes, int]:
+    end = data.index(b"\x00", pos)
+    return data[pos:end], end + 1
+
+
+def error_message(sqlstate: str, message: str, severity: str = "ERROR",
+                  detail: str | None = None, hint: str | None = None) -> bytes:
+    """An ErrorResponse with the fields PostgreSQL itself always sends (S, V, C, M)."""
+    parts = [b"S", severity.encode(), b"\x00", b"V", severity.encode(), b"\x00",
+             b"C", sqlstate.encode(), b"\x00", b"M", message.encode("utf-8"), b"\x00"]
+    if detail:
+        parts += [b"D", detail.encode("utf-8"), b"\x00"]
+    if hint:
+        parts += [b"H", hint.encode("utf-8"), b"\x00"]
+    parts.append(b"\x00")
+    return _frame(b"E", b"".join(parts))
+
+
+def parse_error_fields(payload: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(payload) and payload[pos] != 0:
+        code = chr(payload[pos])
+        value, pos = _cstr(payload, pos + 1)
+        out[code] = value.decode("utf-8", "replace")
+    return out
+
+
+def raise_sql(sqlstate: str, message: str, hint: str | None = None) -> str:
+    """SQL that makes PostgreSQL raise our error, so its transaction state follows PostgreSQL's
+    own rules. The message is dollar-quoted with a tag it cannot contain."""
+    tag = "pgveil_msg"
+    while f"${tag}$" in message or (hint and f"${tag}$" in hint):
+        tag += "_"
+    hint_sql = f", HINT = ${tag}${hint}${tag}$" if hint else ""
+    return (f"DO $pgveil_do$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+            f"MESSAGE = ${tag}${message}${tag}${hint_sql}; END$pgveil_do$")
+
+
+# Q P B E S C X F: SQL carriers, portal/statement bookkeeping, Terminate, FunctionCall
+_CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46))
+# C s I E Z S G H W: completions, errors, ReadyForQuery, ParameterStatus, COPY starts
+_SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x57))
+
+
+class Session:
+    """State of one client session after authentication (see module docstring)."""
+
+    def __init__(self, *, view: OperatorView, analyze: AnalyzeFn, lex: LexSettings,
+                 identity: dict[str, Any], audit_all: bool = False,
+                 audit_available: Callable[[], bool] = lambda: True,
+                 redact: Callable[[str], str] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 now: Callable[[], float] = time.time,
+                 on_decision: Callable[[Analysis], None] | None = None):
+        self.view = view
+        self._analyze = analyze
+        self.lex = lex
+        self.identity = identity  # session, operator, role, client, application, database
+        self.audit_all = audit_all
+        self.audit_available = audit_available
+        self.redact = redact or (lambda s: s)
+        self.clock = clock
+        self.now = now
+        self.on_decision = on_decision
+        self.codec = python_codec(lex.client_encoding) or "utf-8"
+        self.tx = TxStatus.IDLE
+        self.state = ProtocolState.READY
+        self._cbuf = bytearray()
+        self._sbuf = bytearray()
+        self._slots: deque[_Slot] = deque()
+        self._statements: dict[bytes, StatementDecision] = {}  # extended: name → decision
+        self._portals: dict[bytes, StatementDecision] = {}
+        self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
+        self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
+        self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
+        self._drop_server = False  # server side: discard results until ReadyForQuery
+        self._pending_cancel = False
+        self.parameters: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _decode_sql(self, raw: bytes) -> str | None:
+        try:
+            return raw.decode(self.codec)
+        except (UnicodeDecodeError, LookupError):
+            return None
+
+    def _encode_sql(self, sql: str) -> bytes:
+        return sql.encode(self.codec)
+
+    def _analyze_sql(self, raw: bytes) -> Analysis:
+        sql = self._decode_sql(raw)
+        if sql is None:
+            st = StatementDecision(
+                action=Action.FORWARD if self.view.unrestricted else Action.DENY,
+                sql="", kind="other",
+                message=f"cannot decode the statement in client encoding "
+                        f"{self.lex.client_encoding}; refusing what pgveil cannot read")
+            return Analysis(sql="", statements=(st,))
+        analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                                 cursors=self.cursors)
+        if self.on_decision is not None:
+            self.on_decision(analysis)
+        return analysis
+
+    def _policy_gate(self, analysis: Analysis) -> StatementDecision | None:
+        """Checks that depend on time or live state, not on the SQL (never cached)."""
+        protected = [s for s in analysis.statements if s.protected]
+        if not protected:
+            return None
+        limits = self.view.limits
+        if limits.hours is not None and not _within_hours(limits.hours, limits.timezone,
+                                                          self.now()):
+            first = protected[0]
+            return StatementDecision(
+                action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
+                columns=first.columns,
+                reasons=(f"outside hours {limits.hours[0]}-{limits.hours[1]}",),
+                message=f"access to {', '.join(first.tables)} is allowed for role "
+                        f"{self.view.role} only between {limits.hours[0]} and "
+                        f"{limits.hours[1]} ({limits.timezone})")
+        if not self.audit_available():
+            first = protected[0]
+            return StatementDecision(
+                action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
+                columns=first.columns, reasons=("audit unavailable",),
+                message=f"statement on {', '.join(first.tables)} refused: the audit log "
+                        "cannot be written (audit.on_failure: block)")
+        return None
+
+    def _audit(self, out: Output, run: _StatementRun, decision_name: str,
+               error: str | None = None) -> None:
+        d = run.decision
+        if not (d.protected or self.audit_all):
+            return
+        fields = dict(self.identity)
+        fields.update(
+            kind=d.kind, statement=self.redact(d.sql) if d.sql else "",
+            tables=list(d.tables), columns=list(d.columns), decision=decision_name,
+            reasons=list(d.reasons) + [f"lookup {c}" for c in d.lookups
+                                       if f"lookup {c}" not in d.reasons],
+            grant=None, rows=run.rows,
+            duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
+        out.audit.append(AuditEvent(fields))
+
+    @staticmethod
+    def _decision_name(d: StatementDecision) -> str:
+        return {Action.FORWARD: "allowed", Action.REWRITE: "rewritten",
+                Action.DENY: "blocked"}[d.action]
+
+    # ------------------------------------------------------------------ client side
+    def from_client(self, data: bytes) -> Output:
+        """Feed bytes the client sent; returns what to send where."""
+        out = Output()
+        buf = self._cbuf
+        buf += data
+        pos, n = 0, len(buf)
+        passthrough_start = 0
+        while n - pos >= 5:
+            mtype = buf[pos]
+            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
+            end = pos + 1 + length
+            if length < 4:
+                raise ProtocolViolation("invalid message length")
+            if end > n:
+                break
+            if mtype in _CLIENT_WATCHED:
+                # Q P B E S C X: messages we look at; flush the untouched run before them
+                if pos > passthrough_start:
+                    out.to_server.append(bytes(buf[passthrough_start:pos]))
+                self._client_message(mtype, bytes(buf[pos:end]), out)
+                passthrough_start = end
+            pos = end
+        if pos > passthrough_start:
+            out.to_server.append(bytes(buf[passthrough_start:pos]))
+        del buf[:pos]
+        return out
+
+    def _client_message(self, mtype: int, frame: bytes, out: Output) -> None:
+        if mtype == 0x51:  # Query
+            self._on_query(frame, out)
+        elif mtype == 0x50:  # Parse
+            self._on_parse(frame, out)
+        elif mtype == 0x42:  # Bind
+            payload = frame[5:]
+            portal, pos = _cstr(payload, 0)
+            stmt, _ = _cstr(payload, pos)
+            decision = self._statements.get(stmt)
+            if decision is not None:
+                self._portals[portal] = decision
+                self._counts.pop(("portal", portal.decode("latin-1")), None)
+            else:
+                self._portals.pop(portal, None)
+            out.to_server.append(frame)
+        elif mtype == 0x45:  # Execute
+            portal, _ = _cstr(frame, 5)
+            decision = self._portals.get(portal)
+            slot = _Slot("execute")
+            if decision is not None:
+                slot.runs.append(_StatementRun(
+                    decision, self.clock(),
+                    counter_key=("portal", portal.decode("latin-1"))))
+            self._slots.append(slot)
+            self.state = ProtocolState.BUSY
+            out.to_server.append(frame)
+        elif mtype == 0x53:  # Sync
+            self._slots.append(_Slot("sync"))
+            self.state = ProtocolState.BUSY
+            out.to_server.append(frame)
+        elif mtype == 0x43:  # Close
+            kind = frame[5:6]
+            name, _ = _cstr(frame, 6)
+            (self._statements if kind == b"S" else self._portals).pop(name, None)
+            out.to_server.append(frame)
+        elif mtype == 0x46:  # FunctionCall: calls any function by OID, invisible to SQL analysis
+            if self.view.unrestricted:
+                out.to_server.append(frame)
+                return
+            denied = StatementDecision(
+                action=Action.DENY, sql="", kind="function_call",
+                reasons=("protocol-level FunctionCall",),
+                message=f"function calls by OID (FunctionCall message) are not allowed for "
+                        f"role {self.view.role}")
+            slot = _Slot("query", runs=[_StatementRun(denied, self.clock(), denied=True)])
+            self._slots.append(slot)
+            sql = raise_sql(DENY_SQLSTATE, denied.message)
+            out.to_server.append(_frame(b"Q", sql.encode("utf-8") + b"\x00"))
+        elif mtype == 0x58:  # Terminate
+            out.to_server.append(frame)
+            out.close = True
+        else:
+            out.to_server.append(frame)
+
+    def _deny_runs(self, analysis: Analysis, denied: StatementDecision, out: Output) -> None:
+        run = _StatementRun(denied, self.clock(), denied=True)
+        self._audit(out, run, "blocked", error=denied.message)
+
+    def _on_query(self, frame: bytes, out: Output) -> None:
+        raw = frame[5:-1]
+        analysis = self._analyze_sql(raw)
+        denied = analysis.denied or self._policy_gate(analysis)
+        slot = _Slot("query")
+        self.state = ProtocolState.BUSY
+        if denied is not None:
+            self._deny_runs(analysis, denied, out)
+            run = _StatementRun(denied, self.clock(), denied=True)
+            slot.runs.append(run)
+            self._slots.append(slot)
+            sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message)
+            out.to_server.append(_frame(b"Q", sql.encode("utf-8") + b"\x00"))
+            return
+        now = self.clock()
+        for st in analysis.statements:
+            key = None
+            if st.cursor and st.kind == "declare":
+                self.cursors[st.cursor] = st
+                self._counts.pop(("cursor", st.cursor), None)
+            elif st.cursor:
+                key = ("cursor", st.cursor)
+            if st.prepared and st.kind == "prepare":
+                self.prepared[st.prepared] = st
+            slot.runs.append(_StatementRun(st, now, counter_key=key))
+        self._slots.append(slot)
+        if analysis.changed:
+            out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
+        else:
+            out.to_server.append(frame)
+
+    def _on_parse(self, frame: bytes, out: Output) -> None:
+        payload = frame[5:]
+        name, pos = _cstr(payload, 0)
+        raw, pos2 = _cstr(payload, pos)
+        rest = payload[pos2:]
+        analysis = self._analyze_sql(raw)
+        if len(analysis.statements) > 1 and not analysis.denied:
+            analysis = Analysis(sql=analysis.sql, statements=(StatementDecision(
+                action=Action.DENY, sql=analysis.sql, kind="other",
+                tables=tuple(t for s in analysis.statements for t in s.tables),
+                message="cannot insert multiple commands into a prepared statement"),))
+        denied = analysis.denied or self._policy_gate(analysis)
+        if denied is not None:
+            self._deny_runs(analysis, denied, out)
+            self._statements.pop(name, None)
+            sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message).encode()
+            # Parse+Bind+Execute of the unnamed statement: the server raises our error at once
+            # and then skips the client's remaining batch messages until Sync, as it would for
+            # any failed Parse.
+            out.to_server.append(_frame(b"P", b"\x00" + sql + b"\x00\x00\x00"))
+            out.to_server.append(_frame(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
+            out.to_server.append(_frame(b"E", b"\x00\x00\x00\x00\x00"))
+            slot = _Slot("execute", runs=[_StatementRun(denied, self.clock(), denied=True)])
+            self._slots.append(slot)
+            return
+        st = analysis.statements[0] if analysis.statements else None
+        if st is not None and (st.protected or st.cursor or st.prepared or self.audit_all):
+            self._statements[name] = st
+        else:
+            self._statements.pop(name, None)
+        if analysis.changed:
+            sql = self._encode_sql(analysis.sql)
+            out.to_server.append(_frame(b"P", name + b"\x00" + sql + b"\x00" + rest))
+        else:
+            out.to_server.append(frame)
+
+    # ------------------------------------------------------------------ server side
+    def from_server(self, data: bytes) -> Output:
+        """Feed bytes PostgreSQL sent; returns what to send where."""
+        out = Output()
+        buf = self._sbuf
+        buf += data
+        pos, n = 0, len(buf)
+        start = 0
+        slots = self._slots
+        while n - pos >= 5:
+            mtype = buf[pos]
+            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype == 0x44 and slots:  # DataRow: the hot path
+                head = slots[0]
+                run = head.runs[head.index] if head.index < len(head.runs) else None
+                if run is not None:
+                    run.rows += 1
+                    limit = run.decision.row_limit
+                    if limit is not None or run.capped:
+                        total = run.rows + (self._counts.get(run.counter_key, 0)
+                                            if run.counter_key else 0)
+                        if run.capped or total > limit:  # type: ignore[operator]
+                            if pos > start:
+                                out.to_client.append(bytes(buf[start:pos]))
+                            start = end
+                            if not run.capped:
+                                run.capped = True
+                                out.cancel = True
+                            run.rows -= 1
+                elif self._drop_server:
+                    if pos > start:
+                        out.to_client.append(bytes(buf[start:pos]))
+                    start = end
+            elif mtype in _SERVER_WATCHED or (
+                    mtype in (0x64, 0x63) and self.state is ProtocolState.COPY_OUT):
+                if pos > start:
+                    out.to_client.append(bytes(buf[start:pos]))
+                start = end
+                self._server_message(mtype, bytes(buf[pos:end]), out)
+            elif self._drop_server:
+                if pos > start:
+                    out.to_client.append(bytes(buf[start:pos]))
+                start = end
+            pos = end
+        if pos > start:
+            out.to_client.append(bytes(buf[start:pos]))
+        del buf[:pos]
+        return out
+
+    def _current_run(self) -> tuple[_Slot | None, _StatementRun | None]:
+        while self._slots:
+            head = self._slots[0]
+            if head.kind == "sync":
+                return head, None
+            if head.index < len(head.runs):
+                return head, head.runs[head.index]
+            if head.kind == "execute" and not head.runs:
+                return head, None
+            return head, None
+        return None, None
+
+    def _finish_run(self, slot: _Slot, run: _StatementRun | None, out: Output,
+                    error: str | None = None) -> None:
+        if run is not None:
+            if run.counter_key is not None:
+                self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
+            if not run.denied:
+                name = "failed" if error else self._decision_name(run.decision)
+                self._audit(out, run, name, error=error)
+            slot.index += 1
+
+    def _server_message(self, mtype: int, frame: bytes, out: Output) -> None:
+        slot, run = self._current_run()
+        if mtype == 0x5A:  # ReadyForQuery
+            status = frame[5:6].decode()
+            self.tx = TxStatus(status)
+            self.state = ProtocolState.READY
+            # pop up to and including the slot this ReadyForQuery closes
+            while self._slots:
+                s = self._slots.popleft()
+                if s.kind in ("sync", "query"):
+                    break
+            self._drop_server = False
+            if not self._slots:
+                self.state = ProtocolState.READY
+            else:
+                self.state = ProtocolState.BUSY
+            out.to_client.append(frame)
+            return
+        if self._drop_server:
+            return
+        if mtype in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQueryResponse
+            if run is not None and run.capped:
+                out.to_client.append(self._row_limit_error(run))
+                self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]
+                self._after_synthesized_error(slot)
+                return
+            if run is not None:
+                self._finish_run(slot, run, out)  # type: ignore[arg-type]
+                if mtype == 0x43 and run.decision.kind == "copy" and \
+                        self.state in (ProtocolState.COPY_IN, ProtocolState.COPY_OUT):
+                    self.state = ProtocolState.BUSY
+            elif slot is not None and slot.kind == "execute":
+                slot.index += 1
+            if slot is not None and slot.kind == "execute":
+                self._slots.popleft()
+            out.to_client.append(frame)
+            return
+        if mtype == 0x45:  # ErrorResponse
+            fields = parse_error_fields(frame[5:])
+            if run is not None and run.capped:
+                out.to_client.append(self._row_limit_error(run))
+                self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]
+            elif run is not None and run.denied:
+                # our own DO-raise: forward without the PL/pgSQL context noise
+                out.to_client.append(error_message(
+                    fields.get("C", DENY_SQLSTATE), fields.get("M", ""),
+                    hint=fields.get("H")))
+                slot.index += 1  # type: ignore[union-attr]
+            else:
+                if run is not None:
+                    self._finish_run(slot, run, out,  # type: ignore[arg-type]
+                                     error=f"{fields.get('C', '')}: {fields.get('M', '')}")
+                out.to_client.append(frame)
+            if slot is not None:
+                slot.failed = True
+                # after an error the server skips the rest: drop our remaining executes
+                if slot.kind == "execute":
+                    while self._slots and self._slots[0].kind == "execute":
+                        self._slots.popleft()
+                elif slot.kind == "query":
+                    slot.index = len(slot.runs)
+            return
+        if mtype == 0x47:  # CopyInResponse
+            self.state = ProtocolState.COPY_IN
+        elif mtype == 0x48:  # CopyOutResponse
+            self.state = ProtocolState.COPY_OUT
+        elif mtype == 0x57:  # CopyBothResponse
+            self.state = ProtocolState.COPY_BOTH
+        elif mtype == 0x64 and run is not None and self.state is ProtocolState.COPY_OUT:
+            run.rows += 1
+        elif mtype == 0x63 and self.state is ProtocolState.COPY_OUT:  # CopyDone
+            self.state = ProtocolState.BUSY
+        elif mtype == 0x53:  # ParameterStatus
+            payload = frame[5:]
+            name, pos = _cstr(payload, 0)
+            value, _ = _cstr(payload, pos)
+            self._on_parameter(name.decode("latin-1"), value.decode("latin-1"))
+        out.to_client.append(frame)
+
+    def _row_limit_error(self, run: _StatementRun) -> bytes:
+        limit = run.decision.row_limit
+        what = ", ".join(run.decision.tables) or "protected data"
+        return error_message(
+            DENY_SQLSTATE, f"row limit of {limit} exceeded for role {self.view.role}",
+            detail=f"the statement read more than {limit} rows of {what}; "
+                   "rows beyond the limit were not sent",
+            hint="narrow the query with a WHERE clause or LIMIT, or ask for a grant")
+
+    def _after_synthesized_error(self, slot: _Slot | None) -> None:
+        """We replaced a successful completion with an error: the client now expects the rest of
+        the batch (extended) or the rest of the query (simple) to be skipped."""
+        if slot is None:
+            return
+        slot.failed = True
+        if slot.kind == "execute":
+            self._slots.popleft()
+            # the server will still answer the client's remaining batch messages: drop them
+            self._drop_server = True
+        elif slot.kind == "query":
+            self._drop_server = True
+            slot.index = len(slot.runs)
+
+    def _on_parameter(self, name: str, value: str) -> None:
+        self.parameters[name] = value
+        if name == "client_encoding":
+            self.lex = LexSettings(self.lex.standard_conforming_strings, value)
+            self.codec = python_codec(value) or "utf-8"
+        elif name == "standard_conforming_strings":
+            self.lex = LexSettings(value == "on", self.lex.client_encoding)
+
+
+class ProtocolViolation(Exception):
+    """The client sent bytes that are not a valid protocol 3.0 message stream."""
+
+
+def _within_hours(hours: tuple[str, str], tz: str, now: float) -> bool:
+    import datetime
+    import zoneinfo
+
+    local = datetime.datetime.fromtimestamp(now, zoneinfo.ZoneInfo(tz)).time()
+    start = datetime.time.fromisoformat(hours[0])
+    end = datetime.time.fromisoformat(hours[1])
+    if start <= end:
+        return start <= local < end
+    return local >= start or local < end

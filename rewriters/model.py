@@ -1,0 +1,198 @@
+"""The data that flows between the policy, the catalog, the rewriter and the proxy.
+
+These frozen dataclasses are the contract between the packages:
+
+* ``rewriters.policy`` loads policy.yaml and, for one operator (login + client address +
+  application_name), produces an :class:`OperatorView`: which tables are protected, how each
+  column is shown to this operator (a SQL expression, already qualified with ``pg_catalog``), the
+  row filter with the operator's attributes spliced in as SQL literals, and the role's limits.
+* ``proxy.catalog`` reads the database and produces a :class:`Catalog`: the columns (in order,
+  with their exact types) of every protected table, and the views, materialized views and
+  functions that read them.
+* ``rewriters.analyze`` takes one SQL text plus an :class:`OperatorView` and
+  :class:`LexSettings` and returns an :class:`Analysis`: one :class:`StatementDecision` per
+  statement, and the SQL to send upstream.
+* ``proxy.session`` acts on the decision: forwards, sends the rewritten SQL, or denies; counts
+  rows on the wire against ``row_limit``; hands the audit fields to ``proxy.audit``.
+
+Everything here is pure data; nothing does I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+DENY_SQLSTATE = "42501"  # insufficient_privilege: every policy denial uses it
+
+
+@dataclass(frozen=True)
+class CatalogColumn:
+    """One column of a protected table as PostgreSQL has it."""
+
+    name: str
+    type_sql: str  # pg_catalog.format_type(atttypid, atttypmod), e.g. "numeric(14,2)", "text"
+    type_oid: int = 0
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the database says about the protected tables (read by ``proxy.catalog``).
+
+    ``tables`` maps ``schema.table`` to its columns in attnum order (dropped columns excluded).
+    ``dependents`` maps ``schema.name`` of a view / materialized view / function / rule that
+    reads a protected table to the protected tables it reads. A masked role is denied access to
+    a dependent unless the policy lists it.
+    """
+
+    tables: dict[str, tuple[CatalogColumn, ...]] = field(default_factory=dict)
+    dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ColumnView:
+    """How one column of a protected table is presented to an operator.
+
+    ``expr`` is None when the column is shown raw, else a complete SQL expression over the raw
+    column (referenced by its quoted name) that returns the column's exact type, e.g.
+    ``CAST(CASE WHEN "phone" IS NULL THEN NULL ELSE pg_catalog.textcat(...) END AS text)``.
+    """
+
+    name: str
+    type_sql: str
+    expr: str | None = None
+    mask_name: str | None = None  # "phone", "round", ... for reasons/audit; None when raw
+    lookup: bool = False  # exact-match lookup on the raw value is allowed for this column
+
+
+@dataclass(frozen=True)
+class TableView:
+    """One protected table as one operator sees it."""
+
+    name: str  # schema.table, lower case, as in the policy
+    columns: tuple[ColumnView, ...]  # catalog order
+    row_filter: str | None = None  # SQL predicate with attributes already as literals; None = all rows
+
+    @property
+    def masked(self) -> bool:
+        return self.row_filter is not None or any(c.expr is not None for c in self.columns)
+
+
+class Unbounded(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Export limits of a role (SPEC §4); None means unlimited."""
+
+    max_rows: int | None = None
+    quota_rows: int | None = None
+    quota_seconds: float | None = None
+    hours: tuple[str, str] | None = None  # ("08:00", "20:00")
+    timezone: str = "UTC"
+    copy: bool = False  # copy: allow
+    unbounded: Unbounded = Unbounded.ALLOW
+    ddl: bool = False  # ddl: allow (create views, functions, DO blocks)
+    functions: bool = False  # may call functions/views that read protected tables
+
+
+@dataclass(frozen=True)
+class OperatorView:
+    """Everything the rewriter needs to know about one operator, resolved once per connection.
+
+    ``unrestricted`` is True for a role that sees everything raw with no filter (the DBA): its
+    statements are still classified and audited, but never rewritten or denied for masking.
+    ``allowed_dependents`` are views/functions the policy explicitly lists as safe.
+    ``policy_version`` goes into cache keys so a reload never serves a stale decision.
+    """
+
+    login: str
+    role: str
+    attributes: dict[str, str]
+    tables: dict[str, TableView]  # schema.table -> view
+    limits: Limits
+    unrestricted: bool
+    policy_version: str
+    allowed_dependents: frozenset[str] = frozenset()
+    dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LexSettings:
+    """Session settings that change how PostgreSQL reads SQL text (tracked from ParameterStatus).
+
+    Part of every cache key: the same bytes lex differently under
+    ``standard_conforming_strings = off`` or a GBK client encoding.
+    """
+
+    standard_conforming_strings: bool = True
+    client_encoding: str = "UTF8"
+
+
+class Action(enum.Enum):
+    FORWARD = "forward"  # send the statement unchanged
+    REWRITE = "rewrite"  # send StatementDecision.sql instead
+    DENY = "deny"  # answer with an ErrorResponse (42501); the statement never reaches PostgreSQL
+
+
+@dataclass(frozen=True)
+class StatementDecision:
+    """The decision for one statement, with everything the audit record and wire limits need.
+
+    ``kind`` is the lower-case leading keyword class: select, insert, update, delete, merge,
+    copy, ddl, utility, set, transaction, prepare, execute, declare, fetch, explain, other.
+    ``tables``/``columns`` list the *protected* tables and columns the statement references
+    (qualified, e.g. ``public.customers.phone``); ``protected`` is True when ``tables`` is
+    non-empty (or the statement may touch one): such statements are audited and row-counted.
+    ``row_limit`` is the role's max_rows to enforce on the wire (None = no cap).
+    ``cursor``: name of the cursor a DECLARE creates, or the cursor a FETCH/MOVE reads.
+    ``prepared``: name of the statement a SQL-level PREPARE creates or an EXECUTE runs.
+    ``lookups``: qualified columns matched exactly on raw values (audited as lookups).
+    """
+
+    action: Action
+    sql: str
+    kind: str
+    tables: tuple[str, ...] = ()
+    columns: tuple[str, ...] = ()
+    reasons: tuple[str, ...] = ()
+    message: str = ""
+    sqlstate: str = DENY_SQLSTATE
+    row_limit: int | None = None
+    cursor: str | None = None
+    prepared: str | None = None
+    lookups: tuple[str, ...] = ()
+    copy_out: bool = False
+    copy_in: bool = False
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.tables)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The result of analysing one SQL text (a simple Query may hold several statements).
+
+    ``sql`` is what to send upstream when nothing is denied: the original text byte-for-byte when
+    every statement is FORWARD. ``statements`` are in text order. ``cached`` says whether the
+    decision came from the shape cache (for metrics); ``rewrite_seconds`` is the analysis time.
+    """
+
+    sql: str
+    statements: tuple[StatementDecision, ...]
+    cached: bool = False
+    rewrite_seconds: float = 0.0
+
+    @property
+    def denied(self) -> StatementDecision | None:
+        for st in self.statements:
+            if st.action is Action.DENY:
+                return st
+        return None
+
+    @property
+    def changed(self) -> bool:
+        return any(st.action is not Action.FORWARD for st in self.statements)

@@ -1,0 +1,1 @@
+"""Live tests: real PostgreSQL, real pgveil, real clients."""
