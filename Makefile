@@ -17,6 +17,9 @@ venv: $(STAMP)
 $(STAMP):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@# no system PostgreSQL server binaries: the demo and tests fall back to the pgserver wheel
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		$(PY) -m pip install --quiet --disable-pip-version-check pgserver
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -359,7 +359,7 @@ class Query:
     def decode(cls, payload: bytes) -> Query:
         # Exactly one NUL, at the end: PostgreSQL reads up to the first NUL and then rejects
         # trailing bytes, so anything else is not a query PostgreSQL would run.
-        if payload.find(b"\0") != len(payload) - 1:
+        if not payload or payload.find(b"\0") != len(payload) - 1:
             raise _bad("Query", "query string must be NUL-terminated once")
         return cls(payload[:-1])
 
@@ -1311,7 +1311,9 @@ class NegotiateProtocolVersion:
     """'v': the server supports only an older minor version and/or not these ``_pq_`` options."""
 
     TYPE: ClassVar[bytes] = b"v"
-    newest_minor: int
+    # The docs call it the "newest minor version"; PostgreSQL actually sends the whole version
+    # number (196608 for 3.0), so that is what is stored.
+    newest_version: int
     unrecognized_options: tuple[str, ...] = ()
 
     @classmethod
@@ -1328,7 +1330,7 @@ class NegotiateProtocolVersion:
     def encode(self) -> bytes:
         return _frame(
             b"v",
-            _I32I32.pack(self.newest_minor, len(self.unrecognized_options))
+            _I32I32.pack(self.newest_version, len(self.unrecognized_options))
             + b"".join(_cstr(o) for o in self.unrecognized_options),
         )
 
@@ -1986,11 +1988,15 @@ def _fields_message(
         fields.append((b"D", detail))
     if hint is not None:
         fields.append((b"H", hint))
-    fields.extend((code.encode("latin-1"), value) for code, value in extra)
+    for code, value in extra:
+        raw_code = code.encode("latin-1")
+        if len(raw_code) != 1 or raw_code == b"\0":
+            raise ValueError(f"invalid field code {code!r}")
+        fields.append((raw_code, value))
     parts = []
-    for code, value in fields:
+    for field_code, value in fields:
         raw = value.encode(encoding, "replace").replace(b"\0", b"")
-        parts.append(code + raw + b"\0")
+        parts.append(field_code + raw + b"\0")
     parts.append(b"\0")
     return _frame(type_byte, b"".join(parts))
 

@@ -29,7 +29,6 @@ from proxy.metrics import Metrics, MetricsServer
 from proxy.server import (
     CANCEL_REQUEST,
     ClientConnection,
-    PassthroughAuthenticator,
     make_server_ssl,
     make_upstream_ssl,
     random_key,
@@ -68,14 +67,17 @@ class Runtime:
         self._catalog_loaded: dict[str, float] = {}
         self._views: dict[tuple[Any, ...], OperatorView] = {}
         self.cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
+        self._auth_pool: Any = None
         self.clients: set[ClientConnection] = set()
         self.tasks, self.spawn = spawn_holder()
         self.audit: Any = None
-        self.authenticator = PassthroughAuthenticator()
+        self.authenticator = self._make_authenticator()
         self.server_ssl = None
+        self.server_cert_der: bytes | None = None
         self.client_tls_mode = "disable"
         if config.tls is not None and config.tls.cert and config.tls.key:
             self.server_ssl = make_server_ssl(str(config.tls.cert), str(config.tls.key))
+            self.server_cert_der = _cert_der(config.tls.cert)
             self.client_tls_mode = config.tls.mode
         self.upstream_ssl = make_upstream_ssl(
             config.upstream.tls, str(config.upstream.ca) if config.upstream.ca else None)
@@ -84,6 +86,35 @@ class Runtime:
         self._metrics_server: MetricsServer | None = None
         self._draining = False
         self._upstream_ok_at = 0.0
+
+    def _make_authenticator(self) -> Any:
+        from proxy.auth import (
+            PassthroughAuthenticator,
+            ScramAuthenticator,
+            UserlistAuthenticator,
+        )
+
+        mode = self.config.auth.mode
+        if mode == "scram":
+            return ScramAuthenticator(self._fetch_verifier)
+        if mode == "userlist":
+            if self.config.auth.userlist is None:
+                raise ValueError("auth.mode userlist needs auth.userlist: PATH")
+            return UserlistAuthenticator(self.config.auth.userlist)
+        return PassthroughAuthenticator()
+
+    async def _fetch_verifier(self, user: str) -> str | None:
+        """auth_query over the control connection (a small pool, opened on first use)."""
+        import asyncpg
+
+        if self._auth_pool is None:
+            if not self.config.control.dsn:
+                raise RuntimeError("auth.mode scram needs control.dsn")
+            self._auth_pool = await asyncpg.create_pool(
+                self.config.control.dsn, password=self.config.control_password,
+                min_size=1, max_size=4, timeout=10)
+        row = await self._auth_pool.fetchrow(self.config.auth.auth_query, user)
+        return None if row is None else row[1]
 
     # ------------------------------------------------------------------ policy
     def load_policy(self) -> None:
@@ -392,6 +423,17 @@ class Runtime:
             await self.audit.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
+
+
+def _cert_der(path: Path) -> bytes | None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        pem = path.read_bytes()
+        return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    except (OSError, ValueError):
+        return None
 
 
 _DECISION = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten", Action.DENY: "blocked"}

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import ssl
 import struct
@@ -141,6 +140,10 @@ class UpstreamProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         return False
 
+    def channel_binding(self) -> bytes | None:
+        """tls-server-end-point data of PostgreSQL's certificate, when this leg is TLS."""
+        return _peer_binding(self.transport)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.reader.feed_eof()
         self.client.upstream_lost(exc)
@@ -173,6 +176,17 @@ class ClientConnection(asyncio.Protocol):
         self._last_activity = time.monotonic()
         self._counted = False
 
+    def channel_binding(self) -> bytes | None:
+        """tls-server-end-point data of pgveil's own certificate, when the client is on TLS."""
+        if not self.tls or self.rt.server_cert_der is None:
+            return None
+        from proxy.scram import tls_server_end_point
+
+        try:
+            return tls_server_end_point(self.rt.server_cert_der)
+        except ValueError:
+            return None
+
     # ----------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -200,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
                 out = session.from_client(data)
             except Exception as exc:  # a malformed stream: end the session cleanly
                 log.warning("client %s sent an invalid message stream: %s", self.peer, exc)
-                self._send_client(fatal("08P01", f"invalid frontend message: {exc}"))
+                self.send_client(fatal("08P01", f"invalid frontend message: {exc}"))
                 self.close()
                 return
             self._perform(out)
@@ -248,7 +262,7 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:
             log.exception("error handling server data for %s", self.peer)
             self.rt.metrics.upstream_errors.inc()
-            self._send_client(fatal("XX000", f"pgveil internal error: {exc}"))
+            self.send_client(fatal("XX000", f"pgveil internal error: {exc}"))
             self.close()
             return
         self._perform(out)
@@ -302,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
 
         self.rt.spawn(release())
 
-    def _send_client(self, data: bytes) -> None:
+    def send_client(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
@@ -318,7 +332,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.session is not None:
             self.rt.metrics.upstream_errors.inc()
-            self._send_client(fatal(
+            self.send_client(fatal(
                 "08006", "the connection to the PostgreSQL server was lost",
                 hint="pgveil is still running; reconnect when the database is back"))
         self.close()
@@ -351,11 +365,11 @@ class ClientConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             self.close()
         except ValueError as exc:
-            self._send_client(fatal("08P01", f"invalid startup packet: {exc}"))
+            self.send_client(fatal("08P01", f"invalid startup packet: {exc}"))
             self.close()
         except Exception as exc:  # never let one client's failure take the server down
             log.exception("startup failed for %s", self.peer)
-            self._send_client(fatal("XX000", f"pgveil: {exc}"))
+            self.send_client(fatal("XX000", f"pgveil: {exc}"))
             self.close()
 
     async def _negotiate(self) -> None:
@@ -365,11 +379,11 @@ class ClientConnection(asyncio.Protocol):
             code = _I32.unpack_from(packet, 4)[0]
             if code == SSL_REQUEST:
                 if self.tls or tls_mode == "disable" or self.rt.server_ssl is None:
-                    self._send_client(b"N")
+                    self.send_client(b"N")
                     continue
                 if self.reader.buf:
                     raise ValueError("data received before TLS handshake")
-                self._send_client(b"S")
+                self.send_client(b"S")
                 loop = asyncio.get_running_loop()
                 assert self.transport is not None
                 new = await loop.start_tls(self.transport, self, self.rt.server_ssl,
@@ -378,7 +392,7 @@ class ClientConnection(asyncio.Protocol):
                 self.tls = True
                 continue
             if code == GSSENC_REQUEST:
-                self._send_client(b"N")
+                self.send_client(b"N")
                 continue
             if code == CANCEL_REQUEST:
                 if len(packet) == 16:
@@ -390,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
                 raise ValueError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
             break
         if tls_mode == "require" and not self.tls:
-            self._send_client(fatal("28000", "pgveil requires TLS (tls.mode: require)",
+            self.send_client(fatal("28000", "pgveil requires TLS (tls.mode: require)",
                                     hint="connect with sslmode=require"))
             self.close()
             return
@@ -402,36 +416,32 @@ class ClientConnection(asyncio.Protocol):
         database = params.get("database", user)
         application = params.get("application_name", "")
         if not user:
-            self._send_client(fatal("28000", "no PostgreSQL user name specified in startup "
+            self.send_client(fatal("28000", "no PostgreSQL user name specified in startup "
                                     "packet"))
             self.close()
             return
         try:
             view = await self.rt.operator_view(user, self.peer_ip, application, database)
         except LookupError as exc:
-            self._send_client(fatal("28000", str(exc)))
+            self.send_client(fatal("28000", str(exc)))
             self.close()
             return
         options = params.get("options", "")
         if not view.unrestricted and _options_switch_role(options):
-            self._send_client(fatal(
+            self.send_client(fatal(
                 "42501", f"startup option {options!r} would switch the database role and "
                 f"escape the policy for role {view.role}"))
             self.close()
             return
-        upstream = await self._connect_upstream()
+        upstream = await self.rt.authenticator.login(self, params, self._connect_upstream)
         if upstream is None:
-            return
-        self.upstream = upstream
-        assert upstream.transport is not None
-        upstream.transport.write(build_startup(params))
-        ok = await self.rt.authenticator.relay(self, upstream, params)
-        if not ok:
             self.close()
             return
+        self.upstream = upstream
         await self._finish_startup(upstream, view, params, database, application, user)
 
-    async def _connect_upstream(self) -> UpstreamProtocol | None:
+    async def _connect_upstream(self, params: dict[str, str]) -> UpstreamProtocol | None:
+        """Open the upstream leg (TLS per upstream.tls) and send the StartupMessage."""
         cfg = self.rt.config.upstream
         loop = asyncio.get_running_loop()
         proto = UpstreamProtocol(self)
@@ -449,19 +459,21 @@ class ClientConnection(asyncio.Protocol):
                         transport, proto, ctx,
                         server_hostname=cfg.host if cfg.tls == "verify-full" else None)
                     proto.transport = transport  # type: ignore[assignment]
-                    proto.tls = True  # type: ignore[attr-defined]
                 elif cfg.tls in ("require", "verify-ca", "verify-full"):
                     raise ConnectionError("upstream PostgreSQL refused TLS (upstream.tls: "
                                           f"{cfg.tls})")
         except (OSError, asyncio.TimeoutError, ConnectionError, ClientGone, ssl.SSLError) as exc:
             self.rt.metrics.upstream_errors.inc()
             log.warning("cannot reach upstream %s:%s: %s", cfg.host, cfg.port, exc)
-            self._send_client(fatal(
+            self.send_client(fatal(
                 "08006", f"pgveil cannot connect to the PostgreSQL server at "
                 f"{cfg.host}:{cfg.port}: {exc or type(exc).__name__}",
                 hint="the database may be down or restarting; retry shortly"))
             self.close()
             return None
+        self.upstream = proto
+        assert proto.transport is not None
+        proto.transport.write(build_startup(params))
         return proto
 
     async def _finish_startup(self, upstream: UpstreamProtocol, view: Any,
@@ -513,67 +525,21 @@ def _options_switch_role(options: str) -> bool:
     return "role=" in low or "session_authorization" in low or "authorization=" in low
 
 
-class PassthroughAuthenticator:
-    """auth.mode passthrough: relay the authentication exchange; PostgreSQL decides.
+def _peer_binding(transport: asyncio.BaseTransport | None) -> bytes | None:
+    if transport is None:
+        return None
+    obj = transport.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    der = obj.getpeercert(binary_form=True)
+    if not der:
+        return None
+    from proxy.scram import tls_server_end_point
 
-    SCRAM channel binding cannot cross a proxy that terminates TLS: the client would bind to
-    pgveil's certificate, not PostgreSQL's. So pgveil removes SCRAM-SHA-256-PLUS from what it
-    relays. A TLS client that supports binding then sends the gs2 flag 'y' ("I could bind, you
-    didn't offer it"), which PostgreSQL — having offered PLUS on its TLS leg — rejects as a
-    downgrade attack. That combination is detected and explained instead of failing obscurely.
-    """
-
-    async def relay(self, client: ClientConnection, upstream: UpstreamProtocol,
-                    params: dict[str, str]) -> bool:
-        stripped_plus = False
-        while True:
-            mtype, frame = await upstream.reader.read_message()
-            if mtype == 0x45:  # ErrorResponse: wrong password etc. — relay verbatim
-                client._send_client(frame)
-                return False
-            if mtype != 0x52:  # anything but Authentication*: push back, auth is done
-                upstream.reader.buf[:0] = frame
-                return True
-            code = _I32.unpack_from(frame, 5)[0]
-            if code == 0:  # AuthenticationOk
-                client._send_client(frame)
-                return True
-            if code == 10:  # AuthenticationSASL: list of mechanisms
-                mechs = [m for m in frame[9:].split(b"\x00") if m]
-                if b"SCRAM-SHA-256-PLUS" in mechs:
-                    stripped_plus = True
-                    mechs = [m for m in mechs if m != b"SCRAM-SHA-256-PLUS"]
-                body = struct.pack("!I", 10) + b"".join(m + b"\x00" for m in mechs) + b"\x00"
-                frame = b"R" + struct.pack("!I", len(body) + 4) + body
-            client._send_client(frame)
-            if code in (3, 5, 7, 8, 9, 10, 11):  # these expect a client response
-                rtype, reply = await client.reader.read_message(max_size=1 << 16)
-                if rtype != 0x70:
-                    client._send_client(fatal("08P01", "expected a password message"))
-                    return False
-                if code == 10 and stripped_plus and client.tls and _gs2_flag(reply) == "y":
-                    client._send_client(fatal(
-                        "28000",
-                        "SCRAM channel binding cannot cross pgveil: the client supports "
-                        "channel binding over its TLS connection to pgveil, and PostgreSQL "
-                        "offers SCRAM-SHA-256-PLUS on its own TLS connection, so PostgreSQL "
-                        "would reject the login as a downgrade",
-                        hint="use auth.mode: scram (pgveil terminates SCRAM and supports "
-                             "channel binding), set upstream.tls: disable, or connect with "
-                             "channel_binding=disable"))
-                    return False
-                assert upstream.transport is not None
-                upstream.transport.write(reply)
-
-
-def _gs2_flag(sasl_initial: bytes) -> str:
-    """The gs2 channel-binding flag ('n', 'y' or 'p') of a SASLInitialResponse."""
     try:
-        mech_end = sasl_initial.index(b"\x00", 5)
-        data = sasl_initial[mech_end + 5:]
-        return chr(data[0]) if data else "n"
-    except (ValueError, IndexError):
-        return "n"
+        return tls_server_end_point(der)
+    except ValueError:
+        return None
 
 
 def make_server_ssl(cert: str, key: str) -> ssl.SSLContext:
@@ -611,4 +577,3 @@ def spawn_holder() -> tuple[set[asyncio.Task[Any]], Callable[[Any], asyncio.Task
     return tasks, spawn
 
 
-__all__ = ["ClientConnection", "PassthroughAuthenticator", "os"]

@@ -156,12 +156,15 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
 def raise_sql(sqlstate: str, message: str, hint: str | None = None) -> str:
     """SQL that makes PostgreSQL raise our error, so its transaction state follows PostgreSQL's
     own rules. The message is dollar-quoted with a tag it cannot contain."""
-    tag = "pgveil_msg"
-    while f"${tag}$" in message or (hint and f"${tag}$" in hint):
+    text = message + (hint or "")
+    tag, outer = "pgveil_msg", "pgveil_do"
+    while f"${tag}$" in text:
         tag += "_"
+    while f"${outer}$" in text:
+        outer += "_"
     hint_sql = f", HINT = ${tag}${hint}${tag}$" if hint else ""
-    return (f"DO $pgveil_do$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
-            f"MESSAGE = ${tag}${message}${tag}${hint_sql}; END$pgveil_do$")
+    return (f"DO ${outer}$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+            f"MESSAGE = ${tag}${message}${tag}${hint_sql}; END${outer}$")
 
 
 # Q P B E S C X F: SQL carriers, portal/statement bookkeeping, Terminate, FunctionCall

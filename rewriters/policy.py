@@ -59,7 +59,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 from sqlglot import exp
-from sqlglot.tokens import TokenType
+from sqlglot.tokenizer_core import TokenType
 
 from rewriters import masks
 from rewriters.masks import MaskError, MaskSpec
@@ -321,6 +321,7 @@ class ProtectedColumn:
 class ProtectedTable:
     name: str  # schema.table, lower case
     columns: dict[str, ProtectedColumn]
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ class Role:
     """A role with every default of SPEC §4 filled in."""
 
     name: str
+    source: str = ""
     clearance: int = 0
     reveal: frozenset[tuple[str, str]] = frozenset()
     masks: dict[tuple[str, str], MaskOverride] = field(default_factory=dict)
@@ -522,8 +524,11 @@ def _load_yaml(text: str, filename: str) -> tuple[Any, dict[tuple[str, ...], int
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else 1
-        problem = " ".join(p for p in (e.context, e.problem) if p)
-        raise PolicyError([f"{filename}:{line}: yaml: {problem or 'invalid YAML'}"]) from None
+        problem = e.problem or e.context or "invalid YAML"
+        if e.problem and e.context:
+            where = f" at line {e.context_mark.line + 1}" if e.context_mark else ""
+            problem += f" ({e.context}{where})"
+        raise PolicyError([f"{filename}:{line}: yaml: {problem}"]) from None
     except yaml.YAMLError as e:
         raise PolicyError([f"{filename}:1: yaml: {e}"]) from None
     finally:
@@ -599,7 +604,7 @@ def _check_predicate(sql: str) -> str | None:
     """None when ``sql`` is one PostgreSQL predicate safe to put inside ``WHERE (…)``."""
     try:
         tokens = sqlglot.tokenize(sql, read="postgres")
-    except Exception as e:  # sqlglot's TokenError (compiled and pure builds differ): report it
+    except sqlglot.errors.SqlglotError as e:  # TokenError: an unterminated string or the like
         return f"cannot tokenize: {e}"
     depth = 0
     for tok in tokens:
@@ -629,164 +634,145 @@ def _check_predicate(sql: str) -> str | None:
     return None
 
 
-def _build(model: PolicyModel, rep: _Reporter, text: str, filename: str,
-           env: Mapping[str, str]) -> Policy:
-    levels = dict(model.levels)
-    for lv in levels:
-        if lv < 1:
-            rep.error(("levels", lv), "levels are positive integers (clearance 0 sees none)")
+class _Builder:
+    """Pass 3: turn the validated model into a :class:`Policy`, reporting meaning errors."""
 
-    tables: dict[str, ProtectedTable] = {}
-    for raw_name, tmodel in model.protected.items():
-        path = ("protected", raw_name)
-        try:
-            name = normalize_table(raw_name)
-        except ValueError as e:
-            rep.error(path, str(e))
-            continue
-        if name in tables:
-            rep.error(path, f"{name} is listed twice")
-            continue
-        cols: dict[str, ProtectedColumn] = {}
-        for raw_col, cmodel in tmodel.columns.items():
-            cpath = (*path, "columns", raw_col)
-            col = raw_col.strip().lower()
-            if not _IDENT_RE.match(col):
-                rep.error(cpath, f"not a column name: {raw_col!r}")
-                continue
-            if col in cols:
-                rep.error(cpath, f"column {col} is listed twice")
-                continue
-            if cmodel.level not in levels:
-                rep.error((*cpath, "level"), f"unknown level {cmodel.level} "
-                          f"(levels: {', '.join(str(k) for k in sorted(levels))})")
-            mask = cmodel.mask
-            assert isinstance(mask, MaskSpec)
-            cols[col] = ProtectedColumn(col, cmodel.level, mask, rep.where((*cpath, "mask")))
-            if mask.kind is masks.MaskKind.SQL:
-                _check_sql_mask(mask, rep, (*cpath, "mask"))
-        tables[name] = ProtectedTable(name, cols)
+    def __init__(self, model: PolicyModel, rep: _Reporter) -> None:
+        self.model = model
+        self.rep = rep
+        self.levels = dict(model.levels)
+        self.tables: dict[str, ProtectedTable] = {}
+        self.operators: list[OperatorRule] = []
+        self.users_of: dict[str, list[tuple[int, OperatorRule]]] = {}
 
-    def column_ref(path: tuple[object, ...], ref: str, what: str) -> tuple[str, str] | None:
+    def build(self, text: str, filename: str, env: Mapping[str, str]) -> Policy:
+        for lv in self.levels:
+            if lv < 1:
+                self.rep.error(("levels", lv), "levels are positive integers "
+                               "(clearance 0 sees none)")
+        self.build_tables()
+        self.build_operators()  # before roles: placeholders are checked against operators
+        roles = {name: self.build_role(name, rmodel) for name, rmodel in self.model.roles.items()}
+        return Policy(
+            filename=filename,
+            version=hashlib.sha256(text.encode()).hexdigest()[:12],
+            levels=self.levels,
+            tables=self.tables,
+            operators=tuple(self.operators),
+            roles=roles,
+            hours=_hours(self.model.hours),
+            timezone=self.model.timezone,
+            allow_dependents=self.dependents(("allow_dependents",), self.model.allow_dependents),
+            hash_key_env=self.model.hash_key_env,
+            hash_key=self.hash_key(text, env, roles),
+            warnings=tuple(self.rep.warnings),
+        )
+
+    def build_tables(self) -> None:
+        rep = self.rep
+        for raw_name, tmodel in self.model.protected.items():
+            path = ("protected", raw_name)
+            try:
+                name = normalize_table(raw_name)
+            except ValueError as e:
+                rep.error(path, str(e))
+                continue
+            if name in self.tables:
+                rep.error(path, f"{name} is listed twice")
+                continue
+            cols: dict[str, ProtectedColumn] = {}
+            for raw_col, cmodel in tmodel.columns.items():
+                cpath = (*path, "columns", raw_col)
+                col = raw_col.strip().lower()
+                if not _IDENT_RE.match(col):
+                    rep.error(cpath, f"not a column name: {raw_col!r}")
+                    continue
+                if col in cols:
+                    rep.error(cpath, f"column {col} is listed twice")
+                    continue
+                if cmodel.level not in self.levels:
+                    known = ", ".join(str(k) for k in sorted(self.levels))
+                    rep.error((*cpath, "level"), f"unknown level {cmodel.level} (levels: {known})")
+                mask = cmodel.mask
+                assert isinstance(mask, MaskSpec)
+                if mask.kind is masks.MaskKind.SQL:
+                    _check_sql_mask(mask, rep, (*cpath, "mask"))
+                cols[col] = ProtectedColumn(col, cmodel.level, mask, rep.where((*cpath, "mask")))
+            self.tables[name] = ProtectedTable(name, cols, rep.where(path))
+
+    def build_operators(self) -> None:
+        for i, omodel in enumerate(self.model.operators):
+            opath = ("operators", i)
+            if omodel.role not in self.model.roles:
+                self.rep.error((*opath, "role"), f"unknown role {omodel.role!r}")
+            for key, val in omodel.attributes.items():
+                if isinstance(val, str) and "\x00" in val:
+                    self.rep.error((*opath, "attributes", key), "attribute contains a NUL "
+                                   "character")
+                if isinstance(val, float) and not math.isfinite(val):
+                    self.rep.error((*opath, "attributes", key), "attribute must be a finite "
+                                   "number")
+            cidr = omodel.match.cidr
+            cidrs = None if cidr is None else tuple(
+                ipaddress.ip_network(c, strict=False)
+                for c in ([cidr] if isinstance(cidr, str) else cidr))
+            rule = OperatorRule(omodel.match.user, cidrs, omodel.match.application, omodel.role,
+                                dict(omodel.attributes))
+            self.operators.append(rule)
+            self.users_of.setdefault(omodel.role, []).append((i, rule))
+
+    def column_ref(self, path: tuple[object, ...], ref: str, what: str) -> tuple[str, str] | None:
         try:
             table, col = normalize_column_path(ref)
         except ValueError as e:
-            rep.error(path, str(e))
+            self.rep.error(path, str(e))
             return None
-        if table not in tables:
-            rep.error(path, f"{what} {ref!r}: table {table} is not in protected")
+        if table not in self.tables:
+            self.rep.error(path, f"{what} {ref!r}: table {table} is not in protected")
             return None
         return table, col
 
-    def dependents(path: tuple[object, ...], names: list[str]) -> frozenset[str]:
+    def dependents(self, path: tuple[object, ...], names: list[str]) -> frozenset[str]:
         out: set[str] = set()
         for i, n in enumerate(names):
             try:
                 out.add(normalize_table(n))
             except ValueError as e:
-                rep.error((*path, i), str(e).replace("table", "view or function"))
+                self.rep.error((*path, i), str(e).replace("table", "view or function"))
         return frozenset(out)
 
-    # Operators first: the roles' placeholder check needs to know who maps to each role.
-    operators: list[OperatorRule] = []
-    users_of: dict[str, list[tuple[int, OperatorRule]]] = {}
-    for i, omodel in enumerate(model.operators):
-        opath = ("operators", i)
-        if omodel.role not in model.roles:
-            rep.error((*opath, "role"), f"unknown role {omodel.role!r}")
-        for key, val in omodel.attributes.items():
-            if isinstance(val, str) and "\x00" in val:
-                rep.error((*opath, "attributes", key), "attribute contains a NUL character")
-            if isinstance(val, float) and not math.isfinite(val):
-                rep.error((*opath, "attributes", key), "attribute must be a finite number")
-        cidr = omodel.match.cidr
-        cidrs = None if cidr is None else tuple(
-            ipaddress.ip_network(c, strict=False) for c in ([cidr] if isinstance(cidr, str)
-                                                            else cidr))
-        rule = OperatorRule(omodel.match.user, cidrs, omodel.match.application, omodel.role,
-                            dict(omodel.attributes))
-        operators.append(rule)
-        users_of.setdefault(omodel.role, []).append((i, rule))
-
-    roles: dict[str, Role] = {}
-    for rname, rmodel in model.roles.items():
+    def build_role(self, rname: str, rmodel: RoleModel) -> Role:
         rpath = ("roles", rname)
-        reveal: set[tuple[str, str]] = set()
-        for i, ref in enumerate(rmodel.reveal):
-            got = column_ref((*rpath, "reveal", i), ref, "reveal")
-            if got:
-                reveal.add(got)
-        lookup: set[tuple[str, str]] = set()
-        for i, ref in enumerate(rmodel.lookup):
-            got = column_ref((*rpath, "lookup", i), ref, "lookup")
-            if got:
-                lookup.add(got)
+        reveal = {got for i, ref in enumerate(rmodel.reveal)
+                  if (got := self.column_ref((*rpath, "reveal", i), ref, "reveal"))}
+        lookup = {got for i, ref in enumerate(rmodel.lookup)
+                  if (got := self.column_ref((*rpath, "lookup", i), ref, "lookup"))}
         overrides: dict[tuple[str, str], MaskOverride] = {}
         for ref, spec in rmodel.mask.items():
             mpath = (*rpath, "mask", ref)
-            got = column_ref(mpath, ref, "mask")
+            got = self.column_ref(mpath, ref, "mask")
             if not got:
                 continue
             assert isinstance(spec, MaskSpec)
             if got in reveal:
-                rep.error(mpath, f"{ref} is both revealed and masked")
+                self.rep.error(mpath, f"{ref} is both revealed and masked")
             if spec.kind is masks.MaskKind.SQL:
-                _check_sql_mask(spec, rep, mpath)
-            overrides[got] = MaskOverride(spec, rep.where(mpath))
-
-        # Who can end up in this role, with which attributes.
-        holders: list[tuple[str, Mapping[str, Any]]] = [
-            (f"operators[{i}] ({_describe(rule)})", rule.attributes)
-            for i, rule in users_of.get(rname, [])
-        ]
-        if rname == DEFAULT_ROLE:
-            holders.append(("logins matched by no operator (role default)", {}))
-        filters: dict[str, RowFilter] = {}
-        for raw_table, pred in rmodel.row_filters.items():
-            fpath = (*rpath, "row_filters", raw_table)
-            try:
-                table = normalize_table(raw_table)
-            except ValueError as e:
-                rep.error(fpath, str(e))
-                continue
-            if table not in tables:
-                rep.error(fpath, f"table {table} is not in protected")
-                continue
-            template = ("true" if pred else "false") if isinstance(pred, bool) else pred
-            names = frozenset(_PLACEHOLDER.findall(template))
-            if "{{" in _PLACEHOLDER.sub("", template) or "}}" in _PLACEHOLDER.sub("", template):
-                rep.error(fpath, "malformed placeholder (use {{attribute}})")
-                continue
-            samples = holders or [("(unused role)", {n: "x" for n in names})]
-            ok = True
-            for who, attrs in samples:
-                missing = sorted(n for n in names if n not in attrs)
-                if missing:
-                    rep.error(fpath, f"placeholder {', '.join('{{' + m + '}}' for m in missing)} "
-                              f"is not defined by {who}")
-                    ok = False
-                    continue
-                problem = _check_predicate(render_row_filter(template, attrs))
-                if problem:
-                    rep.error(fpath, problem)
-                    ok = False
-                    break
-            if ok:
-                filters[table] = RowFilter(template.strip(), names, rep.where(fpath))
-        if rname not in users_of and rname != DEFAULT_ROLE:
-            rep.warn(rpath, f"role {rname} is not used by any operator")
-
+                _check_sql_mask(spec, self.rep, mpath)
+            overrides[got] = MaskOverride(spec, self.rep.where(mpath))
+        if rname not in self.users_of and rname != DEFAULT_ROLE:
+            self.rep.warn(rpath, f"role {rname} is not used by any operator")
         quota_rows = quota_seconds = None
         if rmodel.quota is not None:
             quota_rows = rmodel.quota.rows
             quota_seconds = period_seconds(rmodel.quota.per)
-        roles[rname] = Role(
+        return Role(
             name=rname,
+            source=self.rep.where(rpath),
             clearance=rmodel.clearance,
             reveal=frozenset(reveal),
             masks=overrides,
             lookup=frozenset(lookup),
-            row_filters=filters,
+            row_filters=self.row_filters(rname, rmodel),
             max_rows=None if rmodel.max_rows == "unlimited" else int(rmodel.max_rows),
             quota_rows=quota_rows,
             quota_seconds=quota_seconds,
@@ -796,36 +782,68 @@ def _build(model: PolicyModel, rep: _Reporter, text: str, filename: str,
             unbounded=Unbounded.ALLOW if _allowed(rmodel.unbounded) else Unbounded.DENY,
             ddl=_allowed(rmodel.ddl),
             functions=_allowed(rmodel.ddl if rmodel.functions is None else rmodel.functions),
-            allow_dependents=dependents((*rpath, "allow_dependents"), rmodel.allow_dependents),
+            allow_dependents=self.dependents((*rpath, "allow_dependents"),
+                                             rmodel.allow_dependents),
         )
 
-    key_text = env.get(model.hash_key_env, "")
-    if key_text:
-        hash_key = key_text.encode()
-    else:
-        hash_key = hashlib.sha256(b"pgveil hash mask key\x00" + text.encode()).digest()
-        if any(c.mask.kind is masks.MaskKind.HASH for t in tables.values()
-               for c in t.columns.values()) or any(
-                o.spec.kind is masks.MaskKind.HASH for r in roles.values()
-                for o in r.masks.values()):
-            rep.warn(("hash_key_env",), f"${model.hash_key_env} is not set: the hash mask key "
-                     "is derived from the policy text, so anyone who can read the policy can "
-                     "test guesses against hashed values, and hashes change when it is edited")
+    def row_filters(self, rname: str, rmodel: RoleModel) -> dict[str, RowFilter]:
+        """Check each filter with the attributes of every operator that can hold the role."""
+        holders: list[tuple[str, Mapping[str, Any]]] = [
+            (f"operators[{i}] ({_describe(rule)})", rule.attributes)
+            for i, rule in self.users_of.get(rname, [])
+        ]
+        if rname == DEFAULT_ROLE:
+            holders.append(("logins matched by no operator (role default)", {}))
+        filters: dict[str, RowFilter] = {}
+        for raw_table, pred in rmodel.row_filters.items():
+            fpath = ("roles", rname, "row_filters", raw_table)
+            try:
+                table = normalize_table(raw_table)
+            except ValueError as e:
+                self.rep.error(fpath, str(e))
+                continue
+            if table not in self.tables:
+                self.rep.error(fpath, f"table {table} is not in protected")
+                continue
+            template = ("true" if pred else "false") if isinstance(pred, bool) else pred
+            names = frozenset(_PLACEHOLDER.findall(template))
+            rest = _PLACEHOLDER.sub("", template)
+            if "{{" in rest or "}}" in rest:
+                self.rep.error(fpath, "malformed placeholder (use {{attribute}})")
+                continue
+            # A role nobody holds is still checked, with a stand-in value for each placeholder.
+            samples = holders or [("(unused role)", dict.fromkeys(names, "x"))]
+            ok = True
+            for who, attrs in samples:
+                missing = sorted(n for n in names if n not in attrs)
+                if missing:
+                    shown = ", ".join("{{" + m + "}}" for m in missing)
+                    self.rep.error(fpath, f"placeholder {shown} is not defined by {who}")
+                    ok = False
+                    continue
+                problem = _check_predicate(render_row_filter(template, attrs))
+                if problem:
+                    self.rep.error(fpath, problem)
+                    ok = False
+                    break
+            if ok:
+                filters[table] = RowFilter(template.strip(), names, self.rep.where(fpath))
+        return filters
 
-    return Policy(
-        filename=filename,
-        version=hashlib.sha256(text.encode()).hexdigest()[:12],
-        levels=levels,
-        tables=tables,
-        operators=tuple(operators),
-        roles=roles,
-        hours=_hours(model.hours),
-        timezone=model.timezone,
-        allow_dependents=dependents(("allow_dependents",), model.allow_dependents),
-        hash_key_env=model.hash_key_env,
-        hash_key=hash_key,
-        warnings=tuple(rep.warnings),
-    )
+    def hash_key(self, text: str, env: Mapping[str, str], roles: Mapping[str, Role]) -> bytes:
+        env_name = self.model.hash_key_env
+        key_text = env.get(env_name, "")
+        if key_text:
+            return key_text.encode()
+        used = any(c.mask.kind is masks.MaskKind.HASH
+                   for t in self.tables.values() for c in t.columns.values()) or any(
+            o.spec.kind is masks.MaskKind.HASH for r in roles.values() for o in r.masks.values())
+        if used:
+            self.rep.warn(("hash_key_env",), f"${env_name} is not set: the hash mask key is "
+                          "derived from the policy text, so anyone who can read the policy can "
+                          "test guesses against hashed values, and hashes change when it is "
+                          "edited")
+        return hashlib.sha256(b"pgveil hash mask key\x00" + text.encode()).digest()
 
 
 def _check_sql_mask(spec: MaskSpec, rep: _Reporter, path: tuple[object, ...]) -> None:
@@ -839,7 +857,7 @@ def _check_sql_mask(spec: MaskSpec, rep: _Reporter, path: tuple[object, ...]) ->
     except (sqlglot.errors.ParseError, RecursionError):
         rep.error(path, "sql mask is not a SQL expression")
         return
-    except Exception as e:  # sqlglot TokenError
+    except sqlglot.errors.SqlglotError as e:  # TokenError
         rep.error(path, f"sql mask cannot be tokenized: {e}")
         return
     if len(parsed) != 1 or not isinstance(parsed[0], exp.Select):
@@ -886,7 +904,7 @@ def parse_policy(text: str, filename: str = "policy.yaml",
     except ValidationError as e:
         _pydantic_errors(e, rep)
         raise PolicyError(rep.errors) from None
-    policy = _build(model, rep, text, filename, os.environ if env is None else env)
+    policy = _Builder(model, rep).build(text, filename, os.environ if env is None else env)
     if rep.errors:
         raise PolicyError(rep.errors)
     for w in policy.warnings:
@@ -910,7 +928,12 @@ def load_policy(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
 def _column_plan(policy: Policy, role: Role, table: str,
                  col: str) -> tuple[MaskSpec | None, str]:
-    """The mask to apply (None = raw) and where it came from in the policy."""
+    """The mask to apply (None = raw) and where it came from in the policy.
+
+    Policy names are lower case; a column created quoted with capitals ("Phone") still gets
+    the rule for ``phone`` rather than slipping through unmasked.
+    """
+    col = col.lower()
     override = role.masks.get((table, col))
     if override is not None:
         return override.spec, override.source
@@ -949,7 +972,7 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         if not in_catalog:
             log.warning("protected table %s is not in the database catalog; using the columns "
                         "listed in %s", name, policy.filename)
-        present = {c.name for c in columns}
+        present = {c.name.lower() for c in columns}
         for col in policy.tables[name].columns:
             if in_catalog and col not in present:
                 log.warning("%s.%s is listed in %s but not in the database", name, col,
@@ -957,7 +980,7 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         out: list[ColumnView] = []
         for c in columns:
             spec, source = _column_plan(policy, role, name, c.name)
-            lookup = (name, c.name) in role.lookup
+            lookup = (name, c.name.lower()) in role.lookup
             if spec is None:
                 out.append(ColumnView(c.name, c.type_sql, None, None, lookup))
                 continue
@@ -1018,10 +1041,9 @@ def validate_against_catalog(policy: Policy, catalog: Catalog) -> list[str]:
     for name, table in policy.tables.items():
         cols = catalog.tables.get(name)
         if cols is None:
-            problems.append(f"{policy.filename}:1: protected.{name}: table not found in the "
-                            "database")
+            problems.append(f"{table.source}: table {name} not found in the database")
             continue
-        by_name = {c.name: c for c in cols}
+        by_name = {c.name.lower(): c for c in cols}
         for col in table.columns.values():
             real = by_name.get(col.name)
             if real is None:
@@ -1033,12 +1055,9 @@ def validate_against_catalog(policy: Policy, catalog: Catalog) -> list[str]:
             except MaskError as e:
                 problems.append(f"{col.source}: {e}")
         for role in policy.roles.values():
-            refs = [(t, c, f"roles.{role.name}") for t, c in
-                    (*role.reveal, *role.lookup, *role.masks) if t == name]
-            for t, c, where in refs:
-                if c not in by_name:
-                    problems.append(f"{policy.filename}:1: {where}: column {t}.{c} not found "
-                                    "in the database")
+            for t, c in (*role.reveal, *role.lookup, *role.masks):
+                if t == name and c not in by_name:
+                    problems.append(f"{role.source}: column {t}.{c} not found in the database")
             for (t, c), override in role.masks.items():
                 if t == name and c in by_name:
                     try:

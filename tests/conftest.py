@@ -2,7 +2,7 @@
 
 Fixtures (all lazy: a pure unit-test run never starts a server):
 
-* ``pg`` (session) — tests.harness.cluster.PostgresCluster: a private PostgreSQL with the test
+* ``pg`` (session) — proxy.localpg.PostgresCluster: a private PostgreSQL with the test
   logins (password ``pw_<login>``) and the ``bank`` database, or the server named by
   ``PGVEIL_TEST_DSN``. ``pg.dsn(login, db)``, ``pg.psql(sql)``, ``pg.restart()``.
 * ``pgveil`` (session) — one ``pgveil serve`` with the default test config in front of ``pg``.
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.cluster import PostgresCluster
+from proxy.localpg import PostgresCluster
 from tests.harness.pgveil_proc import PgveilProcess
 
 _LIVE_FIXTURES = frozenset({"pg", "pgveil", "pgveil_factory"})

@@ -37,7 +37,7 @@ from urllib.parse import quote, urlencode
 
 import yaml
 
-from tests.harness.cluster import (
+from proxy.localpg import (
     REPO_ROOT,
     RunAs,
     make_temp_dir,
@@ -45,7 +45,7 @@ from tests.harness.cluster import (
     pick_free_port,
     wait_for_port,
 )
-from tests.harness.cluster import PostgresCluster as _Cluster
+from proxy.localpg import PostgresCluster as _Cluster
 
 DEFAULT_POLICY = REPO_ROOT / "config" / "policy.yaml"
 _HOST = "127.0.0.1"
@@ -56,7 +56,11 @@ _BIND_ERRORS = ("Address already in use", "address already in use", "EADDRINUSE"
 
 
 class PgveilError(RuntimeError):
-    """pgveil did not start, or exited while a test needed it."""
+    """pgveil did not start, or exited while a test needed it; ``log_tail`` says why."""
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        super().__init__(message)
+        self.log_tail = log_tail
 
 
 class ProcState(enum.Enum):
@@ -174,9 +178,11 @@ class PgveilProcess:
             if not any(marker in last for marker in _BIND_ERRORS):
                 break
         self.state = ProcState.STOPPED
+        tail = _tail(last)
         raise PgveilError(
             f"pgveil did not start ({' '.join(pgveil_command(self.config_path))}); "
-            f"log tail:\n{_tail(last)}\n--- config ---\n{self.config_path.read_text()}"
+            f"log tail:\n{tail}\n--- config ---\n{self.config_path.read_text()}",
+            log_tail=tail,
         )
 
     def _spawn(self) -> None:

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL cluster for the live tests and the benchmarks.
+"""A throwaway PostgreSQL cluster for `pgveil demo`, the live tests and the benchmarks.
 
 Why: SPEC §8 says tests run against a real PostgreSQL that the test session starts itself — never
 a mock. This module owns that server's whole life:
@@ -43,10 +43,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BANK_SQL = REPO_ROOT / "proxy" / "data" / "bank.sql"
+PACKAGE_DIR = Path(__file__).resolve().parent
+BANK_SQL = PACKAGE_DIR / "data" / "bank.sql"
 
 #: Logins every live test may rely on; each has the password ``pw_<login>``.
 LOGINS: tuple[str, ...] = (
@@ -320,7 +320,7 @@ class PostgresCluster:
         self.state = ClusterState.RUNNING if not owned else ClusterState.STOPPED
         self._run_as = run_as
         self._admin_url = admin_url
-        self._admin_user = urlsplit(admin_url).username if admin_url else "postgres"
+        self._admin_user = (urlsplit(admin_url).username or "postgres") if admin_url else "postgres"
         self._admin_password = (
             unquote(urlsplit(admin_url).password or "") if admin_url else password_for("postgres")
         )
@@ -371,6 +371,9 @@ class PostgresCluster:
     ) -> PostgresCluster:
         """Wrap an existing server reached with a superuser URL; provision only what is missing."""
         parts = urlsplit(admin_url)
+        query = dict(parse_qsl(parts.query))
+        host = query.get("host") or parts.hostname or _HOST
+        port = int(query.get("port") or parts.port or 5432)
         bin_dir: Path | None
         try:
             bin_dir = find_bin_dir()
@@ -379,12 +382,16 @@ class PostgresCluster:
         cluster = cls(
             bin_dir=bin_dir,
             base_dir=None,
-            port=parts.port or 5432,
+            port=port,
             owned=False,
             run_as=RunAs(None, None, None),
             admin_url=admin_url,
         )
-        cluster.host = parts.hostname or _HOST
+        if host.startswith("/"):
+            # The admin URL uses a unix socket; the test logins still come over TCP (SCRAM).
+            cluster.socket_dir = Path(host)
+            host = _HOST
+        cluster.host = host
         if provision:
             cluster.provision(scale=scale)
         return cluster
@@ -415,7 +422,8 @@ class PostgresCluster:
         """What psql connects with: the private socket for postgres (trust), else TCP."""
         if self.owned and login == "postgres" and self.socket_dir is not None:
             return f"host={self.socket_dir} port={self.port} user=postgres dbname={db}"
-        if not self.owned and login == self._admin_user and self._admin_url:
+        if not self.owned and login in (self._admin_user, "postgres") and self._admin_url:
+            # On an external server "postgres" (psql's default) means its admin URL's superuser.
             parts = urlsplit(self._admin_url)
             return parts._replace(path="/" + quote(db, safe="")).geturl()
         return self.dsn(login, db)
@@ -568,7 +576,7 @@ class PostgresCluster:
             raise ClusterError(f"initdb failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
         conf = data / "postgresql.conf"
         with conf.open("a", encoding="utf-8") as fh:
-            fh.write("\n# added by tests/harness/cluster.py\ninclude_if_exists = 'harness.conf'\n")
+            fh.write("\n# added by pgveil (proxy/localpg.py)\ninclude_if_exists = 'harness.conf'\n")
 
     def _write_settings(self) -> None:
         """harness.conf: the settings of this run (port may change between attempts)."""
@@ -594,7 +602,8 @@ class PostgresCluster:
         """Start the server, on its previous port if it had one, else on a fresh free port.
 
         A port taken between the check and the bind (another engineer's test run, say) makes the
-        postmaster exit with "could not bind"; then another port is tried.
+        postmaster exit with "could not bind"; a first start then tries another free port, a
+        restart retries its own port (clients and pgveil's config point at it).
         """
         _base, data, _sock, log = self._require_owned("start")
         if self.state is ClusterState.RUNNING:
@@ -603,7 +612,9 @@ class PostgresCluster:
         last_error = ""
         tried: set[int] = set()
         for attempt in range(_START_ATTEMPTS):
-            if not keep_port or attempt >= 3:
+            if not keep_port:
+                # A restart keeps its port (pgveil's upstream config points at it); only a
+                # first start moves on to another free port after a collision.
                 self.port = pick_free_port(exclude=tried)
             tried.add(self.port)
             self._write_settings()

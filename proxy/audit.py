@@ -1,0 +1,702 @@
+"""The tamper-evident audit trail: one hash-chained, signed record per protected statement.
+
+Data flow::
+
+    session ──record(fields)──▶ queue ──writer task──▶ chain + sign ──▶ sinks ──▶ futures resolved
+                 ▲ Future                  (one task)    (seq, prev,      (file: one write +
+                 └──────── resolved when durable ◀────── hash, sig)        fsync per group;
+                                                                           PostgreSQL: one INSERT)
+
+* ``record()`` (event-loop thread, never blocks) stamps ``ts``, queues the fields and returns a
+  future. With ``durability: strict`` the future resolves only after the group the record
+  belongs to is written and fsynced to every configured sink; the session holds the statement's
+  final ReadyForQuery until then, so a crash never loses the record of a result the client saw.
+  With ``batch`` it resolves at once and the file is fsynced within a second.
+* Group commit: the writer drains everything queued (up to 4096 records), chains it, writes it
+  with one ``write()`` + one ``fsync`` in its own I/O thread, then resolves all the futures.
+  While the disk is busy the next group accumulates, so throughput grows with concurrency.
+* Chain: every record carries ``seq`` (0, 1, 2, … per chain), ``chain`` (the writer's id: one
+  chain per worker process, so workers and replicas sharing a file or a table never contend for
+  a head), ``prev`` (the previous record's ``hash``; the first record of a chain has 64 zeros)
+  and ``hash`` = SHA-256 of the canonical JSON of the record without ``hash`` (sorted keys,
+  ``(",", ":")`` separators, UTF-8, no NaN). The line written is exactly those canonical bytes
+  with ``,"hash":"…"`` appended as the last member (:func:`seal`), so a line is its own
+  canonical form and the hash covers the bytes before it.
+* Checkpoints are chain records of ``kind: "checkpoint"`` with ``head`` (= ``prev``, the hash
+  they vouch for), ``count`` (statement records since the previous checkpoint), ``every`` and
+  ``seconds`` (the cadence), ``reason``, ``key`` (the signing key's fingerprint) and ``sig``:
+  base64 Ed25519 over ``b"pgveil-audit-checkpoint-v1\\n"`` + canonical JSON of the checkpoint
+  without ``sig`` and ``hash``. (We sign the whole checkpoint body, not only
+  ``chain:seq:head``, so its ``final``/``torn``/cadence fields cannot be altered either.)
+  Without a signing key ``sig`` and ``key`` are null and the log is only hash-chained.
+* When checkpoints are written — the invariant ``audit verify`` relies on:
+  a chain starts with a checkpoint (``reason`` ``start``, or ``resume`` after a restart);
+  before chaining a statement record the writer emits a checkpoint if ``checkpoint_every``
+  records have been chained since the last one, or if ``checkpoint_seconds`` have passed since
+  it (wall clock, the same clock as ``ts``); when records wait unsigned for
+  ``checkpoint_seconds`` a timer emits one; a rotation, a recovered outage and a torn line each
+  add one; ``close()`` writes a final one (``"final": true``). Hence in an untouched log every
+  record has fewer than ``every`` records and less than ``seconds`` of ``ts`` between it and the
+  checkpoint before it. A tail that breaks this shows that a checkpoint was cut away and the
+  tail re-hashed, which ``audit verify`` reports as a truncated tail.
+* Restart: ``start()`` finds the last complete record of this chain id in the current file (or
+  the newest rotated one, or the PostgreSQL table) and continues from it with a ``resume``
+  checkpoint, so the chain links across the restart. If the file ends in a torn line (power
+  loss mid-write) the file sink terminates it with a newline and the resume/start checkpoint
+  records its SHA-256 and length in ``torn``: the torn line is acknowledged by a signature
+  instead of being silently skipped, and the chain continues from the last *good* record of
+  this chain (a torn record's statement never got its ReadyForQuery in strict mode). With a
+  chain id that was never seen (e.g. it contains the pid) a new chain starts at seq 0.
+* Failure: any sink error (ENOSPC, EACCES, a missing directory that cannot be created, the
+  audit database down) fails the futures of the group with :class:`AuditUnavailable`, sets
+  ``available`` to False (the session then blocks protected statements with
+  ``on_failure: block``) and the writer retries the same group every second. The records are
+  kept (chained, at most ``max_backlog``) and written when the sink is back — a statement that
+  ran during the outage (``on_failure: allow``) still gets its record late; records beyond the
+  backlog are dropped, counted in ``pgveil_audit_failures_total`` and declared as ``lost`` in
+  the next checkpoint. A sink that comes back makes ``available`` True again by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from proxy.audit_sinks import (
+    AuditSinkError,
+    FileSink,
+    PostgresSink,
+    TornTail,
+    format_ts,
+    parse_ts,
+)
+from proxy.keys import key_fingerprint, load_private_key
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+CHECKPOINT = "checkpoint"
+SIG_DOMAIN = b"pgveil-audit-checkpoint-v1\n"
+RECORD_FIELDS = ("session", "operator", "role", "client", "application", "database", "kind",
+                 "statement", "tables", "columns", "decision", "reasons", "grant", "rows",
+                 "duration_ms", "error")
+RESERVED = frozenset({"seq", "ts", "chain", "prev", "hash"})
+GROUP_MAX = 4096
+RETRY_SECONDS = 1.0
+BATCH_SYNC_SECONDS = 1.0
+
+_T = TypeVar("_T")
+
+
+class AuditUnavailable(Exception):
+    """The record could not be made durable (sink failing, backlog full or trail closed)."""
+
+
+class Durability(enum.Enum):
+    STRICT = "strict"
+    BATCH = "batch"
+
+
+class OnFailure(enum.Enum):
+    BLOCK = "block"
+    ALLOW = "allow"
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The ``audit:`` section of pgveil.yaml (SPEC §3), paths already resolved."""
+
+    file: Path | None = None
+    postgres_dsn: str | None = None
+    postgres_table: str = "pgveil.audit"
+    signing_key: Path | None = None
+    durability: str = "strict"  # strict | batch
+    on_failure: str = "block"  # block | allow
+    redact_literals: bool = True
+    all: bool = False
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 10.0
+    rotate_bytes: int = 100 * 1024 * 1024
+    keep_files: int = 0  # rotated files kept; 0 = keep all
+    max_backlog: int = 100_000  # records held in memory while a sink is failing
+
+    def __post_init__(self) -> None:
+        Durability(self.durability)
+        OnFailure(self.on_failure)
+        if self.checkpoint_every < 1:
+            raise ValueError("audit.checkpoint_every must be >= 1")
+        if not self.checkpoint_seconds > 0:
+            raise ValueError("audit.checkpoint_seconds must be > 0")
+        if self.rotate_bytes < 1 or self.keep_files < 0 or self.max_backlog < 1:
+            raise ValueError("audit.rotate_bytes/keep_files/max_backlog out of range")
+
+
+class _Inc(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class _Gauge(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class AuditMetrics(Protocol):
+    """The three audit metrics (prometheus_client Counter/Counter/Gauge fit)."""
+
+    records: _Inc  # pgveil_audit_records_total: statement records durably written
+    failures: _Inc  # pgveil_audit_failures_total: records not durable in time (or dropped)
+    queue: _Gauge  # pgveil_audit_queue: records queued or being written
+
+
+# ---------------------------------------------------------------------------------------------
+# The record format (shared with proxy.audit_verify).
+
+
+def canonical(obj: Mapping[str, Any]) -> bytes:
+    """The canonical JSON bytes that are hashed and written: sorted keys, compact, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``record`` without its ``hash`` field."""
+    body = {k: v for k, v in record.items() if k != "hash"}
+    return hashlib.sha256(canonical(body)).hexdigest()
+
+
+def seal(record: dict[str, Any]) -> bytes:
+    """Set ``record["hash"]`` and return the line to write.
+
+    The line is the canonical JSON of the record without ``hash``, with ``"hash":"…"`` appended
+    as the last member: the hash covers exactly the bytes before it, one JSON encoding per
+    record (this is the writer's hot path), and ``audit verify`` can demand that every line is
+    byte-for-byte what :func:`seal` would produce.
+    """
+    record.pop("hash", None)
+    body = canonical(record)
+    digest = hashlib.sha256(body).hexdigest()
+    record["hash"] = digest
+    return body[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+
+
+def checkpoint_message(record: Mapping[str, Any]) -> bytes:
+    """The bytes a checkpoint's Ed25519 signature covers (everything but ``sig`` and ``hash``)."""
+    body = {k: v for k, v in record.items() if k not in ("sig", "hash")}
+    return SIG_DOMAIN + canonical(body)
+
+
+def normalize(value: Any) -> Any:
+    """Make a field value JSON-stable: lists for tuples/sets, finite floats, valid UTF-8.
+
+    The hash is over the canonical JSON, so what we store must survive a JSON (and jsonb)
+    round trip unchanged: NaN/inf become null, sets become sorted lists, enums their value.
+    """
+    kind = type(value)
+    if kind is str:
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from a lenient decoder
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if value is None or kind is bool or kind is int:
+        return value
+    if kind is list or kind is tuple:
+        return [normalize(v) for v in value]
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if isinstance(value, enum.Enum):
+        return normalize(value.value)
+    if isinstance(value, (bool, int)):
+        return bool(value) if isinstance(value, bool) else int(value)
+    if isinstance(value, str):
+        return normalize(str.__str__(value))
+    if isinstance(value, float):
+        return normalize(float(value))
+    if isinstance(value, Mapping):
+        return {str(k): normalize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [normalize(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((normalize(v) for v in value), key=lambda v: canonical({"v": v}))
+    if isinstance(value, datetime):
+        return format_ts(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return normalize(str(value))
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    """Mark a future's exception as retrieved: callers may legitimately ignore the future."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+@dataclass
+class _Item:
+    body: dict[str, Any]
+    ts: datetime
+    future: asyncio.Future[None] | None
+
+
+@dataclass
+class _Chained:
+    record: dict[str, Any]
+    line: bytes
+    future: asyncio.Future[None] | None
+    checkpoint: bool
+
+
+@dataclass
+class _CheckpointRequest:
+    reasons: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, reason: str, **extra: Any) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        self.extra.update(extra)
+
+
+_SINK_ERRORS: tuple[type[BaseException], ...] = (OSError, AuditSinkError, asyncio.TimeoutError,
+                                                  ConnectionError)
+try:  # asyncpg is a dependency; keep the module importable without it for the verifier
+    import asyncpg as _asyncpg
+
+    _SINK_ERRORS += (_asyncpg.PostgresError, _asyncpg.InterfaceError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+class AuditTrail:
+    """One worker's audit chain: queue, writer task, sinks. See the module docstring."""
+
+    def __init__(self, settings: AuditSettings, *, chain_id: str,
+                 metrics: AuditMetrics | None = None) -> None:
+        if not chain_id or any(c in chain_id for c in "\n\r\0"):
+            raise ValueError("audit chain id must be a non-empty single-line string")
+        if settings.file is None and settings.postgres_dsn is None:
+            raise ValueError("audit needs a file or a postgres sink")
+        self.settings = settings
+        self.chain_id = chain_id
+        self._metrics = metrics
+        self._strict = Durability(settings.durability) is Durability.STRICT
+        self._key = load_private_key(settings.signing_key) if settings.signing_key else None
+        self._key_id = key_fingerprint(self._key) if self._key is not None else None
+        self._file = (FileSink(settings.file, rotate_bytes=settings.rotate_bytes,
+                               keep_files=settings.keep_files)
+                      if settings.file is not None else None)
+        self._pg = (PostgresSink(settings.postgres_dsn, settings.postgres_table)
+                    if settings.postgres_dsn else None)
+        self._queue: deque[_Item] = deque()
+        self._pending: list[_Chained] = []
+        self._written: dict[str, int] = {}  # sink name -> pending records it already has
+        self._seq = 0
+        self._head = GENESIS
+        self._since_cp = 0
+        self._last_cp_ts: datetime | None = None
+        self._initialized = False
+        self._cp_request = _CheckpointRequest()
+        self._lost = 0
+        self._available = True
+        self._failing_since: float | None = None
+        self._last_error = ""
+        self._closing = False
+        self._final_emitted = False
+        self._closed = False
+        self._close_deadline = math.inf
+        self._wake = asyncio.Event()
+        self._close_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._unsynced_since: float | None = None
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        """False while the sink is failing (the session then blocks protected statements)."""
+        return self._available
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    async def start(self) -> None:
+        """Open the sinks, resume the chain and start the writer.
+
+        An unusable sink does not make this raise: the trail starts unavailable and keeps
+        retrying (the proxy can come up and block until the disk or database is back). A bad
+        signing key raises already in ``__init__``.
+        """
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgveil-audit")
+        if not await self._initialize():
+            self._set_failing("start", self._last_error)
+        self._task = self._loop.create_task(self._run(), name=f"pgveil-audit-{self.chain_id}")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued plus a final checkpoint, then close the sinks."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._closing = True
+        self._close_deadline = loop.time() + timeout
+        self._wake.set()
+        self._close_event.set()
+        try:
+            if self._task is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._task), timeout + 2 * RETRY_SECONDS)
+                except asyncio.TimeoutError:
+                    self._task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._task
+        finally:
+            self._closed = True
+            self._fail_all(AuditUnavailable("audit trail closed"))
+            if self._pg is not None:
+                await self._pg.close()
+            if self._file is not None:
+                self._file.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+
+    def record(self, fields: Mapping[str, Any]) -> asyncio.Future[None]:
+        """Queue one statement's record; the future resolves when it is durable.
+
+        ``fields``: session, operator, role, client, application, database, kind, statement
+        (already redacted), tables, columns, decision, reasons, grant, rows, duration_ms, error
+        (missing ones are stored as null; extra keys are kept). Must be called on the event
+        loop's thread.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fut.add_done_callback(_consume)
+        body = self._body(fields)
+        item = _Item(body, datetime.now(timezone.utc), fut)
+        if self._closed or self._final_emitted:
+            self._fail(fut, "audit trail closed")
+            return fut
+        if len(self._queue) + len(self._pending) >= self.settings.max_backlog:
+            self._lost += 1
+            self._fail(fut, f"audit backlog full ({self.settings.max_backlog} records)")
+            return fut
+        if not self._available:
+            self._fail(fut, f"audit sink unavailable: {self._last_error}")
+            item.future = None
+        elif not self._strict:
+            fut.set_result(None)
+            item.future = None
+        self._queue.append(item)
+        self._wake.set()
+        self._gauge()
+        return fut
+
+    # -- building records ---------------------------------------------------------------------
+    def _body(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        bad = RESERVED.intersection(fields)
+        if bad:
+            raise ValueError(f"audit fields may not set {sorted(bad)}")
+        if fields.get("kind") == CHECKPOINT:
+            raise ValueError("audit kind 'checkpoint' is reserved")
+        body = {k: None for k in RECORD_FIELDS}
+        for k, v in fields.items():
+            body[str(k)] = normalize(v)
+        return body
+
+    def _append(self, body: dict[str, Any], ts: datetime, future: asyncio.Future[None] | None,
+                checkpoint: bool) -> None:
+        rec: dict[str, Any] = {**body, "seq": self._seq, "ts": format_ts(ts),
+                               "chain": self.chain_id, "prev": self._head}
+        if checkpoint and self._key is not None:
+            rec["sig"] = base64.b64encode(self._key.sign(checkpoint_message(rec))).decode()
+        line = seal(rec)
+        self._pending.append(_Chained(rec, line, future, checkpoint))
+        self._seq += 1
+        self._head = rec["hash"]
+
+    def _checkpoint(self, now: datetime, reason: str, **extra: Any) -> None:
+        body: dict[str, Any] = {"kind": CHECKPOINT, "reason": reason, "head": self._head,
+                                "count": self._since_cp, "every": self.settings.checkpoint_every,
+                                "seconds": float(self.settings.checkpoint_seconds),
+                                "key": self._key_id, "sig": None}
+        body.update(normalize(extra))
+        self._append(body, now, None, checkpoint=True)
+        self._since_cp = 0
+        self._last_cp_ts = now
+
+    def _cp_due(self, now: datetime) -> bool:
+        if self._last_cp_ts is None:
+            return True
+        return (now - self._last_cp_ts).total_seconds() >= self.settings.checkpoint_seconds
+
+    def _form(self, now: datetime) -> None:
+        """Chain what is queued, with the checkpoints the invariant requires (module doc)."""
+        req = self._cp_request
+        if self._lost:
+            req.add("lost", lost=self._lost + req.extra.get("lost", 0))
+            self._lost = 0
+        if self._file is not None and self._file.needs_rotation() and not self._pending:
+            req.add("rotate")
+        if req.reasons:
+            extra = dict(req.extra)
+            self._cp_request = _CheckpointRequest()
+            self._checkpoint(now, ",".join(req.reasons), **extra)
+        limit = self.settings.max_backlog
+        n = 0
+        while self._queue and n < GROUP_MAX and len(self._pending) < limit:
+            item = self._queue.popleft()
+            if self._since_cp >= self.settings.checkpoint_every:
+                self._checkpoint(now, "count")
+            elif self._cp_due(now):
+                self._checkpoint(now, "interval")
+            self._append(item.body, item.ts, item.future, checkpoint=False)
+            self._since_cp += 1
+            n += 1
+        if self._since_cp and self._cp_due(now):
+            self._checkpoint(now, "interval")
+        if self._closing and not self._queue and not self._final_emitted:
+            self._checkpoint(now, "close", final=True)
+            self._final_emitted = True
+
+    # -- the writer ---------------------------------------------------------------------------
+    async def _io(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _initialize(self) -> bool:
+        """Open the sinks and find where this chain left off; False (retry) on I/O errors."""
+        try:
+            last: dict[str, Any] | None = None
+            torn: TornTail | None = None
+            if self._file is not None:
+                await self._io(self._file.open)
+                line = await self._io(self._file.find_last, self.chain_id)
+                last = self._resumable(line.decode("utf-8", "replace") if line else None)
+                torn = await self._io(self._file.repair_tail)
+            if self._pg is not None:
+                await self._pg.open()
+                other = self._resumable(await self._pg.find_last(self.chain_id))
+                if other is not None and (last is None or other["seq"] > last["seq"]):
+                    last = other
+        except Exception as exc:  # noqa: BLE001 - retried; unexpected ones are logged in full
+            if not isinstance(exc, _SINK_ERRORS):
+                log.exception("audit start failed unexpectedly")
+            self._last_error = _describe(exc)
+            return False
+        if last is not None:
+            self._seq, self._head = last["seq"] + 1, last["hash"]
+            self._cp_request.add("resume")
+        else:
+            self._cp_request.add("start")
+        if torn is not None:
+            self._ack_torn(torn)
+        self._initialized = True
+        return True
+
+    def _resumable(self, text: str | None) -> dict[str, Any] | None:
+        """The record to continue from, if it is intact and ours; else start a new chain."""
+        if not text:
+            return None
+        try:
+            rec = json.loads(text)
+            ok = (isinstance(rec, dict) and rec.get("chain") == self.chain_id
+                  and isinstance(rec.get("seq"), int) and rec.get("hash") == record_hash(rec))
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            log.warning("audit chain %s: its last record on disk is damaged; starting a new "
+                        "chain segment (audit verify will report the damage)", self.chain_id)
+            return None
+        return rec  # type: ignore[no-any-return]
+
+    def _ack_torn(self, torn: TornTail) -> None:
+        acks = list(self._cp_request.extra.get("torn", []))
+        acks.append({"sha256": torn.sha256, "bytes": torn.length, "file": torn.file})
+        self._cp_request.add("torn", torn=acks)
+        log.warning("audit file %s ended in a torn line of %d bytes (crash or full disk); "
+                    "terminated it and acknowledged it in a checkpoint", torn.file, torn.length)
+
+    async def _run(self) -> None:
+        """The writer loop; an unexpected error is treated like a failing sink (fail closed)."""
+        while True:
+            try:
+                if await self._step():
+                    return
+            except Exception as exc:  # noqa: BLE001 - a bug must block, not hang sessions
+                log.exception("audit writer error")
+                self._set_failing("writer", _describe(exc))
+                if self._closing and self._past_deadline():
+                    return
+                await self._pause()
+
+    def _past_deadline(self) -> bool:
+        assert self._loop is not None
+        return self._loop.time() >= self._close_deadline
+
+    async def _step(self) -> bool:
+        """One round: initialise if needed, chain the queue, write, wait. True = finished."""
+        self._wake.clear()
+        if not self._initialized:
+            if self._closing and self._past_deadline():
+                return True
+            if not await self._initialize():
+                self._set_failing("start", self._last_error)
+                await self._pause()
+                return False
+        self._form(datetime.now(timezone.utc))
+        if self._pending and not await self._flush():
+            if self._closing and self._past_deadline():
+                return True
+            await self._pause()
+            return False
+        if self._unsynced_since is not None and (
+                self._closing or time.monotonic() - self._unsynced_since >= BATCH_SYNC_SECONDS):
+            await self._sync()
+        if self._closing and self._final_emitted and not self._queue and not self._pending:
+            return True
+        if self._wake.is_set() or self._cp_request.reasons or self._queue:
+            return False
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._next_timeout())
+        return False
+
+    def _next_timeout(self) -> float | None:
+        waits: list[float] = []
+        if self._since_cp and self._last_cp_ts is not None:
+            age = (datetime.now(timezone.utc) - self._last_cp_ts).total_seconds()
+            waits.append(max(0.0, self.settings.checkpoint_seconds - age) + 0.001)
+        if self._unsynced_since is not None:
+            waits.append(max(0.0, BATCH_SYNC_SECONDS - (time.monotonic()
+                                                       - self._unsynced_since)))
+        return min(waits) if waits else None
+
+    async def _pause(self) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._close_event.wait(), RETRY_SECONDS)
+        if self._closing:  # retry at most once a second while closing too
+            await asyncio.sleep(min(RETRY_SECONDS, 0.2))
+
+    async def _flush(self) -> bool:
+        """Write the pending records to every sink that lacks them; resolve on full success."""
+        total = len(self._pending)
+        sinks: list[FileSink | PostgresSink] = [s for s in (self._file, self._pg) if s is not None]
+        for sink in sinks:
+            start = self._written.get(sink.name, 0)
+            if start >= total:
+                continue
+            chunk = self._pending[start:total]
+            try:
+                if isinstance(sink, FileSink):
+                    data = b"".join(c.line for c in chunk)
+                    result = await self._io(sink.write, data, sync=self._strict)
+                    if result.torn is not None:
+                        self._ack_torn(result.torn)
+                    if not self._strict and self._unsynced_since is None:
+                        self._unsynced_since = time.monotonic()
+                else:
+                    await sink.write([c.record for c in chunk], [c.line for c in chunk])
+            except Exception as exc:  # noqa: BLE001 - any sink failure blocks (fail closed)
+                if not isinstance(exc, _SINK_ERRORS):
+                    log.exception("audit sink %s failed unexpectedly", sink.name)
+                self._set_failing(sink.name, _describe(exc))
+                return False
+            self._written[sink.name] = total
+        done = self._pending[:total]
+        del self._pending[:total]
+        self._written = {}
+        written = 0
+        for c in done:
+            if not c.checkpoint:
+                written += 1
+            if c.future is not None and not c.future.done():
+                c.future.set_result(None)
+        if self._metrics is not None and written:
+            self._metrics.records.inc(written)
+        self._set_available()
+        self._gauge()
+        return True
+
+    async def _sync(self) -> None:
+        self._unsynced_since = None
+        if self._file is not None:
+            try:
+                await self._io(self._file.sync)
+            except OSError as exc:
+                log.error("audit fsync failed: %s", _describe(exc))
+
+    # -- availability -------------------------------------------------------------------------
+    def _set_failing(self, sink: str, error: str) -> None:
+        self._last_error = f"{sink}: {error}"
+        if self._available:
+            self._available = False
+            self._failing_since = time.monotonic()
+            log.error("audit sink failing (%s); protected statements are %s until it recovers",
+                      self._last_error,
+                      "blocked" if self.settings.on_failure == "block" else "allowed unaudited")
+        for c in self._pending:
+            if c.future is not None:
+                self._fail(c.future, f"audit sink unavailable: {self._last_error}")
+                c.future = None
+        for item in self._queue:
+            if item.future is not None:
+                self._fail(item.future, f"audit sink unavailable: {self._last_error}")
+                item.future = None
+        self._gauge()
+
+    def _set_available(self) -> None:
+        if self._available:
+            return
+        outage = time.monotonic() - (self._failing_since or time.monotonic())
+        self._available = True
+        self._failing_since = None
+        log.warning("audit sink recovered after %.1f s", outage)
+        self._cp_request.add("recovered", outage_seconds=round(outage, 3))
+        self._wake.set()
+
+    def _fail(self, fut: asyncio.Future[None], message: str) -> None:
+        if not fut.done():
+            fut.set_exception(AuditUnavailable(message))
+            if self._metrics is not None:
+                self._metrics.failures.inc()
+
+    def _fail_all(self, exc: AuditUnavailable) -> None:
+        for c in self._pending:
+            if c.future is not None:
+                self._fail(c.future, str(exc))
+        for item in self._queue:
+            if item.future is not None:
+                self._fail(item.future, str(exc))
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue.set(len(self._queue) + len(self._pending))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+__all__ = ["AuditMetrics", "AuditSettings", "AuditTrail", "AuditUnavailable", "CHECKPOINT",
+           "GENESIS", "canonical", "checkpoint_message", "normalize", "parse_ts", "record_hash",
+           "seal"]

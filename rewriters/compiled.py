@@ -1,0 +1,374 @@
+"""Everything the rewriter derives from one OperatorView, computed once and cached by identity.
+
+An :class:`~rewriters.model.OperatorView` is resolved once per connection; the analyzer sees the
+same object for every statement of that connection. From it this module precomputes:
+
+* the fast-path regex — protected table names, catalog dependents and risky tokens — so that a
+  statement that cannot touch customer data is forwarded after one ``re.search``;
+* per protected table: the projection of the derived table that replaces it (masked columns
+  wrapped, catalog order), the row filter, the columns the filter reads and — when the filter is
+  a plain conjunction of ``col = literal`` — those equalities, used to prove that an INSERT or
+  UPDATE keeps rows inside the filter;
+* the cache identity of the view (everything a decision depends on).
+
+Data flow: ``compile_view(view) -> CompiledView`` (memoised in :class:`ViewCompiler`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.dialects.postgres import Postgres
+
+from rewriters.lexer import fold
+from rewriters.model import ColumnView, OperatorView, TableView
+
+POSTGRES = Postgres()
+
+# Substrings that make a statement worth a full analysis even when it names no protected table.
+# Each is a way to reach table data without writing the table's name in the statement:
+#   u&            U&"..." identifiers spell any name with escapes (\0063ustomers)
+#   xml           query_to_xml / table_to_xml / cursor_to_xml / schema_to_xml / database_to_xml
+#                 run SQL or read relations given as strings or OIDs
+#   ts_stat       runs a query given as text
+#   dblink        runs SQL over a (loopback) connection
+#   crosstab, connectby   tablefunc: SQL text / relation names as strings
+#   regclass      turns strings or OIDs into relations (::regclass, to_regclass)
+#   pg_stat, mcv  pg_stats / pg_statistic / pg_stats_ext* / pg_mcv_list_items hold column values
+#   pg_read, lo_import, lo_export   server files, i.e. the table's data files
+#   raw_page, page_items           pageinspect reads raw heap pages
+#   set_config, authorization      role switching (set_config('role', ..), SET SESSION AUTHORIZATION)
+_RISKY_SUBSTRINGS = (
+    "u&", "xml", "ts_stat", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
+    "pg_read", "lo_import", "lo_export", "raw_page", "page_items", "set_config", "authorization",
+)
+# Whole words (identifier boundaries): SET ROLE / RESET ROLE / ALTER ROLE ... SET role.
+_RISKY_WORDS = ("role",)
+
+# Identifier boundaries as PostgreSQL draws them: a name is not part of a longer identifier.
+# Before: letters, underscore and non-ASCII continue an identifier (digits and $ may end a
+# number or parameter, so they do not count: ``1customers`` still matches - conservative).
+_BEFORE = r"(?<![A-Za-z_\x80-\U0010ffff])"
+_AFTER = r"(?![A-Za-z0-9_$\x80-\U0010ffff])"
+
+# Column types whose built-in comparison operators are LEAKPROOF in PostgreSQL 15 (checked with
+# pg_proc.proleakproof): comparisons on them may run below the row-filter fence.
+_LEAKPROOF_TYPES = ("integer", "bigint", "smallint", "text", "character varying", "varchar",
+                    "date", "timestamp with time zone", "timestamp without time zone", "uuid")
+_INTEGER_TYPES = ("integer", "bigint", "smallint")
+
+
+def quote_ident(name: str) -> str:
+    """``phone`` -> ``"phone"`` (always quoted: exact, and immune to keywords)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class FilterLiteral:
+    """The literal side of a ``col = literal`` row-filter conjunct."""
+
+    value: str
+    is_string: bool
+
+
+@dataclass
+class CompiledTable:
+    """One protected table as this operator sees it, ready for substitution."""
+
+    name: str  # schema.table
+    schema: str
+    bare: str
+    view: TableView
+    masked: bool
+    columns: tuple[str, ...]
+    colview: dict[str, ColumnView]
+    masked_cols: frozenset[str]
+    lookup_cols: frozenset[str]
+    leakproof_cols: frozenset[str]
+    integer_cols: frozenset[str]
+    projection: str
+    row_filter: str | None
+    filter_cols: frozenset[str] = frozenset()
+    filter_eq: dict[str, FilterLiteral] | None = None
+    filter_false: bool = False
+    _filter_tree: exp.Expression | None = field(default=None, repr=False)
+
+    def derived(self, name_text: str, extra: list[str]) -> str:
+        """The derived table replacing a reference: ``(SELECT ... FROM <name> WHERE ...)``.
+
+        With a row filter the subquery ends in ``OFFSET 0``: PostgreSQL neither flattens it nor
+        pushes outer predicates into it, so a user predicate that can fail (``1/(id-13)``) only
+        ever sees rows inside the filter. ``extra`` are conditions moved in from the outer
+        WHERE (exact lookups, leakproof comparisons) so that indexes still apply.
+        """
+        conds = []
+        if self.row_filter is not None:
+            conds.append(f"({self.row_filter})")
+        conds.extend(extra)
+        where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        fence = " OFFSET 0" if self.row_filter is not None else ""
+        return f"(SELECT {self.projection} FROM {name_text}{where}{fence})"
+
+    def qualified_filter(self, ref: str) -> str | None:
+        """The row filter with its outer-level column references qualified by ``ref``.
+
+        ``branch_id = 'SZ01'`` -> ``"c".branch_id = 'SZ01'`` for ``UPDATE customers c ...
+        FROM accounts a`` (where a bare ``branch_id`` would be ambiguous). Columns inside the
+        filter's own subqueries are left alone. None when the filter could not be parsed.
+        """
+        if self.row_filter is None:
+            return None
+        tree = self._filter_tree
+        if tree is None:
+            return None
+        inserts: list[int] = []
+        stack: list[exp.Expression] = [tree]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, (exp.Select, exp.Subquery, exp.SetOperation)):
+                continue
+            if isinstance(node, exp.Column) and not node.table:
+                ident = node.this
+                if isinstance(ident, exp.Identifier) and "start" in ident.meta:
+                    name = ident.this if ident.quoted else fold(ident.this)
+                    if name in self.colview:
+                        inserts.append(ident.meta["start"])
+                continue
+            stack.extend(node.iter_expressions())
+        text = self.row_filter
+        prefix = quote_ident(ref) + "."
+        for pos in sorted(inserts, reverse=True):
+            text = text[:pos] + prefix + text[pos:]
+        return text
+
+
+@dataclass
+class CompiledView:
+    """All per-operator data the analyzer needs (see module docstring)."""
+
+    view: OperatorView
+    tables: dict[str, CompiledTable]  # schema.table -> table (masked or not)
+    by_bare: dict[str, list[CompiledTable]]
+    dependents: dict[str, tuple[str, ...]]  # schema.name -> protected tables it reads
+    dependents_by_bare: dict[str, list[str]]
+    fast_re: re.Pattern[str]
+    names_re: re.Pattern[str] | None  # protected tables + dependents, bare names
+    risky_re: re.Pattern[str]
+    key: tuple[object, ...]
+
+    def resolve(self, schema: str | None, name: str) -> CompiledTable | None:
+        """The protected table a (folded) reference denotes, if any.
+
+        Unqualified names are protected when any protected table has that bare name (the
+        session's search_path decides which one PostgreSQL opens; ``public`` wins ties here).
+        """
+        if schema:
+            return self.tables.get(f"{schema}.{name}")
+        cands = self.by_bare.get(name)
+        if not cands:
+            return None
+        for c in cands:
+            if c.schema == "public":
+                return c
+        return cands[0]
+
+    def resolve_dependent(self, schema: str | None, name: str) -> str | None:
+        """The qualified name of the catalog dependent a reference may denote."""
+        if schema:
+            qn = f"{schema}.{name}"
+            return qn if qn in self.dependents else None
+        cands = self.dependents_by_bare.get(name)
+        if not cands:
+            return None
+        return sorted(cands)[0]
+
+    def mentioned_tables(self, lowered: str) -> list[CompiledTable]:
+        """Protected tables whose bare name appears (as an identifier) in lower-cased text."""
+        if self.names_re is None:
+            return []
+        found: list[CompiledTable] = []
+        seen: set[str] = set()
+        for m in self.names_re.finditer(lowered):
+            for t in self.by_bare.get(m.group(), ()):
+                if t.name not in seen:
+                    seen.add(t.name)
+                    found.append(t)
+        return found
+
+    def mentioned_dependents(self, lowered: str) -> list[str]:
+        if self.names_re is None:
+            return []
+        found: list[str] = []
+        for m in self.names_re.finditer(lowered):
+            for d in self.dependents_by_bare.get(m.group(), ()):
+                if d not in found:
+                    found.append(d)
+        return found
+
+
+def _parse_filter(text: str) -> exp.Expression | None:
+    try:
+        return sqlglot.parse_one(text, read=POSTGRES)
+    except Exception:  # noqa: BLE001 - a filter we cannot read only disables the proofs
+        return None
+
+
+def _filter_facts(
+    tree: exp.Expression | None, columns: dict[str, ColumnView]
+) -> tuple[frozenset[str], dict[str, FilterLiteral] | None, bool]:
+    """(outer-level columns read, exact ``col = literal`` conjunction or None, is FALSE)."""
+    if tree is None:
+        return frozenset(columns), None, False
+    if isinstance(tree, exp.Boolean) and not tree.this:
+        return frozenset(), None, True
+    cols: set[str] = set()
+    stack: list[exp.Expression] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, exp.Column) and isinstance(node.this, exp.Identifier):
+            ident = node.this
+            cols.add(ident.this if ident.quoted else fold(ident.this))
+        stack.extend(node.iter_expressions())
+    # Columns of the filter's own subqueries are collected too: conservative (more columns
+    # count as "filter columns", so more UPDATEs are refused, never fewer).
+    eq: dict[str, FilterLiteral] | None = {}
+    node = tree
+    conjuncts: list[exp.Expression] = []
+    pending = [node]
+    while pending:
+        n = pending.pop()
+        while isinstance(n, exp.Paren):
+            n = n.this
+        if isinstance(n, exp.And):
+            pending.extend([n.this, n.expression])
+        else:
+            conjuncts.append(n)
+    for c in conjuncts:
+        if (
+            isinstance(c, exp.EQ)
+            and isinstance(c.this, exp.Column)
+            and not c.this.table
+            and isinstance(c.expression, exp.Literal)
+        ):
+            ident = c.this.this
+            name = ident.this if ident.quoted else fold(ident.this)
+            lit = c.expression
+            assert eq is not None
+            eq[name] = FilterLiteral(str(lit.this), bool(lit.is_string))
+        else:
+            eq = None
+            break
+    return frozenset(cols), eq, False
+
+
+def compile_table(view: OperatorView, tv: TableView) -> CompiledTable:
+    schema, _, bare = tv.name.partition(".")
+    colview = {c.name: c for c in tv.columns}
+    parts = []
+    for c in tv.columns:
+        if c.expr is None:
+            parts.append(quote_ident(c.name))
+        else:
+            parts.append(f"{c.expr} AS {quote_ident(c.name)}")
+    leakproof = frozenset(
+        c.name for c in tv.columns
+        if c.expr is None and c.type_sql.lower().startswith(_LEAKPROOF_TYPES)
+    )
+    integer = frozenset(c.name for c in tv.columns if c.type_sql.lower() in _INTEGER_TYPES)
+    tree = _parse_filter(tv.row_filter) if tv.row_filter is not None else None
+    fcols, feq, ffalse = _filter_facts(tree, colview) if tv.row_filter is not None else (
+        frozenset(), None, False)
+    return CompiledTable(
+        name=tv.name,
+        schema=schema,
+        bare=bare,
+        view=tv,
+        masked=tv.masked,
+        columns=tuple(c.name for c in tv.columns),
+        colview=colview,
+        masked_cols=frozenset(c.name for c in tv.columns if c.expr is not None),
+        lookup_cols=frozenset(c.name for c in tv.columns if c.lookup),
+        leakproof_cols=leakproof,
+        integer_cols=integer,
+        projection=", ".join(parts),
+        row_filter=tv.row_filter,
+        filter_cols=fcols,
+        filter_eq=feq,
+        filter_false=ffalse,
+        _filter_tree=tree,
+    )
+
+
+def _alternation(words: list[str]) -> str:
+    return "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+def view_key(view: OperatorView) -> tuple[object, ...]:
+    """Everything a decision depends on (the login is not: two tellers of one branch share)."""
+    return (
+        view.policy_version,
+        view.role,
+        tuple(sorted(view.attributes.items())),
+        view.unrestricted,
+        repr(sorted(view.tables.items())),
+        repr(view.limits),
+        tuple(sorted(view.allowed_dependents)),
+        repr(sorted(view.dependents.items())),
+    )
+
+
+def compile_view(view: OperatorView) -> CompiledView:
+    tables = {name: compile_table(view, tv) for name, tv in view.tables.items()}
+    by_bare: dict[str, list[CompiledTable]] = {}
+    for t in tables.values():
+        by_bare.setdefault(t.bare, []).append(t)
+    dependents = dict(view.dependents)
+    dep_bare: dict[str, list[str]] = {}
+    for qn in dependents:
+        dep_bare.setdefault(qn.rpartition(".")[2], []).append(qn)
+    names = list(by_bare) + list(dep_bare)
+    names_re = re.compile(f"{_BEFORE}(?:{_alternation(names)}){_AFTER}") if names else None
+    alternatives = [f"{_BEFORE}(?:{_alternation(names + list(_RISKY_WORDS))}){_AFTER}"]
+    alternatives.append(_alternation(list(_RISKY_SUBSTRINGS)))
+    fast_re = re.compile("|".join(alternatives))
+    risky_re = re.compile(
+        f"{_BEFORE}(?:{_alternation(list(_RISKY_WORDS))}){_AFTER}|"
+        + _alternation(list(_RISKY_SUBSTRINGS))
+    )
+    return CompiledView(
+        view=view,
+        tables=tables,
+        by_bare=by_bare,
+        dependents=dependents,
+        dependents_by_bare=dep_bare,
+        fast_re=fast_re,
+        names_re=names_re,
+        risky_re=risky_re,
+        key=view_key(view),
+    )
+
+
+class ViewCompiler:
+    """Memoises :func:`compile_view` by the identity of the OperatorView object.
+
+    OperatorView holds dicts, so it is not hashable; the proxy keeps one object per connection,
+    so identity is the right key. The entry keeps a reference to the view, so an ``id`` is never
+    reused for a different live object while cached.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._by_id: dict[int, CompiledView] = {}
+
+    def get(self, view: OperatorView) -> CompiledView:
+        cv = self._by_id.get(id(view))
+        if cv is not None and cv.view is view:
+            return cv
+        cv = compile_view(view)
+        if len(self._by_id) >= self._size:
+            self._by_id.pop(next(iter(self._by_id)))
+        self._by_id[id(view)] = cv
+        return cv

@@ -1,0 +1,175 @@
+"""The session state machine with bytes in and bytes out: no sockets, no PostgreSQL.
+
+Decisions come from a small table-driven analyse function, so each test states exactly which
+decision the rewriter made and checks what the session does with it on the wire.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from proxy.session import Session, TxStatus, parse_error_fields
+from rewriters.model import (
+    Action,
+    Analysis,
+    LexSettings,
+    Limits,
+    OperatorView,
+    StatementDecision,
+)
+
+VIEW = OperatorView(login="teller_sz01", role="teller", attributes={"branch": "SZ01"},
+                    tables={}, limits=Limits(max_rows=3), unrestricted=False,
+                    policy_version="t1")
+
+
+def frame(t: bytes, payload: bytes) -> bytes:
+    return t + struct.pack("!I", len(payload) + 4) + payload
+
+
+def q(sql: str) -> bytes:
+    return frame(b"Q", sql.encode() + b"\x00")
+
+
+def data_row(*vals: bytes) -> bytes:
+    body = struct.pack("!H", len(vals)) + b"".join(struct.pack("!i", len(v)) + v for v in vals)
+    return frame(b"D", body)
+
+
+def complete(tag: str) -> bytes:
+    return frame(b"C", tag.encode() + b"\x00")
+
+
+def rfq(status: bytes = b"I") -> bytes:
+    return frame(b"Z", status)
+
+
+ROW_DESC = frame(b"T", struct.pack("!H", 1) + b"id\x00" + struct.pack("!IhIhih", 0, 0, 23, 4, -1, 0))
+
+
+def make_session(decisions: dict[str, StatementDecision]) -> tuple[Session, list[dict]]:
+    audits: list[dict] = []
+
+    def analyze(sql: str, view: OperatorView, lex: LexSettings, **kw: object) -> Analysis:
+        st = decisions.get(sql) or StatementDecision(action=Action.FORWARD, sql=sql,
+                                                      kind="select")
+        return Analysis(sql=st.sql if st.action is Action.REWRITE else sql, statements=(st,))
+
+    s = Session(view=VIEW, analyze=analyze, lex=LexSettings(),
+                identity={"session": "s1", "operator": "teller_sz01", "role": "teller"})
+    return s, audits
+
+
+def test_unprotected_query_forwarded_byte_for_byte() -> None:
+    s, _ = make_session({})
+    raw = q("select 1")
+    out = s.from_client(raw)
+    assert b"".join(out.to_server) == raw
+    back = ROW_DESC + data_row(b"1") + complete("SELECT 1") + rfq()
+    res = s.from_server(back)
+    assert b"".join(res.to_client) == back
+    assert not res.audit and not res.cancel
+
+
+def test_partial_frames_are_buffered() -> None:
+    s, _ = make_session({})
+    raw = q("select 1") + q("select 2")
+    sent = b""
+    for i in range(len(raw)):
+        sent += b"".join(s.from_client(raw[i:i + 1]).to_server)
+    assert sent == raw
+
+
+def test_rewrite_sends_rewritten_sql_and_audits_rows() -> None:
+    d = StatementDecision(action=Action.REWRITE, sql="SELECT masked", kind="select",
+                          tables=("public.customers",), row_limit=3)
+    s, _ = make_session({"select phone from customers": d})
+    out = s.from_client(q("select phone from customers"))
+    assert b"".join(out.to_server) == q("SELECT masked")
+    res = s.from_server(ROW_DESC + data_row(b"a") + data_row(b"b") + complete("SELECT 2")
+                        + rfq())
+    assert res.audit and res.audit[0].fields["rows"] == 2
+    assert res.audit[0].fields["decision"] == "rewritten"
+    assert res.audit[0].fields["tables"] == ["public.customers"]
+
+
+def test_denied_statement_becomes_server_side_raise() -> None:
+    d = StatementDecision(action=Action.DENY, sql="copy customers to stdout", kind="copy",
+                          tables=("public.customers",), message="COPY of customers denied")
+    s, _ = make_session({"copy customers to stdout": d})
+    out = s.from_client(q("copy customers to stdout"))
+    sent = b"".join(out.to_server)
+    assert b"RAISE EXCEPTION" in sent and b"42501" in sent and b"copy customers" not in sent
+    assert out.audit[0].fields["decision"] == "blocked"
+    # the server's error (with PL/pgSQL context) reaches the client without the context field
+    err = frame(b"E", b"SERROR\x00VERROR\x00C42501\x00MCOPY of customers denied\x00"
+                b"WPL/pgSQL function inline_code_block line 1 at RAISE\x00\x00")
+    res = s.from_server(err + rfq(b"E"))
+    fields = parse_error_fields(res.to_client[0][5:])
+    assert fields["C"] == "42501" and "W" not in fields
+    assert s.tx is TxStatus.FAILED
+    assert not res.audit  # the blocked record was written once, at decision time
+
+
+def test_row_cap_stops_rows_cancels_and_replaces_completion() -> None:
+    d = StatementDecision(action=Action.REWRITE, sql="SELECT masked", kind="select",
+                          tables=("public.customers",), row_limit=3)
+    s, _ = make_session({"select * from customers": d})
+    s.from_client(q("select * from customers"))
+    rows = b"".join(data_row(str(i).encode()) for i in range(10))
+    res = s.from_server(ROW_DESC + rows)
+    forwarded = b"".join(res.to_client)
+    assert forwarded.count(b"D\x00") == 3
+    assert res.cancel
+    res2 = s.from_server(complete("SELECT 10") + rfq())
+    err = parse_error_fields(res2.to_client[0][5:])
+    assert err["C"] == "42501" and "row limit of 3 exceeded for role teller" in err["M"]
+    assert res2.to_client[-1] == rfq()
+    assert res2.audit[0].fields["rows"] == 3 and res2.audit[0].fields["decision"] == "failed"
+
+
+def test_cursor_rows_count_cumulatively() -> None:
+    declare = StatementDecision(action=Action.REWRITE, sql="DECLARE c CURSOR FOR masked",
+                                kind="declare", tables=("public.customers",), cursor="c",
+                                row_limit=3)
+    fetch = StatementDecision(action=Action.FORWARD, sql="fetch 2 from c", kind="fetch",
+                              tables=("public.customers",), cursor="c", row_limit=3)
+    s, _ = make_session({"declare c cursor for select id from customers": declare,
+                         "fetch 2 from c": fetch})
+    s.from_client(q("declare c cursor for select id from customers"))
+    s.from_server(complete("DECLARE CURSOR") + rfq(b"T"))
+    s.from_client(q("fetch 2 from c"))
+    r1 = s.from_server(ROW_DESC + data_row(b"1") + data_row(b"2") + complete("FETCH 2") +
+                       rfq(b"T"))
+    assert b"".join(r1.to_client).count(b"D\x00") == 2 and not r1.cancel
+    s.from_client(q("fetch 2 from c"))
+    r2 = s.from_server(ROW_DESC + data_row(b"3") + data_row(b"4"))
+    assert b"".join(r2.to_client).count(b"D\x00") == 1 and r2.cancel
+
+
+def test_extended_parse_denial_injects_raise_and_skips() -> None:
+    d = StatementDecision(action=Action.DENY, sql="select * from pg_stats", kind="select",
+                          tables=("public.customers",), message="statistics denied")
+    s, _ = make_session({"select * from pg_stats": d})
+    parse = frame(b"P", b"s1\x00select * from pg_stats\x00\x00\x00")
+    bind = frame(b"B", b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
+    execute = frame(b"E", b"\x00\x00\x00\x00\x00")
+    sync = frame(b"S", b"")
+    out = s.from_client(parse + bind + execute + sync)
+    sent = b"".join(out.to_server)
+    assert b"pg_stats" not in sent and b"RAISE EXCEPTION" in sent
+    assert sent.endswith(bind + execute + sync)
+    err = frame(b"E", b"SERROR\x00VERROR\x00C42501\x00Mstatistics denied\x00\x00")
+    res = s.from_server(err + rfq())
+    assert parse_error_fields(res.to_client[0][5:])["M"] == "statistics denied"
+    assert res.to_client[-1] == rfq()
+
+
+def test_parameter_status_tracks_lexing_settings() -> None:
+    s, _ = make_session({})
+    s.from_client(q("set standard_conforming_strings = off"))
+    ps = frame(b"S", b"standard_conforming_strings\x00off\x00")
+    s.from_server(ps + complete("SET") + rfq())
+    assert s.lex.standard_conforming_strings is False
+    s.from_server(frame(b"S", b"client_encoding\x00GBK\x00"))
+    assert s.lex.client_encoding == "GBK" and s.codec == "gbk"
