@@ -23,7 +23,8 @@ Data flow::
   with ``,"hash":"…"`` appended as the last member (:func:`seal`), so a line is its own
   canonical form and the hash covers the bytes before it.
 * Checkpoints are chain records of ``kind: "checkpoint"`` with ``head`` (= ``prev``, the hash
-  they vouch for), ``count`` (statement records since the previous checkpoint), ``every`` and
+  they vouch for), ``count`` (statement records since the previous checkpoint; null on a
+  ``resume``, where the new process cannot know it), ``every`` and
   ``seconds`` (the cadence), ``reason``, ``key`` (the signing key's fingerprint) and ``sig``:
   base64 Ed25519 over ``b"pgveil-audit-checkpoint-v1\\n"`` + canonical JSON of the checkpoint
   without ``sig`` and ``hash``. (We sign the whole checkpoint body, not only
@@ -35,10 +36,10 @@ Data flow::
   records have been chained since the last one, or if ``checkpoint_seconds`` have passed since
   it (wall clock, the same clock as ``ts``); when records wait unsigned for
   ``checkpoint_seconds`` a timer emits one; a rotation, a recovered outage and a torn line each
-  add one; ``close()`` writes a final one (``"final": true``). Hence in an untouched log every
-  record has fewer than ``every`` records and less than ``seconds`` of ``ts`` between it and the
-  checkpoint before it. A tail that breaks this shows that a checkpoint was cut away and the
-  tail re-hashed, which ``audit verify`` reports as a truncated tail.
+  add one; ``close()`` writes a final one (``"final": true``). Hence in an untouched log at
+  most ``every`` records follow any checkpoint before the next one, and each is stamped less
+  than ``seconds`` after it. A tail that breaks this shows that a checkpoint was cut away and
+  the tail re-hashed, which ``audit verify`` reports as a truncated tail.
 * Restart: ``start()`` finds the last complete record of this chain id in the current file (or
   the newest rotated one, or the PostgreSQL table) and continues from it with a ``resume``
   checkpoint, so the chain links across the restart. If the file ends in a torn line (power
@@ -55,6 +56,12 @@ Data flow::
   ran during the outage (``on_failure: allow``) still gets its record late; records beyond the
   backlog are dropped, counted in ``pgveil_audit_failures_total`` and declared as ``lost`` in
   the next checkpoint. A sink that comes back makes ``available`` True again by itself.
+* Several sinks: a record is durable only when *every* configured sink has it, so with a file
+  and a PostgreSQL table an audit-database outage makes the trail unavailable too (fail
+  closed); each sink catches up from where it stopped.
+* The caller redacts: ``statement`` arrives already redacted (``redact_literals``) and the
+  trail never logs record contents, only sink errors (with the DSN password scrubbed).
+  Chain ids must be unique among live writers (the caller uses host + pid + worker).
 """
 
 from __future__ import annotations
@@ -156,9 +163,17 @@ class _Gauge(Protocol):
 class AuditMetrics(Protocol):
     """The three audit metrics (prometheus_client Counter/Counter/Gauge fit)."""
 
-    records: _Inc  # pgveil_audit_records_total: statement records durably written
-    failures: _Inc  # pgveil_audit_failures_total: records not durable in time (or dropped)
-    queue: _Gauge  # pgveil_audit_queue: records queued or being written
+    @property
+    def records(self) -> _Inc:
+        """pgveil_audit_records_total: statement records durably written (not checkpoints)."""
+
+    @property
+    def failures(self) -> _Inc:
+        """pgveil_audit_failures_total: records not durable in time, or dropped."""
+
+    @property
+    def queue(self) -> _Gauge:
+        """pgveil_audit_queue: records queued or being written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +389,13 @@ class AuditTrail:
             if self._pg is not None:
                 await self._pg.close()
             if self._file is not None:
-                self._file.close()
+                if self._executor is not None:
+                    # behind any write still running in the I/O thread: never close its fd
+                    # under it (the number could be reused by another file meanwhile)
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._io(self._file.close), 5.0)
+                else:
+                    self._file.close()
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
 
@@ -416,9 +437,13 @@ class AuditTrail:
             raise ValueError(f"audit fields may not set {sorted(bad)}")
         if fields.get("kind") == CHECKPOINT:
             raise ValueError("audit kind 'checkpoint' is reserved")
-        body = {k: None for k in RECORD_FIELDS}
-        for k, v in fields.items():
-            body[str(k)] = normalize(v)
+        body: dict[str, Any] = dict.fromkeys(RECORD_FIELDS)
+        for k, v in fields.items():  # inline fast path: this runs once per statement
+            t = type(v)
+            if (t is str and v.isascii()) or v is None or t is int or t is bool:
+                body[k if type(k) is str else str(k)] = v
+            else:
+                body[k if type(k) is str else str(k)] = normalize(v)
         return body
 
     def _append(self, body: dict[str, Any], ts: datetime, future: asyncio.Future[None] | None,
@@ -433,8 +458,10 @@ class AuditTrail:
         self._head = rec["hash"]
 
     def _checkpoint(self, now: datetime, reason: str, **extra: Any) -> None:
+        # after a restart the records since the last checkpoint are not known: count null
+        count = None if reason.startswith("resume") else self._since_cp
         body: dict[str, Any] = {"kind": CHECKPOINT, "reason": reason, "head": self._head,
-                                "count": self._since_cp, "every": self.settings.checkpoint_every,
+                                "count": count, "every": self.settings.checkpoint_every,
                                 "seconds": float(self.settings.checkpoint_seconds),
                                 "key": self._key_id, "sig": None}
         body.update(normalize(extra))
@@ -488,9 +515,10 @@ class AuditTrail:
             torn: TornTail | None = None
             if self._file is not None:
                 await self._io(self._file.open)
-                line = await self._io(self._file.find_last, self.chain_id)
-                last = self._resumable(line.decode("utf-8", "replace") if line else None)
                 torn = await self._io(self._file.repair_tail)
+                line = await self._io(self._file.find_last, self.chain_id,
+                                      lambda raw: self._resumable(raw) is not None)
+                last = self._resumable(line) if line else None
             if self._pg is not None:
                 await self._pg.open()
                 other = self._resumable(await self._pg.find_last(self.chain_id))
@@ -511,21 +539,18 @@ class AuditTrail:
         self._initialized = True
         return True
 
-    def _resumable(self, text: str | None) -> dict[str, Any] | None:
-        """The record to continue from, if it is intact and ours; else start a new chain."""
+    def _resumable(self, text: str | bytes | None) -> dict[str, Any] | None:
+        """The record to continue from, if it is intact and ours (else keep looking back)."""
         if not text:
             return None
         try:
             rec = json.loads(text)
-            ok = (isinstance(rec, dict) and rec.get("chain") == self.chain_id
-                  and isinstance(rec.get("seq"), int) and rec.get("hash") == record_hash(rec))
-        except (ValueError, TypeError):
-            ok = False
-        if not ok:
-            log.warning("audit chain %s: its last record on disk is damaged; starting a new "
-                        "chain segment (audit verify will report the damage)", self.chain_id)
+        except ValueError:
             return None
-        return rec  # type: ignore[no-any-return]
+        if (isinstance(rec, dict) and rec.get("chain") == self.chain_id
+                and isinstance(rec.get("seq"), int) and rec.get("hash") == record_hash(rec)):
+            return rec
+        return None
 
     def _ack_torn(self, torn: TornTail) -> None:
         acks = list(self._cp_request.extra.get("torn", []))
@@ -644,6 +669,9 @@ class AuditTrail:
 
     # -- availability -------------------------------------------------------------------------
     def _set_failing(self, sink: str, error: str) -> None:
+        secret = _dsn_password(self.settings.postgres_dsn)
+        if secret:  # never log the audit database's password, whatever a driver echoes
+            error = error.replace(secret, "***")
         self._last_error = f"{sink}: {error}"
         if self._available:
             self._available = False
@@ -688,6 +716,18 @@ class AuditTrail:
     def _gauge(self) -> None:
         if self._metrics is not None:
             self._metrics.queue.set(len(self._queue) + len(self._pending))
+
+
+def _dsn_password(dsn: str | None) -> str | None:
+    if not dsn:
+        return None
+    try:
+        from urllib.parse import unquote, urlsplit
+
+        password = urlsplit(dsn).password
+    except ValueError:
+        return None
+    return unquote(password) if password else None
 
 
 def _describe(exc: BaseException) -> str:

@@ -41,15 +41,19 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import mmap
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _ROTATED_TS = r"\d{8}T\d{6}\.\d{6}Z"
 _TS_FORMAT = "%Y%m%dT%H%M%S.%fZ"
@@ -163,6 +167,7 @@ class FileSink:
         self.keep_files = keep_files
         self._fd: int | None = None
         self._dirty: _Dirty | None = None
+        self._rotate_retry_at = 0.0
 
     # -- opening and locking ------------------------------------------------------------------
     def open(self) -> None:
@@ -208,16 +213,19 @@ class FileSink:
         raise AuditSinkError(f"{self.path} keeps being replaced; cannot lock it")
 
     # -- resuming -----------------------------------------------------------------------------
-    def find_last(self, chain_id: str) -> bytes | None:
-        """The last complete line of ``chain_id`` in the current file or the newest rotated one.
+    def find_last(self, chain_id: str,
+                  accept: Callable[[bytes], bool] = lambda _line: True) -> bytes | None:
+        """The last complete line of ``chain_id`` that ``accept`` approves, searching the
+        current file, then the newest rotated one.
 
         Canonical lines have sorted keys, so ``"chain":"<id>",`` occurs in a line exactly when
-        that is its chain (inside a JSON string the quotes would be escaped).
+        that is its chain (inside a JSON string the quotes would be escaped). Call
+        :meth:`repair_tail` first so that a record that only lacks its newline counts.
         """
         needle = b'"chain":' + json.dumps(chain_id, ensure_ascii=False).encode() + b","
         candidates = [self.path, *reversed(rotated_siblings(self.path)[-1:])]
         for path in candidates:
-            line = _rfind_line(path, needle)
+            line = _rfind_line(path, needle, accept)
             if line is not None:
                 return line
         return None
@@ -238,7 +246,7 @@ class FileSink:
     # -- writing ------------------------------------------------------------------------------
     def needs_rotation(self) -> bool:
         """Whether the next write will rotate (a hint for the trail's "rotate" checkpoint)."""
-        if self._fd is None:
+        if self._fd is None or time.monotonic() < self._rotate_retry_at:
             return False
         try:
             return os.fstat(self._fd).st_size >= self.rotate_bytes
@@ -260,11 +268,17 @@ class FileSink:
                 _write_all(fd, b"\n")
                 size += 1
             rotated_to: str | None = None
-            if size >= self.rotate_bytes:
-                rotated_to = self._rotate_locked(fd)
-                fd = self._lock_current()
-                st = os.fstat(fd)
-                size = self._undo_dirty(fd, st, st.st_size)
+            if size >= self.rotate_bytes and time.monotonic() >= self._rotate_retry_at:
+                try:
+                    rotated_to = self._rotate_locked(fd)
+                except OSError as exc:
+                    # rotation is housekeeping, not integrity: keep appending, retry later
+                    self._rotate_retry_at = time.monotonic() + 60
+                    log.error("cannot rotate audit file %s: %s", self.path, exc)
+                else:
+                    fd = self._lock_current()
+                    st = os.fstat(fd)
+                    size = self._undo_dirty(fd, st, st.st_size)
             buf = data
             try:
                 _write_all(fd, buf)
@@ -327,6 +341,8 @@ class FileSink:
                     old.unlink()
                 except FileNotFoundError:
                     pass
+                except OSError as exc:
+                    log.error("cannot remove old audit file %s: %s", old, exc)
         return target.name
 
 
@@ -355,8 +371,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
-def _rfind_line(path: Path, needle: bytes) -> bytes | None:
-    """The last newline-terminated line of a regular file that contains ``needle``."""
+def _rfind_line(path: Path, needle: bytes, accept: Callable[[bytes], bool]) -> bytes | None:
+    """The last newline-terminated line of a regular file containing ``needle`` and accepted."""
     try:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
@@ -371,8 +387,10 @@ def _rfind_line(path: Path, needle: bytes) -> bytes | None:
                     start = mm.rfind(b"\n", 0, pos) + 1
                     stop = mm.find(b"\n", pos)
                     if stop >= 0:
-                        return bytes(mm[start:stop])
-                    end = start  # a match inside a torn last line: look further back
+                        line = bytes(mm[start:stop])
+                        if accept(line):
+                            return line
+                    end = start  # torn or damaged: look further back
     except FileNotFoundError:
         return None
 

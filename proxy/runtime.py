@@ -355,7 +355,9 @@ class Runtime:
                 redact_literals=a.redact_literals, all=a.all,
                 checkpoint_every=a.checkpoint_every, checkpoint_seconds=a.checkpoint_seconds,
                 rotate_bytes=a.rotate_bytes, keep_files=a.keep_files)
-            chain = f"{socket.gethostname()}-{os.getpid()}-w{self.worker}"
+            # stable across restarts (so a cut tail before a restart is detectable), unique among
+            # the instances running on this host (one listen port each)
+            chain = f"{socket.gethostname()}-{cfg.listen.port}-w{self.worker}"
             self.audit = AuditTrail(settings, chain_id=chain, metrics=_AuditMetrics(self.metrics))
             await self.audit.start()
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen.host else socket.AF_INET,

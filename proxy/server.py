@@ -175,6 +175,7 @@ class ClientConnection(asyncio.Protocol):
         self._audit_waits: list[asyncio.Future[None]] = []
         self._last_activity = time.monotonic()
         self._counted = False
+        self.over_capacity = False
 
     def channel_binding(self) -> bytes | None:
         """tls-server-end-point data of pgveil's own certificate, when the client is on TLS."""
@@ -196,12 +197,9 @@ class ClientConnection(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         else:
             self.peer_ip, self.peer = None, "local"
-        if self.rt.connection_count >= self.rt.config.listen.max_connections:
-            transport.write(fatal("53300", "sorry, too many clients already (pgveil "
-                                  "listen.max_connections)"))
-            transport.close()
-            self.closed = True
-            return
+        # over capacity: still answer SSLRequest, so the client can read our error (libpq
+        # reports an error sent during the SSL exchange obscurely)
+        self.over_capacity = self.rt.connection_count >= self.rt.config.listen.max_connections
         self.rt.connection_opened(self)
         self._counted = True
         self.task = asyncio.get_running_loop().create_task(self._startup())
@@ -406,6 +404,11 @@ class ClientConnection(asyncio.Protocol):
         if tls_mode == "require" and not self.tls:
             self.send_client(fatal("28000", "pgveil requires TLS (tls.mode: require)",
                                     hint="connect with sslmode=require"))
+            self.close()
+            return
+        if self.over_capacity:
+            self.send_client(fatal("53300", "sorry, too many clients already (pgveil "
+                                   "listen.max_connections)"))
             self.close()
             return
         params = parse_startup_params(packet)

@@ -25,7 +25,7 @@ from pglast import parser as pg_parser
 from rewriters.lexer import Tok, Token
 
 # Leading keyword -> kind (StatementDecision.kind).
-_KEYWORD_KIND: dict[str, str] = {
+KEYWORD_KIND: dict[str, str] = {
     "select": "select",
     "values": "select",
     "table": "select",
@@ -97,7 +97,7 @@ def leading_kind(sig: list[Token]) -> str:
     if i >= len(sig):
         return "other"
     kw = sig[i].keyword
-    kind = _KEYWORD_KIND.get(kw, "other")
+    kind = KEYWORD_KIND.get(kw, "other")
     if kw == "with":
         return with_main_kind(sig, i)
     if kw == "prepare" and i + 1 < len(sig) and sig[i + 1].keyword == "transaction":

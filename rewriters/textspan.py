@@ -53,7 +53,10 @@ class EditConflict(Exception):
 def apply_edits(sql: str, edits: list[Edit]) -> Spliced:
     """Apply non-overlapping edits; an edit inside another edit's span is dropped (the outer
     one replaced that text already), a partial overlap raises :class:`EditConflict`."""
-    ordered = sorted(edits, key=lambda e: (e.start, -(e.end - e.start), e.order))
+    # At one offset: insertions first (in ``order``), then the longest replacement.
+    ordered = sorted(
+        edits, key=lambda e: (e.start, 0 if e.start == e.end else 1, e.order, -(e.end - e.start))
+    )
     kept: list[Edit] = []
     for e in ordered:
         if kept:

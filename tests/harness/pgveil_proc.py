@@ -38,7 +38,6 @@ from urllib.parse import quote, urlencode
 import yaml
 
 from proxy.localpg import (
-    REPO_ROOT,
     RunAs,
     make_temp_dir,
     password_for,
@@ -47,6 +46,7 @@ from proxy.localpg import (
 )
 from proxy.localpg import PostgresCluster as _Cluster
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = REPO_ROOT / "config" / "policy.yaml"
 _HOST = "127.0.0.1"
 _START_TIMEOUT = 30.0

@@ -1,0 +1,672 @@
+"""The analyzer: one SQL text + one operator's view -> an :class:`Analysis`.
+
+Pipeline (pure; no I/O, no asyncio)::
+
+    sql --fast path?--------------------------------------------> Analysis (all FORWARD)
+     |   (no protected / dependent name, no risky token, a harmless leading keyword)
+     +--shape cache hit?-----------------------------------------> Analysis (template + literals)
+     +--split (lexer) --> per statement:
+           lexer-differential / U& guards (restricted roles)
+           PostgreSQL's reading (pglast): the authoritative statement type and names
+           dispatch on kind:
+             select/insert/update/delete  sqlglot substitution + DML rules + lookups + unbounded
+             explain/prepare/declare/copy  peel the wrapper, analyse the inner statement
+             execute/fetch                inherit the decision made at PREPARE / DECLARE
+             ddl / set / utility / other  limits and deny-lists
+           independent verification of the final text (pglast; rewriters.verify)
+       --> StatementDecision per statement, Analysis.sql re-joined byte-for-byte
+
+Restricted ("masked") roles are every role that is not ``unrestricted``; unrestricted roles are
+never rewritten, only classified and audited (and held to their ``copy``/``ddl`` limits).
+Everything that cannot be read the way PostgreSQL will read it is denied for restricted roles
+when it mentions customer data (fail closed).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field, replace
+
+from sqlglot import exp
+
+from rewriters.classify import (
+    KEYWORD_KIND,
+    PgParseError,
+    PgStatement,
+    copy_query_span,
+    copy_table_span,
+    declare_prefix,
+    explain_prefix,
+    leading_kind,
+    pg_statement,
+    prepare_prefix,
+)
+from rewriters.compiled import CompiledTable, CompiledView, ViewCompiler, quote_ident
+from rewriters.dml import dml_rules
+from rewriters.lexer import Tok, fold, significant, split_statements, tokenize
+from rewriters.model import (
+    Action,
+    Analysis,
+    LexSettings,
+    OperatorView,
+    StatementDecision,
+    Unbounded,
+)
+from rewriters.substitute import (
+    Denied,
+    collect_refs,
+    parse_one,
+    substitute,
+    unbounded_read,
+)
+from rewriters.textspan import Edit, EditConflict, TokenIndex, apply_edits
+from rewriters.verify import Verdict, verify
+
+# Client encodings in which the second byte of a multibyte character can be an ASCII byte such
+# as a backslash or a quote: text in them may not lex as it looks (NOTES: GBK 0xBF 0x5C).
+UNSAFE_ENCODINGS = frozenset({"SJIS", "SHIFTJIS2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB",
+                              "WIN932", "WIN936", "WIN949", "WIN950", "CP932", "CP936",
+                              "CP949", "CP950"})
+
+# Kinds the fast path may forward unparsed when no sensitive name or token appears.
+FAST_KINDS = frozenset({"select", "insert", "update", "delete", "merge", "transaction", "set",
+                        "utility"})
+
+_LEAD_RE = re.compile(
+    r"(?:[ \t\n\r\f\v]+|--[^\n\r]*|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/|\()*([A-Za-z_]+)"
+)
+_INTO_RE = re.compile(r"(?<![A-Za-z0-9_$\x80-\U0010ffff])into(?![A-Za-z0-9_$\x80-\U0010ffff])")
+
+
+def normalized_encoding(name: str) -> str:
+    return re.sub(r"[-_ ]", "", name).upper()
+
+
+@dataclass
+class Core:
+    """The analysis of one (possibly inner) statement before final verification."""
+
+    kind: str
+    deny: str | None = None
+    sql: str | None = None  # rewritten text; None = unchanged
+    generated: list[tuple[int, int]] = field(default_factory=list)
+    allowed: list[tuple[int, int]] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)
+    lookups: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    prepared: str | None = None
+    cursor: str | None = None
+    copy_out: bool = False
+    copy_in: bool = False
+    inherited: StatementDecision | None = None
+
+    def shifted(self, text: str, start: int, end: int) -> Core:
+        """This inner result placed at ``text[start:end]`` of an enclosing statement."""
+        inner = self.sql if self.sql is not None else text[start:end]
+        new = replace(self)
+        new.sql = text[:start] + inner + text[end:] if self.sql is not None else None
+        new.generated = [(s + start, e + start) for s, e in self.generated]
+        new.allowed = [(s + start, e + start) for s, e in self.allowed]
+        return new
+
+
+@dataclass
+class _Ctx:
+    cv: CompiledView
+    lex: LexSettings
+    prepared: dict[str, StatementDecision]
+    cursors: dict[str, StatementDecision]
+
+    @property
+    def view(self) -> OperatorView:
+        return self.cv.view
+
+    @property
+    def restricted(self) -> bool:
+        return not self.cv.view.unrestricted
+
+
+@dataclass
+class _Mentions:
+    tables: list[CompiledTable]
+    dependents: list[str]
+    risky: bool
+
+    @property
+    def sensitive(self) -> bool:
+        return bool(self.tables or self.dependents or self.risky)
+
+    @property
+    def names(self) -> str:
+        names = [t.name for t in self.tables] + self.dependents
+        return ", ".join(names) if names else "customer data"
+
+
+def _mentions(cv: CompiledView, text: str) -> _Mentions:
+    lowered = text.lower()
+    return _Mentions(cv.mentioned_tables(lowered), cv.mentioned_dependents(lowered),
+                     cv.risky_re.search(lowered) is not None)
+
+
+class Analyzer:
+    """Analyses SQL for one proxy process: memoises compiled views and the shape cache."""
+
+    def __init__(self, cache_size: int = 20000) -> None:
+        from rewriters.shape import ShapeCache  # late import: shape imports this module
+
+        self._views = ViewCompiler()
+        self._cache = ShapeCache(cache_size)
+
+    @property
+    def cache_hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self._cache.misses
+
+    def analyze(
+        self,
+        sql: str,
+        view: OperatorView,
+        lex: LexSettings = LexSettings(),  # noqa: B008 - frozen dataclass, safe default
+        *,
+        prepared: dict[str, StatementDecision] | None = None,
+        cursors: dict[str, StatementDecision] | None = None,
+    ) -> Analysis:
+        """Decide what to do with ``sql`` (one simple-Query text or one Parse text)."""
+        t0 = time.perf_counter()
+        cv = self._views.get(view)
+        fast = fast_path(sql, cv)
+        if fast is not None:
+            return replace(fast, rewrite_seconds=time.perf_counter() - t0)
+        cached = self._cache.lookup(sql, cv, lex)
+        if cached is not None and cached.hit is not None:
+            return replace(cached.hit, rewrite_seconds=time.perf_counter() - t0)
+        ctx = _Ctx(cv, lex, dict(prepared or {}), dict(cursors or {}))
+        if cached is not None and cached.miss is not None:
+            analysis = self._cache.fill(cached.miss, sql, lambda text: full_analysis(text, ctx))
+        else:
+            analysis = full_analysis(sql, ctx)
+        return replace(analysis, rewrite_seconds=time.perf_counter() - t0)
+
+    def analyze_uncached(
+        self,
+        sql: str,
+        view: OperatorView,
+        lex: LexSettings = LexSettings(),  # noqa: B008
+        *,
+        prepared: dict[str, StatementDecision] | None = None,
+        cursors: dict[str, StatementDecision] | None = None,
+    ) -> Analysis:
+        """Full analysis without the fast path or the shape cache (tests, ``pgveil explain``)."""
+        cv = self._views.get(view)
+        return full_analysis(sql, _Ctx(cv, lex, dict(prepared or {}), dict(cursors or {})))
+
+
+# --- fast path -------------------------------------------------------------------------------
+
+
+def fast_path(sql: str, cv: CompiledView) -> Analysis | None:
+    """All-FORWARD analysis without parsing, or None when the text needs a closer look.
+
+    The text is forwarded untouched when, lower-cased, it contains no protected table name, no
+    catalog-dependent name and no risky token (``CompiledView.fast_re``), and every statement's
+    leading keyword is a plain query, DML, transaction, SET or harmless utility (no DDL, COPY,
+    EXPLAIN, PREPARE/EXECUTE, DECLARE/FETCH, ``SELECT ... INTO``). The name test is textual, so
+    it does not depend on how strings or comments lex.
+    """
+    lowered = sql.lower()
+    if cv.fast_re.search(lowered) is not None:
+        return None
+    if ";" not in sql.rstrip().rstrip(";"):
+        m = _LEAD_RE.match(sql)
+        if m is None:
+            return None
+        kw = m.group(1).lower()
+        if kw == "with":
+            return None
+        kind = KEYWORD_KIND.get(kw, "other")
+        if kw == "prepare" or kind not in FAST_KINDS:
+            return None
+        if kind == "select" and _INTO_RE.search(lowered):
+            return None
+        end = len(sql.rstrip().rstrip(";").rstrip()) if sql.rstrip().endswith(";") else len(sql)
+        text = sql[:end] if sql.rstrip().endswith(";") else sql
+        return Analysis(sql, (StatementDecision(Action.FORWARD, text, kind),))
+    tokens = tokenize(sql)
+    if any(t.kind is Tok.ERROR for t in tokens):
+        return None
+    decisions = []
+    for span in split_statements(sql, tokens):
+        text = sql[span.start : span.end]
+        kind = leading_kind(significant(tokenize(text)))
+        if kind not in FAST_KINDS:
+            return None
+        if kind == "select" and _INTO_RE.search(text.lower()):
+            return None
+        decisions.append(StatementDecision(Action.FORWARD, text, kind))
+    return Analysis(sql, tuple(decisions))
+
+
+# --- full analysis ---------------------------------------------------------------------------
+
+
+def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
+    """Split ``sql`` and decide each statement; later statements see earlier PREPARE/DECLARE."""
+    tokens = tokenize(sql, ctx.lex.standard_conforming_strings)
+    spans = split_statements(sql, tokens)
+    decisions: list[StatementDecision] = []
+    out: list[str] = []
+    pos = 0
+    for span in spans:
+        text = sql[span.start : span.end]
+        d = decide_statement(text, ctx)
+        if d.kind == "prepare" and d.prepared and d.action is not Action.DENY:
+            ctx.prepared[d.prepared] = d
+        if d.kind == "declare" and d.cursor and d.action is not Action.DENY:
+            ctx.cursors[d.cursor] = d
+        decisions.append(d)
+        out.append(sql[pos : span.start])
+        out.append(d.sql if d.action is Action.REWRITE else text)
+        pos = span.end
+    out.append(sql[pos:])
+    return Analysis("".join(out), tuple(decisions))
+
+
+def _deny(kind: str, message: str, text: str, tables: list[str] | None = None,
+          row_limit: int | None = None, **kw: object) -> StatementDecision:
+    return StatementDecision(Action.DENY, text, kind, tables=tuple(tables or ()),
+                             message=message, reasons=(message,), row_limit=row_limit,
+                             **kw)  # type: ignore[arg-type]
+
+
+def decide_statement(text: str, ctx: _Ctx) -> StatementDecision:
+    """One statement -> its decision (verification of the final text included)."""
+    cv = ctx.cv
+    m = _mentions(cv, text)
+    tokens = tokenize(text, ctx.lex.standard_conforming_strings)
+    sig = significant(tokens)
+    lead = leading_kind(sig)
+    mentioned = [t.name for t in m.tables]
+    restricted = ctx.restricted
+    if restricted and m.sensitive:
+        guard = _lexical_guard(text, tokens, m, ctx)
+        if guard is not None:
+            return _deny(lead, guard, text, mentioned)
+    if any(t.kind is Tok.ERROR for t in tokens):
+        if restricted and m.sensitive:
+            return _deny(lead, f"cannot analyse statement that references {m.names}: "
+                         "unterminated literal, identifier or comment", text, mentioned)
+        return StatementDecision(Action.FORWARD, text, lead, tables=tuple(mentioned))
+    try:
+        core = analyse_core(text, ctx, m)
+    except Denied as e:
+        return _deny(e.kind or lead, str(e), text, mentioned, _row_limit(ctx, mentioned))
+    if core.deny is not None:
+        tables = list(dict.fromkeys(core.tables + mentioned))
+        return _deny(core.kind, core.deny, text, tables, _row_limit(ctx, tables),
+                     prepared=core.prepared, cursor=core.cursor)
+    final = core.sql if core.sql is not None else text
+    verdict: Verdict | None = None
+    if (restricted and (m.sensitive or core.sql is not None)) or (not restricted and m.sensitive):
+        try:
+            verdict = verify(final, cv, generated=core.generated, allowed=core.allowed,
+                             aliases=core.aliases, restricted=restricted)
+        except PgParseError as e:
+            if restricted:
+                return _deny(core.kind, f"cannot analyse statement that references {m.names}: "
+                             f"{e}", text, mentioned, _row_limit(ctx, mentioned))
+        if verdict is not None and verdict.violations:
+            tables = list(dict.fromkeys(core.tables + verdict.tables + mentioned))
+            return _deny(core.kind, verdict.violations[0], text, tables,
+                         _row_limit(ctx, tables), prepared=core.prepared, cursor=core.cursor)
+    if core.inherited is not None:
+        base = core.inherited
+        return replace(base, action=Action.FORWARD, sql=text, kind=core.kind,
+                       prepared=core.prepared or base.prepared,
+                       cursor=core.cursor or base.cursor, message="")
+    tables = list(core.tables)
+    columns = list(core.columns)
+    if verdict is not None:
+        tables += verdict.tables
+        columns += verdict.columns
+    elif not restricted:
+        tables += mentioned
+    tables = list(dict.fromkeys(tables))
+    for qn in core.lookups:
+        if qn not in columns:
+            columns.append(qn)
+    columns = list(dict.fromkeys(columns))
+    reasons = _reasons(ctx, core, columns)
+    action = Action.REWRITE if core.sql is not None and core.sql != text else Action.FORWARD
+    return StatementDecision(
+        action,
+        final if action is Action.REWRITE else text,
+        core.kind,
+        tables=tuple(tables),
+        columns=tuple(columns),
+        reasons=tuple(reasons),
+        row_limit=_row_limit(ctx, tables),
+        cursor=core.cursor,
+        prepared=core.prepared,
+        lookups=tuple(core.lookups),
+        copy_out=core.copy_out,
+        copy_in=core.copy_in,
+    )
+
+
+def _row_limit(ctx: _Ctx, tables: list[str]) -> int | None:
+    return ctx.view.limits.max_rows if tables else None
+
+
+def _reasons(ctx: _Ctx, core: Core, columns: list[str]) -> list[str]:
+    reasons = list(core.reasons)
+    substituted = set(core.aliases.values())
+    for qn in columns:
+        table, _, col = qn.rpartition(".")
+        ct = ctx.cv.tables.get(table)
+        if ct is None or table not in substituted:
+            continue
+        cview = ct.colview.get(col)
+        if cview is not None and cview.expr is not None:
+            r = f"mask {qn}: {cview.mask_name or 'masked'}"
+            if r not in reasons:
+                reasons.append(r)
+    for table in dict.fromkeys(core.aliases.values()):
+        ct = ctx.cv.tables.get(table)
+        if ct is not None and ct.row_filter is not None:
+            r = f"row filter {ctx.view.role}: {table}"
+            if r not in reasons:
+                reasons.append(r)
+    for qn in core.lookups:
+        r = f"lookup {qn}"
+        if r not in reasons:
+            reasons.append(r)
+    return reasons
+
+
+def _lexical_guard(text: str, tokens: list, m: _Mentions, ctx: _Ctx) -> str | None:
+    """Refuse what PostgreSQL may read differently from us (restricted roles, sensitive text)."""
+    if not ctx.lex.standard_conforming_strings and "\\" in text:
+        return (f"cannot analyse statement that references {m.names}: backslashes with "
+                "standard_conforming_strings off")
+    if normalized_encoding(ctx.lex.client_encoding) in UNSAFE_ENCODINGS and not text.isascii():
+        return (f"cannot analyse statement that references {m.names}: non-ASCII text in client "
+                f"encoding {ctx.lex.client_encoding}")
+    if (m.tables or m.dependents) and any(t.kind in (Tok.UIDENT, Tok.USTRING) for t in tokens):
+        return (f"cannot analyse statement that references {m.names}: unicode escapes (U&) "
+                "are not allowed for masked roles")
+    return None
+
+
+def analyse_core(
+    text: str, ctx: _Ctx, m: _Mentions | None = None, *, explain: bool = False
+) -> Core:
+    """Dispatch one statement (or the inner statement of a wrapper) on its kind."""
+    if m is None:
+        m = _mentions(ctx.cv, text)
+    tokens = tokenize(text, ctx.lex.standard_conforming_strings)
+    sig = significant(tokens)
+    lead = leading_kind(sig)
+    try:
+        pst: PgStatement | None = pg_statement(text)
+    except PgParseError as e:
+        if ctx.restricted and m.sensitive:
+            raise Denied(f"cannot analyse statement that references {m.names}: {e}") from None
+        return Core(lead)
+    try:
+        return _dispatch(text, sig, tokens, pst, ctx, m, explain)
+    except Denied as e:
+        e.kind = pst.kind  # the outermost statement's kind wins (EXPLAIN of an UPDATE)
+        raise
+
+
+def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m: _Mentions,
+              explain: bool) -> Core:
+    kind = pst.kind
+    restricted = ctx.restricted
+    if kind == "ddl":
+        return _ddl(text, pst, ctx, m)
+    if kind == "copy":
+        return _copy(text, sig, pst, ctx, m)
+    if kind == "explain":
+        return _explain(text, sig, pst, ctx, m)
+    if kind == "prepare":
+        start = prepare_prefix(sig)
+        name = str(pst.node.get("name", ""))
+        if start is None:
+            if restricted and m.sensitive:
+                raise Denied(f"cannot analyse PREPARE that references {m.names}")
+            return Core("prepare", prepared=name)
+        inner = analyse_core(text[start:], ctx, explain=explain)
+        out = inner.shifted(text, start, len(text))
+        out.kind = "prepare"
+        out.prepared = name
+        out.inherited = None
+        if inner.inherited is not None:
+            raise Denied("PREPARE of EXECUTE/FETCH is not supported")
+        return out
+    if kind == "declare":
+        start = declare_prefix(sig)
+        name = str(pst.node.get("portalname", ""))
+        if start is None:
+            if restricted and m.sensitive:
+                raise Denied(f"cannot analyse DECLARE that references {m.names}")
+            return Core("declare", cursor=name)
+        inner = analyse_core(text[start:], ctx, explain=explain)
+        out = inner.shifted(text, start, len(text))
+        out.kind = "declare"
+        out.cursor = name
+        return out
+    if kind == "execute":
+        name = str(pst.node.get("name", ""))
+        base = ctx.prepared.get(name)
+        core = Core("execute", prepared=name)
+        if base is not None:
+            if base.action is Action.DENY:
+                raise Denied(base.message or f"prepared statement {name} was denied")
+            core.inherited = base
+            core.tables = list(base.tables)
+        return core
+    if kind == "fetch":
+        name = str(pst.node.get("portalname", ""))
+        base = ctx.cursors.get(name)
+        core = Core("fetch", cursor=name)
+        if base is not None:
+            if base.action is Action.DENY:
+                raise Denied(base.message or f"cursor {name} was denied")
+            core.inherited = base
+            core.tables = list(base.tables)
+        return core
+    if kind in ("select", "insert", "update", "delete", "merge") and pst.node_type != \
+            "TruncateStmt":
+        if not restricted:
+            return Core(kind)
+        return _query(text, tokens, ctx, m, kind, explain)
+    if kind == "set" and restricted and str(pst.node.get("name", "")).lower() in (
+        "role", "session_authorization"
+    ):
+        raise Denied("role switching would escape the policy")
+    return Core(kind)
+
+
+def _ddl(text: str, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
+    view = ctx.view
+    if not view.limits.ddl:
+        raise Denied(f"DDL is not allowed for role {view.role}")
+    if ctx.restricted and (m.tables or m.dependents):
+        if pst.node_type in ("CreateTableAsStmt", "ViewStmt", "SelectStmt"):
+            raise Denied(f"copying customer data ({m.names}) into a new table or view is not "
+                         f"allowed for role {view.role}")
+        raise Denied(f"DDL referencing protected data ({m.names}) is not allowed for role "
+                     f"{view.role}")
+    return Core("ddl", tables=[t.name for t in m.tables] if not ctx.restricted else [])
+
+
+def _external_copy(node: dict) -> bool:
+    return bool(node.get("is_program")) or node.get("filename") is not None
+
+
+def _copy(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
+    node = pst.node
+    view = ctx.view
+    is_from = bool(node.get("is_from"))
+    if _external_copy(node) and not (view.limits.copy and view.unrestricted):
+        raise Denied("COPY to or from a server file or program is not allowed")
+    rel = node.get("relation")
+    if is_from:
+        core = Core("copy", copy_in=True)
+        if isinstance(rel, dict):
+            ct = ctx.cv.resolve(rel.get("schemaname"), str(rel.get("relname", "")))
+            if ct is not None:
+                core.tables = [ct.name]
+                if ctx.restricted and ct.masked:
+                    raise Denied(f"COPY into {ct.name} is not allowed for role {view.role} "
+                                 "(row filter or masked columns)")
+        return core
+    core = Core("copy", copy_out=True)
+    if isinstance(rel, dict):
+        ct = ctx.cv.resolve(rel.get("schemaname"), str(rel.get("relname", "")))
+        if ct is None:
+            return core
+        core.tables = [ct.name]
+        if not view.limits.copy:
+            raise Denied(f"COPY of protected table {ct.name} is not allowed for role {view.role}")
+        if ctx.restricted and ct.masked:
+            span = copy_table_span(sig)
+            if span is None:
+                raise Denied(f"cannot analyse COPY of {ct.name}")
+            name_start, name_end, region_end = span
+            cols = [fold(str(a)) for a in _attnames(node)]
+            select_list = ", ".join(quote_ident(c) for c in cols) if cols else "*"
+            derived = ct.derived(text[name_start:name_end], [])
+            head = f"(SELECT {select_list} FROM "
+            repl = f"{head}{derived} AS {quote_ident(ct.bare)})"
+            spliced = apply_edits(
+                text, [Edit(name_start, region_end, repl, ((len(head), len(head) +
+                                                              len(derived)),))])
+            core.sql = spliced.sql
+            core.generated = spliced.generated
+            core.aliases = {ct.bare: ct.name}
+        return core
+    span = copy_query_span(sig)
+    if span is None:
+        if ctx.restricted and m.sensitive:
+            raise Denied(f"cannot analyse COPY that references {m.names}")
+        return core
+    start, end = span
+    inner_m = _mentions(ctx.cv, text[start:end])
+    if (inner_m.tables or inner_m.dependents) and not view.limits.copy:
+        raise Denied(f"COPY of protected data ({inner_m.names}) is not allowed for role "
+                     f"{view.role}")
+    inner = analyse_core(text[start:end], ctx, inner_m)
+    out = inner.shifted(text, start, end)
+    out.kind = "copy"
+    out.copy_out = True
+    return out
+
+
+def _attnames(node: dict) -> list[str]:
+    out = []
+    for a in node.get("attlist") or []:
+        if isinstance(a, dict) and "String" in a:
+            out.append(str(a["String"].get("sval", "")))
+    return out
+
+
+def _explain(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
+    analyze = False
+    for opt in pst.node.get("options") or []:
+        de = opt.get("DefElem") if isinstance(opt, dict) else None
+        if not de or str(de.get("defname", "")).lower() != "analyze":
+            continue
+        arg = de.get("arg")
+        val = "true"
+        if isinstance(arg, dict):
+            inner = next(iter(arg.values()), {})
+            if isinstance(inner, dict):
+                v = inner.get("sval", inner.get("boolval", inner.get("ival", "true")))
+                if isinstance(v, dict):
+                    v = next(iter(v.values()), True)
+                val = str(v).lower()
+        analyze = val not in ("false", "off", "0", "no")
+    if analyze and ctx.restricted and (m.tables or m.dependents):
+        raise Denied(f"EXPLAIN ANALYZE of a statement on protected data ({m.names}) is not "
+                     f"allowed for role {ctx.view.role}")
+    start = explain_prefix(sig)
+    if start is None:
+        if ctx.restricted and m.sensitive:
+            raise Denied(f"cannot analyse EXPLAIN that references {m.names}")
+        return Core("explain")
+    inner = analyse_core(text[start:], ctx, explain=True)
+    out = inner.shifted(text, start, len(text))
+    out.kind = "explain"
+    out.inherited = None
+    return out
+
+
+def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
+           explain: bool) -> Core:
+    """Substitution + DML rules + unbounded check for a restricted role."""
+    cv = ctx.cv
+    view = ctx.view
+    core = Core(kind)
+    if not m.tables:
+        return core  # no protected table can be read without being named; verify() covers U&
+    try:
+        tree = parse_one(text)
+    except Denied as e:
+        raise Denied(f"cannot analyse statement that references {m.names}: {e}") from None
+    idx = TokenIndex(text, tokens)
+    refs = collect_refs(tree, cv)
+    if isinstance(tree, exp.Merge) and any(r.table is not None for r in refs):
+        raise Denied("MERGE on protected tables is not supported for masked roles")
+    if isinstance(tree, exp.Select) and tree.args.get("into") is not None:
+        raise Denied(f"DDL is not allowed for role {view.role}")
+    for r in refs:
+        if r.role == "target" and not r.top and r.table is not None and r.table.masked:
+            raise Denied(f"data-modifying WITH on {r.table.name} is not supported for masked "
+                         "roles")
+    sub = substitute(tree, refs, idx, cv)
+    edits = list(sub.edits)
+    lookups = list(sub.lookups)
+    reasons: list[str] = []
+    allowed: list[tuple[int, int]] = []
+    top = next((r for r in refs if r.top), None)
+    reads_protected = [r.table.name for r in refs if r.role == "source" and r.table is not None]
+    if isinstance(tree, (exp.Insert, exp.Update)) and (top is None or top.table is None) and \
+            reads_protected:
+        raise Denied(f"copying customer data ({', '.join(dict.fromkeys(reads_protected))}) "
+                     "into an unprotected table is not allowed for masked roles")
+    if top is not None and top.table is not None and top.table.masked:
+        dml = dml_rules(tree, top, idx)
+        edits.extend(dml.edits)
+        allowed.append(dml.target_span)  # type: ignore[arg-type]
+        for qn in dml.lookups:
+            if qn not in lookups:
+                lookups.append(qn)
+        if top.table.row_filter is not None:
+            reasons.append(f"row filter {view.role}: {top.table.name}")
+    if kind == "select" and view.limits.unbounded is Unbounded.DENY  and not explain:
+        hit = unbounded_read(tree, refs, view.limits.max_rows)
+        if hit is not None:
+            limit = view.limits.max_rows
+            hint = f"LIMIT <= {limit}" if limit is not None else "LIMIT"
+            raise Denied(f"unbounded read of {hit.name}: add a WHERE clause or {hint}")
+    try:
+        spliced = apply_edits(text, edits)
+    except EditConflict as e:
+        raise Denied(f"cannot rewrite statement that references {m.names}: {e}") from None
+    core.sql = spliced.sql if edits else None
+    core.generated = spliced.generated
+    core.allowed = [(spliced.map_offset(s), spliced.map_offset(s) + (e - s)) for s, e in allowed]
+    core.aliases = {r.ref_name: r.table.name for r in sub.substituted if r.table is not None}
+    core.lookups = lookups
+    core.reasons = reasons
+    core.tables = list(dict.fromkeys(
+        [r.table.name for r in refs if r.table is not None and r.role in ("source", "target")]))
+    return core

@@ -1,0 +1,286 @@
+"""INSERT / UPDATE / DELETE / MERGE on a protected table by a masked role.
+
+A DML target cannot be replaced by a derived table, so its rows are read raw by WHERE, SET and
+RETURNING. The rules (SPEC §5 "rows out of scope are invisible and untouchable"):
+
+* UPDATE and DELETE reach only rows inside the row filter. The WHERE becomes
+  ``<moved> AND (<filter>) AND CASE WHEN (<filter>) THEN (<user WHERE>) ELSE false END``: the
+  CASE makes PostgreSQL evaluate the user's predicate only on rows inside the filter (a plain AND
+  may run ``1/(id-13)`` first and leak that row 13 exists through the error), while exact lookups
+  and leakproof comparisons of unmasked columns are moved in front so indexes still apply.
+* WHERE and SET expressions may not read masked columns (that would filter on, or copy, raw
+  values) — except top-level ``lookup`` conjuncts and ``SET col = col``; ``RETURNING`` of a
+  masked column (or ``*`` / the whole row) is denied rather than rewritten, because ``*`` there
+  spans every FROM/USING item and a rewrite that misses one leaks.
+* UPDATE may not SET a column the row filter reads, unless to the very literal the filter
+  requires; INSERT into a filtered table is allowed only when VALUES provably satisfy the filter
+  (a plain conjunction of ``col = literal``); ``ON CONFLICT DO UPDATE`` on a masked table is
+  denied; ``WHERE CURRENT OF`` is denied (the cursor reads the masked derived table).
+* MERGE involving a protected table is denied; INSERT/UPDATE of an unprotected table reading
+  protected tables is denied (it copies customer data out of the audited, capped path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+
+from sqlglot import exp
+
+from rewriters.compiled import CompiledTable, FilterLiteral, quote_ident
+from rewriters.lexer import Tok
+from rewriters.substitute import (
+    Denied,
+    Ref,
+    Simple,
+    condition_text,
+    conjuncts,
+    ident_value,
+    literal_fits,
+    match_simple,
+    resolve_column,
+)
+from rewriters.textspan import Edit, TokenIndex
+
+
+@dataclass
+class DmlResult:
+    edits: list[Edit] = field(default_factory=list)
+    target_span: tuple[int, int] | None = None
+    lookups: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def reads_masked(expr: exp.Expression | None, ct: CompiledTable, ref_name: str) -> str | None:
+    """Name of a masked column of the target that ``expr`` may read, or None.
+
+    Conservative: an unqualified masked column name anywhere (also in subqueries, where it may
+    be a correlated reference to the target) counts; so does the whole row (``customers``,
+    ``(c).phone``, ``c.*``).
+    """
+    if expr is None or not ct.masked_cols:
+        return None
+    for col in expr.find_all(exp.Column):
+        qual = ident_value(col.args.get("table"))
+        if isinstance(col.this, exp.Star):
+            if qual == ref_name:
+                return "*"
+            continue
+        name = ident_value(col.this)
+        if name is None:
+            continue
+        if qual is None:
+            if name in ct.masked_cols:
+                return name
+            if name == ref_name:
+                return "*"
+        elif qual == ref_name and name in ct.masked_cols:
+            return name
+    return None
+
+
+def _what(ct: CompiledTable, col: str) -> str:
+    if col == "*":
+        return f"the whole row of {ct.name} (it has masked columns)"
+    return f"of masked column {ct.name}.{col}"
+
+
+def _returning_check(tree: exp.Expression, ct: CompiledTable, ref_name: str) -> None:
+    ret = tree.args.get("returning")
+    if not isinstance(ret, exp.Returning) or not ct.masked_cols:
+        return
+    for e in ret.expressions:
+        if isinstance(e, exp.Star):
+            raise Denied(f"RETURNING * of {ct.name} would return masked columns")
+    col = reads_masked(ret, ct, ref_name)
+    if col is not None:
+        raise Denied(f"RETURNING {_what(ct, col)} is not allowed")
+
+
+def target_name_span(ref: Ref, idx: TokenIndex) -> tuple[int, int]:
+    """Text span of the target's name (with ``ONLY``), checked on tokens."""
+    t = ref.node
+    parts = [p for p in (t.args.get("catalog"), t.args.get("db"), t.this) if p is not None]
+    metas = [p.meta for p in parts]
+    if not all("start" in m for m in metas):
+        raise Denied("cannot locate the DML target")
+    first = idx.at(int(metas[0]["start"]))
+    last = idx.at(int(metas[-1]["start"]))
+    values = [ident_value(p) or "" for p in parts]
+    if first is None or last is None or not idx.name_tokens(first, last, values):
+        raise Denied("cannot locate the DML target")
+    start = idx.sig[first].start
+    if first > 0 and idx.sig[first - 1].keyword == "only":
+        start = idx.sig[first - 1].start
+    return start, idx.sig[last].end
+
+
+def _where_region(idx: TokenIndex, after: int) -> tuple[int | None, int, int]:
+    """(index of the depth-0 WHERE keyword or None, offset where the WHERE body ends,
+    offset where a new WHERE clause would go) for the statement's top level."""
+    depths = idx.depths()
+    sig = idx.sig
+    where_i = None
+    end_i = len(sig)
+    for i in range(len(sig)):
+        t = sig[i]
+        if t.start < after or depths[i] != 0:
+            continue
+        kw = t.keyword
+        if kw == "where" and where_i is None:
+            where_i = i
+        elif kw == "returning":
+            end_i = i
+            break
+    body_end = sig[end_i - 1].end if end_i > 0 else 0
+    return where_i, body_end, body_end
+
+
+def _same_literal(node: exp.Expression, want: FilterLiteral) -> bool:
+    if not isinstance(node, exp.Literal):
+        return False
+    if bool(node.is_string) != want.is_string:
+        return False
+    if want.is_string:
+        return str(node.this) == want.value
+    try:
+        return Decimal(str(node.this)) == Decimal(want.value)
+    except InvalidOperation:
+        return False
+
+
+def _update_or_delete(
+    tree: exp.Expression, ref: Ref, ct: CompiledTable, idx: TokenIndex, res: DmlResult
+) -> None:
+    ref_name = ref.ref_name
+    verb = "UPDATE" if isinstance(tree, exp.Update) else "DELETE"
+    if isinstance(tree, exp.Update):
+        for item in tree.expressions:
+            if not isinstance(item, exp.EQ) or not isinstance(item.this, exp.Column):
+                raise Denied(f"{verb} of {ct.name}: only SET column = value is supported")
+            col = ident_value(item.this.this)
+            if col is None:
+                raise Denied(f"{verb} of {ct.name}: cannot read the SET target")
+            value = item.expression
+            same = (
+                isinstance(value, exp.Column)
+                and ident_value(value.this) == col
+                and ident_value(value.args.get("table")) in (None, ref_name)
+            )
+            if not same:
+                read = reads_masked(value, ct, ref_name)
+                if read is not None:
+                    raise Denied(f"UPDATE may not read {_what(ct, read).removeprefix('of ')}")
+            if col in ct.filter_cols and not same:
+                want = (ct.filter_eq or {}).get(col)
+                if want is None or not _same_literal(value, want):
+                    raise Denied(
+                        f"UPDATE of {ct.name}.{col} could move rows out of the row filter"
+                    )
+    where = tree.args.get("where")
+    where_expr = where.this if isinstance(where, exp.Where) else None
+    moved: list[tuple[Simple, str]] = []
+    for conj in conjuncts(where_expr):
+        simple = match_simple(conj, idx)
+        col = resolve_column(simple.column, ref, single_source=False) if simple else None
+        if simple is not None and col is None and simple.column.args.get("table") is None:
+            # An unqualified column: it is the target's when the target has that column
+            # (PostgreSQL would call it ambiguous otherwise, never silently another table's).
+            name = ident_value(simple.column.this)
+            if name is not None:
+                col = ref.outer_to_inner(name)
+        if simple is not None and col is not None:
+            lookup = col in ct.lookup_cols and simple.op == "=" and all(
+                v.kind in ("string", "param") for v in simple.values)
+            leak = col not in ct.masked_cols and col in ct.leakproof_cols and literal_fits(
+                ct, col, simple.values)
+            if lookup or leak:
+                moved.append((simple, col))
+                if lookup and col in ct.masked_cols:
+                    qn = f"{ct.name}.{col}"
+                    if qn not in res.lookups:
+                        res.lookups.append(qn)
+                continue
+        read = reads_masked(conj, ct, ref_name)
+        if read is not None:
+            raise Denied(f"{verb} may not filter on {_what(ct, read).removeprefix('of ')}")
+    _returning_check(tree, ct, ref_name)
+    if ct.row_filter is None:
+        return
+    qf = ct.qualified_filter(ref_name)
+    if qf is None:
+        raise Denied(f"{verb} of {ct.name}: cannot apply the row filter")
+    target_end = res.target_span[1] if res.target_span else 0
+    where_i, body_end, insert_at = _where_region(idx, target_end)
+    if where_i is None:
+        text = f" WHERE ({qf})"
+        res.edits.append(Edit(insert_at, insert_at, text, ((9, 9 + len(qf)),), order=1))
+    else:
+        sig = idx.sig
+        if where_i + 1 < len(sig) and sig[where_i + 1].keyword == "current":
+            raise Denied(f"{verb} ... WHERE CURRENT OF on {ct.name} is not supported")
+        if where_i + 1 >= len(sig):
+            raise Denied(f"{verb} of {ct.name}: empty WHERE clause")
+        body_start = sig[where_i + 1].start
+        head_parts = [condition_text(idx.sql, ref_name, col, s) for s, col in moved]
+        head = " AND ".join([*head_parts, ""]) if head_parts else ""
+        gen: list[tuple[int, int]] = []
+        text = head + "("
+        gen.append((len(text), len(text) + len(qf)))
+        text += qf + ") AND CASE WHEN ("
+        gen.append((len(text), len(text) + len(qf)))
+        text += qf + ") THEN ("
+        res.edits.append(Edit(body_start, body_start, text, tuple(gen)))
+        for s, _col in moved:
+            res.edits.append(Edit(s.start, s.end, "TRUE"))
+        res.edits.append(Edit(body_end, body_end, ") ELSE false END", order=2))
+
+
+def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable) -> None:
+    conflict = tree.args.get("conflict")
+    if isinstance(conflict, exp.OnConflict):
+        action = conflict.args.get("action")
+        if action is not None and "update" in str(action.this if hasattr(action, "this")
+                                                  else action).lower():
+            raise Denied(f"INSERT ... ON CONFLICT DO UPDATE on {ct.name} is not allowed")
+        if conflict.expressions:
+            raise Denied(f"INSERT ... ON CONFLICT DO UPDATE on {ct.name} is not allowed")
+    _returning_check(tree, ct, ref.ref_name)
+    if ct.row_filter is None:
+        return
+    outside = f"INSERT would write rows outside the row filter of {ct.name}"
+    if ct.filter_false or not ct.filter_eq:
+        raise Denied(outside)
+    target = tree.this
+    if isinstance(target, exp.Schema):
+        cols = [ident_value(c) for c in target.expressions]
+    else:
+        cols = list(ct.columns)
+    values = tree.expression
+    if not isinstance(values, exp.Values):
+        raise Denied(outside)
+    for fcol, want in ct.filter_eq.items():
+        if fcol not in cols:
+            raise Denied(outside)
+        k = cols.index(fcol)
+        for row in values.expressions:
+            items = row.expressions if isinstance(row, exp.Tuple) else [row]
+            if k >= len(items) or not _same_literal(items[k], want):
+                raise Denied(outside)
+
+
+def dml_rules(tree: exp.Expression, ref: Ref, idx: TokenIndex) -> DmlResult:
+    """Apply the rules above to the top-level DML target ``ref`` (a masked protected table)."""
+    ct = ref.table
+    assert ct is not None
+    res = DmlResult()
+    res.target_span = target_name_span(ref, idx)
+    if isinstance(tree, exp.Merge):
+        raise Denied(f"MERGE into {ct.name} is not supported for masked roles")
+    if isinstance(tree, (exp.Update, exp.Delete)):
+        _update_or_delete(tree, ref, ct, idx, res)
+    elif isinstance(tree, exp.Insert):
+        _insert(tree, ref, ct)
+    else:
+        raise Denied(f"unsupported statement on {ct.name}")
+    return res

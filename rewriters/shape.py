@@ -1,0 +1,326 @@
+"""The statement-shape cache and literal redaction.
+
+A *shape* is the statement text with its replaceable literals taken out; statements of one shape
+(from one operator view, under one set of lexing settings) get one decision, with the literals
+spliced back into a cached template of the rewritten SQL. That is what makes a teller's
+``SELECT * FROM customers WHERE id = 123`` cost microseconds instead of a parse.
+
+A cache keyed by shape is only safe if every statement of a shape really gets the same decision,
+so the normalizer is deliberately narrow (NOTES "the statement-shape cache must be conservative"):
+
+* it gives up — no caching, full analysis — on anything it does not fully understand: dollar
+  quotes, ``E''``/``B''``/``X''``/``N''``/``U&`` literals, nested or unterminated comments,
+  backslashes (``standard_conforming_strings`` off reads them), NUL, string continuation across
+  newlines, numbers glued to identifiers, non-UTF8 client encodings with non-ASCII text, and
+  literals whose value holds a sensitive word (``table_to_xml('customers', ..)``);
+* only literals in value positions are replaced (after an operator, ``(``, ``,`` or a keyword
+  such as AND/WHERE/VALUES/THEN); literals after LIMIT/OFFSET/FETCH, typed literals
+  (``DATE '..'``) and anything else stay part of the shape;
+* the template is made by analysing the statement with each literal replaced by a fresh ``$k``
+  parameter and finding each ``$k`` exactly once in the output; a shape whose placeholder
+  analysis is denied, or whose template does not reproduce a fresh analysis of the very
+  statement that filled it, is remembered as uncacheable.
+
+Data flow::
+
+    sql --normalize--> Normalized(shape, literals) --key--> Template | UNCACHEABLE | miss
+    miss: analyse placeholder text -> Template -> instantiate -> compare with fresh analysis
+
+``redact_literals`` (for the audit log) lives here too: it shares the lexer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from rewriters.lexer import Tok, tokenize
+from rewriters.model import Action, Analysis, LexSettings, StatementDecision
+
+if TYPE_CHECKING:
+    from rewriters.compiled import CompiledView
+
+_NORM = re.compile(
+    r"(?P<ws>[ \t\n\r\f\v]+)"
+    r"|(?P<lc>--[^\n\r]*)"
+    r"|(?P<bc>/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/)"
+    r"|(?P<bad>/\*|[eEbBxXnNuU](?=['&])|\$(?![0-9])|\\|\x00)"
+    r"|(?P<str>'(?:[^']|'')*')"
+    r"|(?P<qid>\"(?:[^\"]|\"\")*\")"
+    r"|(?P<param>\$[0-9]+)"
+    r"|(?P<num>(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][+-]?[0-9]+)?)"
+    r"|(?P<ident>[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)"
+    r"|(?P<op>(?:[+*<>=~!@#%^&|`?(),;\[\]:.]|-(?!-)|/(?!\*))+)"
+    r"|(?P<other>.)",
+    re.DOTALL,
+)
+# Keywords after which a literal is a plain value.
+_VALUE_KEYWORDS = frozenset({"and", "or", "not", "in", "like", "ilike", "between", "then",
+                             "else", "when", "select", "where", "values", "is", "distinct",
+                             "from", "on", "having", "returning", "set", "case"})
+_OP_END = frozenset("=<>+-*/%|(,~!^&")
+_IDENT_CHAR = re.compile(r"[A-Za-z0-9_$\x80-\U0010ffff.]")
+_CACHE_KINDS = frozenset({"select", "insert", "update", "delete"})
+_SAFE_ENCODINGS = frozenset({"UTF8", "UNICODE", "SQLASCII"})
+
+
+@dataclass(frozen=True)
+class Normalized:
+    shape: str
+    literals: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+    max_param: int
+
+
+def normalize(sql: str, lex: LexSettings, sensitive: re.Pattern[str] | None = None
+              ) -> Normalized | None:
+    """The shape of ``sql`` and its literals, or None when the text is not fully understood.
+
+    >>> normalize("SELECT * FROM t WHERE id = 5 LIMIT 10", LexSettings()).shape
+    'SELECT * FROM t WHERE id = \\x00n LIMIT 10'
+    """
+    if not lex.standard_conforming_strings and "\\" in sql:
+        return None
+    enc = lex.client_encoding.replace("_", "").replace("-", "").upper()
+    if enc not in _SAFE_ENCODINGS and not sql.isascii():
+        return None
+    parts: list[str] = []
+    literals: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    prev_kind = ""
+    prev_text = ""
+    max_param = 0
+    for m in _NORM.finditer(sql):
+        kind = m.lastgroup
+        if kind == "ws" or kind == "lc" or kind == "bc":
+            continue
+        text = m.group()
+        if kind == "bad":
+            return None
+        if kind == "other" and text in "'\"":
+            return None  # unterminated
+        if kind == "param":
+            max_param = max(max_param, int(text[1:]))
+        elif kind == "num":
+            nxt = sql[m.end() : m.end() + 1]
+            if nxt and _IDENT_CHAR.match(nxt):
+                return None  # 1e / 123abc / 1..2: PostgreSQL versions disagree
+        if kind == "str" or kind == "num":
+            if kind == "str" and prev_kind == "str":
+                return None  # possible continuation 'a'\n'b'
+            replaceable = (
+                (prev_kind == "op" and prev_text[-1:] in _OP_END)
+                or (prev_kind == "ident" and prev_text.lower() in _VALUE_KEYWORDS)
+            )
+            if replaceable:
+                if kind == "str" and sensitive is not None and sensitive.search(text.lower()):
+                    return None
+                parts.append(sql[pos : m.start()])
+                parts.append("\x00s" if kind == "str" else "\x00n")
+                literals.append(text)
+                spans.append((m.start(), m.end()))
+                pos = m.end()
+        prev_kind = kind
+        prev_text = text
+    parts.append(sql[pos:])
+    return Normalized("".join(parts), tuple(literals), tuple(spans), max_param)
+
+
+def _placeholder_text(sql: str, norm: Normalized, base: int) -> str:
+    out: list[str] = []
+    pos = 0
+    for i, (s, e) in enumerate(norm.spans):
+        out.append(sql[pos:s])
+        out.append(f"${base + i}")
+        pos = e
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A text with literal slots: parts[0] lit[slots[0]] parts[1] ... parts[-1]."""
+
+    parts: tuple[str, ...]
+    slots: tuple[int, ...]
+
+    def fill(self, literals: tuple[str, ...]) -> str:
+        out = [self.parts[0]]
+        for slot, part in zip(self.slots, self.parts[1:]):
+            out.append(literals[slot])
+            out.append(part)
+        return "".join(out)
+
+
+def _template_text(text: str, base: int, count: int) -> _Text | None:
+    """Split ``text`` at its ``$k`` placeholders (k in [base, base+count)); each at most once."""
+    parts: list[str] = []
+    slots: list[int] = []
+    pos = 0
+    seen: set[int] = set()
+    for t in tokenize(text):
+        if t.kind is Tok.ERROR:
+            return None
+        if t.kind is not Tok.PARAM:
+            continue
+        k = int(t.text[1:]) - base
+        if k < 0:
+            continue
+        if k >= count or k in seen:
+            return None
+        seen.add(k)
+        parts.append(text[pos : t.start])
+        slots.append(k)
+        pos = t.end
+    parts.append(text[pos:])
+    return _Text(tuple(parts), tuple(slots))
+
+
+@dataclass(frozen=True)
+class Template:
+    sql: _Text
+    statements: tuple[tuple[StatementDecision, _Text], ...]
+
+    def instantiate(self, literals: tuple[str, ...]) -> Analysis:
+        decisions = tuple(replace(d, sql=t.fill(literals)) for d, t in self.statements)
+        return Analysis(self.sql.fill(literals), decisions, cached=True)
+
+
+_UNCACHEABLE = object()
+
+
+@dataclass(frozen=True)
+class Miss:
+    key: tuple[object, ...]
+    norm: Normalized
+
+
+@dataclass(frozen=True)
+class Lookup:
+    hit: Analysis | None = None
+    miss: Miss | None = None
+
+
+def _same(a: Analysis, b: Analysis) -> bool:
+    return a.sql == b.sql and a.statements == b.statements
+
+
+class ShapeCache:
+    """LRU of shape -> Template (or the UNCACHEABLE marker), with hit/miss counters."""
+
+    def __init__(self, size: int = 20000) -> None:
+        self.size = size
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[tuple[object, ...], object] = OrderedDict()
+        self._view_ids: dict[tuple[object, ...], int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _view_id(self, cv: CompiledView) -> int:
+        vid = getattr(cv, "cache_id", None)
+        if vid is None:
+            vid = self._view_ids.setdefault(cv.key, len(self._view_ids))
+            cv.cache_id = vid  # type: ignore[attr-defined]
+        return vid
+
+    def lookup(self, sql: str, cv: CompiledView, lex: LexSettings) -> Lookup | None:
+        """A hit, a miss to fill, or None (not cacheable: analyse in full)."""
+        norm = normalize(sql, lex, cv.fast_re)
+        if norm is None:
+            return None
+        key = (self._view_id(cv), lex.standard_conforming_strings, lex.client_encoding,
+               norm.shape)
+        entry = self._entries.get(key)
+        if entry is _UNCACHEABLE:
+            return None
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            assert isinstance(entry, Template)
+            return Lookup(hit=entry.instantiate(norm.literals))
+        self.misses += 1
+        return Lookup(miss=Miss(key, norm))
+
+    def _store(self, key: tuple[object, ...], value: object) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def fill(self, miss: Miss, sql: str, analyse: Callable[[str], Analysis]) -> Analysis:
+        """Analyse a missed statement, store its template when it proves reusable."""
+        norm = miss.norm
+        base = norm.max_param + 1
+        count = len(norm.literals)
+        fresh = analyse(sql)
+        if not all(d.kind in _CACHE_KINDS and d.action is not Action.DENY
+                   for d in fresh.statements) or not fresh.statements:
+            self._store(miss.key, _UNCACHEABLE)
+            return fresh
+        if count == 0:
+            template = self._build(fresh, 0, 0)
+        else:
+            placeholder = analyse(_placeholder_text(sql, norm, base))
+            if any(d.action is Action.DENY or d.kind not in _CACHE_KINDS
+                   for d in placeholder.statements):
+                self._store(miss.key, _UNCACHEABLE)
+                return fresh
+            template = self._build(placeholder, base, count)
+        if template is None or not _same(template.instantiate(norm.literals), fresh):
+            self._store(miss.key, _UNCACHEABLE)
+            return fresh
+        self._store(miss.key, template)
+        return fresh
+
+    @staticmethod
+    def _build(analysis: Analysis, base: int, count: int) -> Template | None:
+        sql_t = _template_text(analysis.sql, base, count)
+        if sql_t is None or (count and sorted(sql_t.slots) != list(range(count))):
+            return None
+        stmts: list[tuple[StatementDecision, _Text]] = []
+        for d in analysis.statements:
+            t = _template_text(d.sql, base, count)
+            if t is None:
+                return None
+            for field_text in (*d.reasons, d.message, *d.columns, *d.lookups):
+                if "$" in field_text:
+                    return None
+            stmts.append((d, t))
+        return Template(sql_t, tuple(stmts))
+
+
+_REDACT_KINDS = frozenset({Tok.STRING, Tok.ESTRING, Tok.BITSTRING, Tok.USTRING, Tok.DOLLAR,
+                           Tok.NUMBER})
+
+
+def redact_literals(sql: str) -> str:
+    """The statement with every literal replaced by ``?`` (``$n`` kept), for the audit log.
+
+    Comments are emptied too (they can carry values). Never raises: from the first token the
+    lexer cannot read, the rest of the text becomes ``?``.
+
+    >>> redact_literals("SELECT * FROM t WHERE phone = '138' AND id = $1 LIMIT 5")
+    'SELECT * FROM t WHERE phone = ? AND id = $1 LIMIT ?'
+    """
+    try:
+        tokens = tokenize(sql)
+    except Exception:  # noqa: BLE001 - redaction must never fail; redact everything instead
+        return "?"
+    out: list[str] = []
+    for t in tokens:
+        if t.kind in _REDACT_KINDS:
+            out.append("?")
+        elif t.kind is Tok.ERROR:
+            out.append("?")
+            break
+        elif t.kind is Tok.COMMENT:
+            out.append("/* */" if t.text.startswith("/*") else "--")
+        else:
+            out.append(t.text)
+    return "".join(out)

@@ -1,0 +1,373 @@
+"""The independent check: read the *rewritten* statement with PostgreSQL's own grammar and
+refuse anything that still reaches customer data outside the generated derived tables.
+
+The substitution (:mod:`rewriters.substitute`) works on sqlglot's reading of the statement; this
+module does not trust it. It parses the final SQL with libpg_query (pglast) — the same parser
+the server runs — and walks every node:
+
+* every ``RangeVar`` naming a masked protected table must lie inside a span the rewriter
+  generated, be the DML target the DML rules approved, be a CTE reference (CTE visibility
+  computed here again, PostgreSQL's way), or a lock target. Anything else — a data-modifying
+  CTE, ``DELETE ... USING``, ``TRUNCATE``, ``COPY customers``, an ``U&"\\0063ustomers"`` sqlglot
+  never saw, a gap nobody thought of — is a violation;
+* functions that take SQL or relation names as strings (``query_to_xml``, ``ts_stat``,
+  ``dblink``, ``crosstab`` ...), ``::regclass``, statistics relations (``pg_stats``), role
+  switching (``SET ROLE``, ``SET SESSION AUTHORIZATION``, ``set_config('role', ..)``, ``ALTER
+  ROLE .. SET role``), and catalog dependents (views / functions reading protected tables) the
+  policy does not list are violations for restricted roles;
+* the protected tables and columns the statement references are collected for the audit record.
+
+Offsets: libpg_query reports byte offsets into the UTF-8 text; they are converted to character
+offsets before comparing with the rewriter's spans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewriters.classify import PgParseError, node_kind, pg_parse
+from rewriters.compiled import CompiledTable, CompiledView
+
+STATS_RELATIONS = frozenset({"pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs",
+                             "pg_statistic_ext", "pg_statistic_ext_data"})
+DENIED_FUNCTIONS = frozenset({
+    "ts_stat", "to_regclass", "pg_mcv_list_items", "connectby", "pg_read_file",
+    "pg_read_binary_file", "lo_import", "lo_export", "get_raw_page", "heap_page_items",
+    "tuple_data_split", "heap_tuple_infomask_flags", "bt_page_items", "brin_page_items",
+    "gin_leafpage_items", "hash_page_items",
+})
+DENIED_FUNCTION_PREFIXES = ("dblink", "crosstab")
+DENIED_FUNCTION_SUFFIXES = ("_to_xml", "_to_xmlschema", "_to_xml_and_xmlschema")
+ROLE_SETTINGS = frozenset({"role", "session_authorization"})
+
+
+@dataclass
+class Verdict:
+    """What the final statement does, as PostgreSQL reads it."""
+
+    node_type: str = ""
+    kind: str = "other"
+    node: dict[str, Any] = field(default_factory=dict, repr=False)
+    violations: list[str] = field(default_factory=list)
+    tables: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    dependents: list[str] = field(default_factory=list)
+
+
+def _char_offsets(sql: str) -> list[int] | None:
+    """byte offset -> char offset table for non-ASCII text (None: identical)."""
+    if sql.isascii():
+        return None
+    table: list[int] = []
+    for i, ch in enumerate(sql):
+        table.extend([i] * len(ch.encode("utf-8")))
+    table.append(len(sql))
+    return table
+
+
+def _node(value: Any) -> tuple[str, dict[str, Any]] | None:
+    """``{"RangeVar": {...}}`` -> ("RangeVar", {...})."""
+    if isinstance(value, dict) and len(value) == 1:
+        (k, v), = value.items()
+        if k[:1].isupper() and isinstance(v, dict):
+            return k, v
+    return None
+
+
+def _strings(items: Any) -> list[str]:
+    out: list[str] = []
+    for it in items or []:
+        n = _node(it)
+        if n and n[0] == "String":
+            out.append(str(n[1].get("sval", "")))
+        elif n and n[0] == "A_Star":
+            out.append("*")
+    return out
+
+
+class _Walker:
+    def __init__(
+        self,
+        sql: str,
+        cv: CompiledView,
+        generated: list[tuple[int, int]],
+        allowed: list[tuple[int, int]],
+        aliases: dict[str, str],
+        restricted: bool,
+    ) -> None:
+        self.cv = cv
+        self.generated = generated
+        self.allowed = allowed
+        self.restricted = restricted
+        self.b2c = _char_offsets(sql)
+        self.v = Verdict()
+        self.aliases: dict[str, CompiledTable] = {}
+        for ref_name, table in aliases.items():
+            ct = cv.tables.get(table)
+            if ct is not None:
+                self.aliases[ref_name] = ct
+        self.colrefs: list[list[str]] = []
+
+    # -- helpers --
+    def pos(self, location: Any) -> int | None:
+        if not isinstance(location, int) or location < 0:
+            return None
+        if self.b2c is None:
+            return location
+        return self.b2c[location] if location < len(self.b2c) else None
+
+    def inside(self, pos: int | None, spans: list[tuple[int, int]]) -> bool:
+        return pos is not None and any(s <= pos < e for s, e in spans)
+
+    def deny(self, message: str) -> None:
+        if message not in self.v.violations:
+            self.v.violations.append(message)
+
+    def add_table(self, name: str) -> None:
+        if name not in self.v.tables:
+            self.v.tables.append(name)
+
+    # -- the walk --
+    def run(self, node_type: str, node: dict[str, Any]) -> Verdict:
+        self.v.node_type = node_type
+        self.v.node = node
+        self.v.kind = node_kind(node_type, node)
+        stack: list[tuple[str, dict[str, Any], frozenset[str], str]] = [
+            (node_type, node, frozenset(), node_type)
+        ]
+        while stack:
+            ntype, body, ctes, stmt = stack.pop()
+            self.visit(ntype, body, ctes, stmt, stack)
+        self.finish_columns()
+        return self.v
+
+    def visit(
+        self,
+        ntype: str,
+        body: dict[str, Any],
+        ctes: frozenset[str],
+        stmt: str,
+        stack: list[tuple[str, dict[str, Any], frozenset[str], str]],
+    ) -> None:
+        if ntype.endswith("Stmt"):
+            stmt = ntype
+        if ntype == "RangeVar":
+            self.range_var(body, ctes, stmt, target=False)
+            return
+        if ntype == "LockingClause":
+            return  # FOR UPDATE OF <alias>: a name, not a read
+        if ntype == "LockStmt":
+            # LOCK TABLE takes a lock and reads nothing: audited, allowed.
+            for rel in body.get("relations") or []:
+                n = _node(rel)
+                rv = n[1] if n else rel
+                if isinstance(rv, dict):
+                    ct = self.cv.resolve(rv.get("schemaname") or None, str(rv.get("relname", "")))
+                    if ct is not None:
+                        self.add_table(ct.name)
+            return
+        if ntype == "FuncCall":
+            self.func_call(body)
+        elif ntype == "TypeCast":
+            names = _strings((_node(body.get("typeName")) or ("", {}))[1].get("names"))
+            if self.restricted and names and names[-1] == "regclass":
+                self.deny("casts to regclass are not allowed for masked roles")
+        elif ntype == "VariableSetStmt":
+            if self.restricted and str(body.get("name", "")).lower() in ROLE_SETTINGS:
+                self.deny("role switching would escape the policy")
+        elif ntype == "ColumnRef":
+            if not self.inside(self.pos(body.get("location")), self.generated):
+                self.colrefs.append(_strings(body.get("fields")))
+            return
+        # CTE scoping
+        with_clause = body.get("withClause")
+        inner_ctes = ctes
+        if isinstance(with_clause, dict):
+            ctes_list = with_clause.get("ctes") or []
+            names: list[str] = []
+            for c in ctes_list:
+                n = _node(c)
+                names.append(str(n[1].get("ctename", "")) if n else "")
+            recursive = bool(with_clause.get("recursive"))
+            for i, c in enumerate(ctes_list):
+                n = _node(c)
+                if not n:
+                    continue
+                visible = ctes | frozenset(names if recursive else names[:i])
+                self.push(n[1].get("ctequery"), visible, stmt, stack)
+            inner_ctes = ctes | frozenset(n for n in names if n)
+        target = None
+        if ntype in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
+            target = body.get("relation")
+            if isinstance(target, dict):
+                self.range_var(target, inner_ctes, ntype, target=True)
+        for key, value in body.items():
+            if key == "withClause" or (target is not None and key == "relation"):
+                continue
+            if key == "intoClause":
+                continue  # SELECT INTO / CREATE TABLE AS target: a new table, not a read
+            self.push(value, inner_ctes, stmt, stack)
+
+    def push(
+        self,
+        value: Any,
+        ctes: frozenset[str],
+        stmt: str,
+        stack: list[tuple[str, dict[str, Any], frozenset[str], str]],
+    ) -> None:
+        if isinstance(value, list):
+            for item in reversed(value):
+                self.push(item, ctes, stmt, stack)
+            return
+        if not isinstance(value, dict):
+            return
+        n = _node(value)
+        if n is not None:
+            stack.append((n[0], n[1], ctes, stmt))
+            return
+        # a bare field dict (e.g. RangeVar inside CopyStmt.relation, Alias)
+        if "relname" in value:
+            stack.append(("RangeVar", value, ctes, stmt))
+            return
+        if str(value.get("kind", "")).startswith("VAR_"):
+            # ALTER ROLE/DATABASE ... SET x: a bare VariableSetStmt
+            stack.append(("VariableSetStmt", value, ctes, stmt))
+            return
+        for v in value.values():
+            self.push(v, ctes, stmt, stack)
+
+    def range_var(self, rv: dict[str, Any], ctes: frozenset[str], stmt: str, target: bool) -> None:
+        relname = str(rv.get("relname", ""))
+        schema = rv.get("schemaname")
+        schema = str(schema) if schema else None
+        if schema is None and not target and relname in ctes:
+            return
+        pos = self.pos(rv.get("location"))
+        in_generated = self.inside(pos, self.generated)
+        ct = self.cv.resolve(schema, relname)
+        if ct is not None:
+            if in_generated:
+                return
+            self.add_table(ct.name)
+            alias = rv.get("alias")
+            ref_name = str(alias.get("aliasname")) if isinstance(alias, dict) and alias.get(
+                "aliasname") else relname
+            self.aliases.setdefault(ref_name, ct)
+            if self.restricted and ct.masked and not self.inside(pos, self.allowed):
+                where = stmt.removesuffix("Stmt")
+                self.deny(
+                    f"{ct.name} is referenced where it cannot be masked ({where} statement)"
+                )
+            return
+        if in_generated:
+            return
+        dep = self.cv.resolve_dependent(schema, relname)
+        if dep is not None:
+            self.dependent(dep)
+        if self.restricted and relname in STATS_RELATIONS and schema in (None, "pg_catalog"):
+            self.deny(f"catalog statistics ({relname}) are not allowed for masked roles")
+
+    def dependent(self, dep: str) -> None:
+        if dep not in self.v.dependents:
+            self.v.dependents.append(dep)
+        for t in self.cv.dependents.get(dep, ()):
+            self.add_table(t)
+        view = self.cv.view
+        if self.restricted and dep not in view.allowed_dependents and not view.limits.functions:
+            tables = ", ".join(self.cv.dependents.get(dep, ()))
+            self.deny(f"{dep} reads protected tables ({tables}) and is not allowed for role "
+                      f"{view.role}")
+
+    def func_call(self, body: dict[str, Any]) -> None:
+        names = _strings(body.get("funcname"))
+        if not names:
+            return
+        name = names[-1].lower()
+        schema = names[-2] if len(names) >= 2 else None
+        if not self.inside(self.pos(body.get("location")), self.generated):
+            dep = self.cv.resolve_dependent(schema, name)
+            if dep is not None:
+                self.dependent(dep)
+        if not self.restricted:
+            return
+        if self.inside(self.pos(body.get("location")), self.generated):
+            return
+        if (
+            name in DENIED_FUNCTIONS
+            or name.startswith(DENIED_FUNCTION_PREFIXES)
+            or name.endswith(DENIED_FUNCTION_SUFFIXES)
+        ):
+            self.deny(f"function {name}() reads data named in strings and is not allowed for "
+                      "masked roles")
+        if name == "set_config":
+            args = body.get("args") or []
+            first = _node(args[0]) if args else None
+            setting = None
+            if first and first[0] == "A_Const":
+                sval = first[1].get("sval")
+                if isinstance(sval, dict):
+                    setting = str(sval.get("sval", ""))
+            if setting is None:
+                self.deny("set_config() with a computed setting name is not allowed for masked "
+                          "roles")
+            elif setting.strip().lower() in ROLE_SETTINGS:
+                self.deny("role switching would escape the policy")
+
+    def finish_columns(self) -> None:
+        tables = list({ct.name: ct for ct in self.aliases.values()}.values())
+        cols: list[str] = []
+
+        def add(ct: CompiledTable, col: str) -> None:
+            if col == "*":
+                for c in ct.columns:
+                    add(ct, c)
+                return
+            if col in ct.colview:
+                qn = f"{ct.name}.{col}"
+                if qn not in cols:
+                    cols.append(qn)
+
+        for fields in self.colrefs:
+            if not fields:
+                continue
+            last = fields[-1]
+            if len(fields) == 1:
+                if last == "*":
+                    for ct in tables:
+                        add(ct, "*")
+                    continue
+                whole = self.aliases.get(last)
+                if whole is not None:
+                    add(whole, "*")
+                    continue
+                for ct in tables:
+                    add(ct, last)
+                continue
+            qual = fields[-2]
+            ct = self.aliases.get(qual)
+            if ct is not None:
+                add(ct, last)
+        self.v.columns = cols
+
+
+def verify(
+    sql: str,
+    cv: CompiledView,
+    *,
+    generated: list[tuple[int, int]] | None = None,
+    allowed: list[tuple[int, int]] | None = None,
+    aliases: dict[str, str] | None = None,
+    restricted: bool = True,
+) -> Verdict:
+    """Check one (rewritten) statement; raises :class:`PgParseError` when PostgreSQL's grammar
+    rejects it."""
+    stmts = pg_parse(sql)
+    if len(stmts) != 1:
+        raise PgParseError(f"expected one statement, found {len(stmts)}")
+    stmt = stmts[0].get("stmt") or {}
+    n = _node(stmt)
+    if n is None:
+        raise PgParseError("empty statement")
+    walker = _Walker(sql, cv, generated or [], allowed or [], aliases or {}, restricted)
+    return walker.run(n[0], n[1])

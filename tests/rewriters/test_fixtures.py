@@ -1,0 +1,166 @@
+"""The rewriter's input -> expected pairs in ``tests/rewriters/fixtures/*.sql`` (sqlglot-style).
+
+Format — blocks of::
+
+    -- # free text describing the case (ignored)
+    -- as: teller                    role of a view in tests/rewriters/helpers.py
+    -- lex: scs=off encoding=GBK     optional LexSettings
+    SELECT phone FROM customers WHERE id = 3;
+    -- expect:                       the exact Analysis.sql ...
+    SELECT phone FROM {{customers & "id" OPERATOR(pg_catalog.=) 3}} AS "customers" WHERE TRUE;
+    -- lookups: public.customers.id_number       optional checks on the (last) decision
+    -- tables: public.customers
+    -- kind: select
+
+or ``-- deny: <substring of the message>`` or ``-- forward`` instead of ``-- expect:``.
+
+In expected SQL, ``{{customers}}`` stands for the derived table the role's view produces for
+``customers`` (``CompiledTable.derived``): ``{{customers@public.customers}}`` when the client
+wrote another name text, ``{{customers & <cond> & <cond>}}`` with conditions moved inside.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rewriters.analyze import Analyzer
+from rewriters.compiled import compile_view
+from rewriters.model import Action, LexSettings
+from tests.rewriters.helpers import view
+
+FIXTURES = Path(__file__).parent / "fixtures"
+_DIRECTIVE = re.compile(r"^-- (as|expect|deny|forward|lookups|tables|kind|lex|columns)\b:?\s*(.*)$")
+_MACRO = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+
+
+@dataclass
+class Case:
+    file: str
+    line: int
+    role: str
+    sql: str = ""
+    outcome: str = ""  # expect | deny | forward
+    expected: str = ""
+    checks: dict[str, str] = field(default_factory=dict)
+    lex: LexSettings = field(default_factory=LexSettings)
+
+    @property
+    def id(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def _lex(spec: str) -> LexSettings:
+    scs = True
+    enc = "UTF8"
+    for part in spec.split():
+        k, _, v = part.partition("=")
+        if k == "scs":
+            scs = v.lower() not in ("off", "false", "0")
+        elif k == "encoding":
+            enc = v
+    return LexSettings(standard_conforming_strings=scs, client_encoding=enc)
+
+
+def load_cases(paths: list[Path] | None = None) -> list[Case]:
+    cases: list[Case] = []
+    for path in paths if paths is not None else sorted(FIXTURES.glob("*.sql")):
+        current: Case | None = None
+        mode = ""
+        buf: list[str] = []
+
+        def flush() -> None:
+            nonlocal buf
+            if current is None:
+                buf = []
+                return
+            text = "\n".join(buf).strip()
+            if mode == "sql":
+                current.sql = text
+            elif mode == "expect":
+                current.expected = text
+            buf = []
+
+        for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if raw.startswith("-- #"):
+                continue
+            m = _DIRECTIVE.match(raw)
+            if not m:
+                buf.append(raw)
+                continue
+            key, value = m.group(1), m.group(2).strip()
+            if key == "as":
+                flush()
+                current = Case(path.name, n, value)
+                cases.append(current)
+                mode = "sql"
+                continue
+            assert current is not None, f"{path}:{n}: directive before '-- as:'"
+            if key == "lex":
+                current.lex = _lex(value)
+                continue
+            if key in ("expect", "deny", "forward"):
+                flush()
+                current.outcome = key
+                if key == "deny":
+                    current.expected = value
+                mode = "expect" if key == "expect" else ""
+                continue
+            flush()
+            mode = ""
+            current.checks[key] = value
+        flush()
+    return cases
+
+
+CASES = load_cases()
+ANALYZER = Analyzer()
+
+
+def expand(expected: str, role: str) -> str:
+    cv = compile_view(view(role))
+
+    def sub(m: re.Match[str]) -> str:
+        head, *extra = [p.strip() for p in m.group(1).split(" & ")]
+        bare, _, name_text = head.partition("@")
+        ct = cv.tables[f"public.{bare}"]
+        return ct.derived(name_text or bare, extra)
+
+    return _MACRO.sub(sub, expected)
+
+
+def test_fixture_corpus_is_large() -> None:
+    assert len(CASES) >= 150
+    assert {c.role for c in CASES} >= {"teller", "manager", "auditor", "dba", "default"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_fixture(case: Case) -> None:
+    assert case.outcome, f"{case.id}: no -- expect/-- deny/-- forward"
+    analysis = ANALYZER.analyze_uncached(case.sql, view(case.role), case.lex)
+    denied = analysis.denied
+    if case.outcome == "deny":
+        assert denied is not None, f"expected a denial, got {analysis.sql!r}"
+        assert case.expected.lower() in denied.message.lower(), denied.message
+        assert denied.sql and denied.sqlstate == "42501"
+    else:
+        assert denied is None, f"unexpected denial: {denied.message if denied else ''}"
+        if case.outcome == "forward":
+            assert all(d.action is Action.FORWARD for d in analysis.statements), analysis.sql
+        else:
+            assert analysis.sql == expand(case.expected, case.role)
+    last = analysis.statements[-1] if analysis.statements else None
+    for key, value in case.checks.items():
+        assert last is not None
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        if key == "lookups":
+            assert last.lookups == items
+        elif key == "tables":
+            assert last.tables == items
+        elif key == "columns":
+            assert last.columns == items
+        elif key == "kind":
+            assert last.kind == value
