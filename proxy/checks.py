@@ -86,8 +86,9 @@ async def run_check(config: Config, database: str | None, offline: bool) -> int:
 
 async def run_explain(config: Config, login: str, sql: str, database: str,
                       client: str | None, application: str) -> int:
-    from rewriters.analyze import Analyzer
     from rewriters.explain import explain_report
+
+    from rewriters.analyze import Analyzer
     from rewriters.model import Catalog, LexSettings
     from rewriters.policy import build_operator_view
 

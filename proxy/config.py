@@ -204,8 +204,10 @@ def parse_config(text: str, filename: str = "pgveil.yaml",
                 msg = "unknown key"
             errors.append(f"{filename}:{line}: {key}: {msg}")
         raise ConfigError(errors) from None
-    base = Path(filename).resolve().parent
-    return _resolve_paths(cfg, base).model_copy(update={"source": Path(filename).resolve()})
+    # abspath, not resolve(): a Kubernetes ConfigMap mounts files through symlinks into a
+    # timestamped directory that is replaced on update; resolving would pin the old one
+    source = Path(os.path.abspath(filename))
+    return _resolve_paths(cfg, source.parent).model_copy(update={"source": source})
 
 
 def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:

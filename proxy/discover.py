@@ -461,7 +461,8 @@ def _name_rule(table: str, column: str) -> Category | None:
         if others & _PERSON_QUALIFIERS and others <= _PERSON_QUALIFIERS | {
                 "cn", "zh", "en", "chinese", "card", "account"}:
             return Category.PERSON_NAME
-        if others <= {"cn", "zh", "chinese"} and is_person_table(table):
+        if others <= {"cn", "zh", "chinese", "en", "english", "pinyin"} and \
+                is_person_table(table):
             return Category.PERSON_NAME
     return None
 
@@ -658,9 +659,11 @@ def render_policy_snippet(result: ScanResult, source: str = "") -> str:
             if table_ok and _POLICY_IDENT.match(f.column):
                 rows.append((f"      {_yaml_key(f.column)}:", value, f.reason, "col"))
             else:
-                rows.append((f"      # {_yaml_key(f.column)}:", value,
-                             f"{f.reason}; cannot be listed: policy column names are "
-                             "lower-case identifiers (rename the column or use a view)", "col"))
+                why = ("its table cannot be listed" if not table_ok else
+                       "cannot be listed: policy column names are lower-case identifiers "
+                       "(rename the column or use a view)")
+                rows.append((f"      # {_yaml_key(f.column)}:", value, f"{f.reason}; {why}",
+                             "col"))
     key_w = max(len(k) for k, _, _, kind in rows if kind == "col") + 1
     val_w = max(len(v) for _, v, _, kind in rows if kind == "col") + 1
     lines = [*header, "protected:"]

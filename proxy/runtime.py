@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from proxy.config import Config
 from proxy.metrics import Metrics, MetricsServer
+from proxy.operator import LocalQuota, OperatorState
 from proxy.server import (
     CANCEL_REQUEST,
     ClientConnection,
@@ -68,6 +69,8 @@ class Runtime:
         self._views: dict[tuple[Any, ...], OperatorView] = {}
         self.cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._auth_pool: Any = None
+        self.control: Any = None
+        self.local_quota = LocalQuota()
         self.clients: set[ClientConnection] = set()
         self.tasks, self.spawn = spawn_holder()
         self.audit: Any = None
@@ -225,7 +228,7 @@ class Runtime:
 
     # ------------------------------------------------------------------ sessions
     def new_session(self, view: OperatorView, lex: LexSettings, identity: dict[str, Any],
-                    database: str) -> Session:
+                    database: str, client_ip: str | None = None) -> Session:
         from rewriters.shape import redact_literals
 
         metrics = self.metrics
@@ -242,18 +245,86 @@ class Runtime:
                 (cache_hit if analysis.cached else cache_miss).inc()
                 rewrite_hist.observe(analysis.rewrite_seconds)
             for st in analysis.statements:
-                statements.labels(role, _DECISION[st.action], st.kind).inc()
                 if st.kind == "ddl" and st.action is not Action.DENY:
                     self.invalidate_catalog(database)
             return analysis
 
+        counters: dict[tuple[str, str], Any] = {}
+
+        def count_statement(decision: str, kind: str) -> None:
+            counter = counters.get((decision, kind))
+            if counter is None:
+                counter = counters[(decision, kind)] = statements.labels(role, decision, kind)
+            counter.inc()
+
+        login, ip, application = (identity.get("operator", view.login), client_ip,
+                                  identity.get("application", ""))
+        operator = OperatorState(
+            view, self.control, self.control or self.local_quota,
+            lambda role: self._rebuild_view(view, role, database),
+            policy_view=lambda: self._current_policy_view(login, ip, application, database))
+        if self.control is not None and view.limits.quota_seconds:
+            self.spawn(self.control.refresh_quota(view.login, view.limits.quota_seconds))
         redact = redact_literals if self.config.audit.redact_literals else None
         available = (lambda: self.audit.available) if self.audit is not None else (lambda: True)
         if self.audit is not None and self.config.audit.on_failure == "allow":
             available = lambda: True  # noqa: E731 - statements pass; failures are counted
         return Session(view=view, analyze=analyze, lex=lex, identity=identity,
                        audit_all=self.config.audit.all, audit_available=available,
-                       redact=redact)
+                       redact=redact, operator=operator, count_statement=count_statement)
+
+    def _current_policy_view(self, login: str, ip: str | None, application: str,
+                             database: str) -> tuple[str, OperatorView | None]:
+        """(policy version, the operator's view under it) — used by open sessions to follow a
+        policy reload at their next statement, so a tightened policy applies at once."""
+        from rewriters.policy import build_operator_view
+
+        policy = self.policy
+        operator = policy.resolve(login, ip, application)
+        if operator is None:
+            return policy.version, None
+        key = (policy.version, operator.role, tuple(sorted(operator.attributes.items())),
+               login, id(self.catalogs.get(database)), database)
+        view = self._views.get(key)
+        if view is None:
+            view = build_operator_view(policy, operator,
+                                       self.catalogs.get(database) or Catalog())
+            self._views[key] = view
+        return policy.version, view
+
+    def _rebuild_view(self, view: OperatorView, role: str, database: str) -> OperatorView:
+        """The view of another role for the same operator (a ``role=…`` grant)."""
+        from rewriters.policy import Operator, build_operator_view
+
+        operator = Operator(view.login, role, dict(view.attributes))
+        return build_operator_view(self.policy, operator,
+                                   self.catalogs.get(database) or Catalog())
+
+    async def _start_control(self) -> None:
+        """Grants and shared quotas live in the control database (schema pgveil)."""
+        from proxy.control import ControlStore
+
+        if not self.config.control.dsn:
+            return
+        self.control = ControlStore(self.config.control.dsn, self.config.control_password)
+        self.control.on_grant_event(self._audit_grant_event)
+        await self.control.start(require=False)
+
+    def _audit_grant_event(self, event: Any) -> None:
+        grant = event.grant
+        kind = getattr(event.kind, "value", str(event.kind))
+        if self.audit is None:
+            return
+        from proxy.control import format_lift
+
+        with contextlib.suppress(Exception):
+            self.audit.record({
+                "session": None, "operator": grant.login, "role": None, "client": None,
+                "application": "pgveil grant", "database": None, "kind": f"grant_{kind}",
+                "statement": None, "tables": [], "columns": [], "decision": "allowed",
+                "reasons": [f"lift {format_lift(grant.lift)}", f"reason: {grant.reason}",
+                            f"approver: {grant.approver}"],
+                "grant": grant.id, "rows": None, "duration_ms": None, "error": None})
 
     def submit_audit(self, fields: dict[str, Any]) -> asyncio.Future[None] | None:
         role = fields.get("role", "")
@@ -360,6 +431,7 @@ class Runtime:
             chain = f"{socket.gethostname()}-{cfg.listen.port}-w{self.worker}"
             self.audit = AuditTrail(settings, chain_id=chain, metrics=_AuditMetrics(self.metrics))
             await self.audit.start()
+        await self._start_control()
         sock = socket.socket(socket.AF_INET6 if ":" in cfg.listen.host else socket.AF_INET,
                              socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -423,6 +495,9 @@ class Runtime:
             c.close()
         if self.audit is not None:
             await self.audit.close()
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                await self.control.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
 
@@ -436,9 +511,6 @@ def _cert_der(path: Path) -> bytes | None:
         return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
     except (OSError, ValueError):
         return None
-
-
-_DECISION = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten", Action.DENY: "blocked"}
 
 
 def _reason_label(reason: str) -> str:

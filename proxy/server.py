@@ -511,7 +511,7 @@ class ClientConnection(asyncio.Protocol):
             "session": secrets.token_hex(4), "operator": user, "role": view.role,
             "client": self.peer, "application": application, "database": database,
         }
-        self.session = self.rt.new_session(view, lex, identity, database)
+        self.session = self.rt.new_session(view, lex, identity, database, self.peer_ip)
         self.session.parameters.update(parameters)
         upstream.relaying = True
         leftover = upstream.reader.take()

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.operator import OperatorState
 from rewriters.model import (
     DENY_SQLSTATE,
     Action,
@@ -182,8 +183,12 @@ class Session:
                  redact: Callable[[str], str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], float] = time.time,
-                 on_decision: Callable[[Analysis], None] | None = None):
+                 on_decision: Callable[[Analysis], None] | None = None,
+                 operator: OperatorState | None = None,
+                 count_statement: Callable[[str, str], None] | None = None):
+        self.count_statement = count_statement
         self.view = view
+        self.operator = operator
         self._analyze = analyze
         self.lex = lex
         self.identity = identity  # session, operator, role, client, application, database
@@ -227,6 +232,8 @@ class Session:
                 message=f"cannot decode the statement in client encoding "
                         f"{self.lex.client_encoding}; refusing what pgveil cannot read")
             return Analysis(sql="", statements=(st,))
+        if self.operator is not None:
+            self.view = self.operator.current()
         analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
                                  cursors=self.cursors)
         if self.on_decision is not None:
@@ -249,6 +256,13 @@ class Session:
                 message=f"access to {', '.join(first.tables)} is allowed for role "
                         f"{self.view.role} only between {limits.hours[0]} and "
                         f"{limits.hours[1]} ({limits.timezone})")
+        if self.operator is not None:
+            exhausted = self.operator.quota_exceeded(self.view)
+            if exhausted is not None:
+                first = protected[0]
+                return StatementDecision(
+                    action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
+                    columns=first.columns, reasons=("quota exhausted",), message=exhausted)
         if not self.audit_available():
             first = protected[0]
             return StatementDecision(
@@ -269,9 +283,12 @@ class Session:
             tables=list(d.tables), columns=list(d.columns), decision=decision_name,
             reasons=list(d.reasons) + [f"lookup {c}" for c in d.lookups
                                        if f"lookup {c}" not in d.reasons],
-            grant=None, rows=run.rows,
+            grant=self.operator.grant_id if self.operator is not None else None,
+            rows=run.rows,
             duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
         out.audit.append(AuditEvent(fields))
+        if d.protected and run.rows and self.operator is not None:
+            self.operator.add_rows(run.rows)
 
     @staticmethod
     def _decision_name(d: StatementDecision) -> str:
@@ -363,6 +380,8 @@ class Session:
 
     def _deny_runs(self, analysis: Analysis, denied: StatementDecision, out: Output) -> None:
         run = _StatementRun(denied, self.clock(), denied=True)
+        if self.count_statement is not None:
+            self.count_statement("blocked", denied.kind)
         self._audit(out, run, "blocked", error=denied.message)
 
     def _on_query(self, frame: bytes, out: Output) -> None:
@@ -504,6 +523,8 @@ class Session:
             if not run.denied:
                 name = "failed" if error else self._decision_name(run.decision)
                 self._audit(out, run, name, error=error)
+                if self.count_statement is not None:
+                    self.count_statement(name, run.decision.kind)
             slot.index += 1
 
     def _server_message(self, mtype: int, frame: bytes, out: Output) -> None:

@@ -141,6 +141,8 @@ C = d.Category
     ("accounts", "card_holder", "text", C.PERSON_NAME),
     ("accounts", "card_holder_name", "text", C.PERSON_NAME),
     ("staff", "realName", "text", C.PERSON_NAME),
+    ("customers", "name_en", "text", C.PERSON_NAME),
+    ("branches", "name_en", "text", None),
     ("customers", "phone", "text", C.PHONE),
     ("customers", "mobile_no", "varchar(20)", C.PHONE),
     ("customers", "tel", "text", C.PHONE),
