@@ -74,9 +74,11 @@ class OperatorState:
 
     def __init__(self, base: OperatorView, control: Any, quota: Any,
                  rebuild: Callable[[str], OperatorView],
-                 policy_view: Callable[[], tuple[str, OperatorView | None]] | None = None):
+                 policy_view: Callable[[], tuple[str, OperatorView | None]] | None = None,
+                 policy_version: Callable[[], str] | None = None):
         self.base = base
         self.policy_view = policy_view
+        self.policy_version = policy_version
         self._policy_version = base.policy_version
         self.control = control  # ControlStore or None
         self.quota = quota  # ControlStore or LocalQuota
@@ -86,7 +88,7 @@ class OperatorState:
         self.grant_id: str | None = None
 
     def current(self) -> OperatorView:
-        if self.policy_view is not None:
+        if self.policy_version is not None and self.policy_version() != self._policy_version:
             self._follow_policy()
         control = self.control
         if control is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -229,8 +230,6 @@ class Runtime:
     # ------------------------------------------------------------------ sessions
     def new_session(self, view: OperatorView, lex: LexSettings, identity: dict[str, Any],
                     database: str, client_ip: str | None = None) -> Session:
-        from rewriters.shape import redact_literals
-
         metrics = self.metrics
         analyzer = self.analyzer
         role = view.role
@@ -262,16 +261,16 @@ class Runtime:
         operator = OperatorState(
             view, self.control, self.control or self.local_quota,
             lambda role: self._rebuild_view(view, role, database),
-            policy_view=lambda: self._current_policy_view(login, ip, application, database))
+            policy_view=lambda: self._current_policy_view(login, ip, application, database),
+            policy_version=lambda: self.policy.version)
         if self.control is not None and view.limits.quota_seconds:
             self.spawn(self.control.refresh_quota(view.login, view.limits.quota_seconds))
-        redact = redact_literals if self.config.audit.redact_literals else None
         available = (lambda: self.audit.available) if self.audit is not None else (lambda: True)
         if self.audit is not None and self.config.audit.on_failure == "allow":
             available = lambda: True  # noqa: E731 - statements pass; failures are counted
         return Session(view=view, analyze=analyze, lex=lex, identity=identity,
                        audit_all=self.config.audit.all, audit_available=available,
-                       redact=redact, operator=operator, count_statement=count_statement)
+                       operator=operator, count_statement=count_statement)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,
                              database: str) -> tuple[str, OperatorView | None]:
@@ -335,8 +334,14 @@ class Runtime:
         if rows:
             for table in fields.get("tables") or ():
                 self.metrics.protected_rows.labels(role, table).inc(rows)
+        for column in fields.get("lookups") or ():
+            self.metrics.lookups.labels(role, column).inc()
         if self.audit is None:
             return None
+        if self.config.audit.redact_literals:
+            fields["statement"] = _redact(fields.get("statement") or "")
+            if fields.get("error"):
+                fields["error"] = _redact_error(fields["error"])
         try:
             return self.audit.record(fields)
         except Exception as exc:  # the trail counts its own failures
@@ -511,6 +516,23 @@ def _cert_der(path: Path) -> bytes | None:
         return x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
     except (OSError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _redact(sql: str) -> str:
+    """Literals out of the audited statement; cached because prepared statements repeat."""
+    from rewriters.redact import redact
+
+    return redact(sql)
+
+
+def _redact_error(message: str) -> str:
+    """PostgreSQL error messages can echo values (``invalid input syntax for type integer:
+    "13812345678"``): drop quoted parts and long digit runs."""
+    import re
+
+    message = re.sub(r'"[^"]*"', '"?"', message)
+    return re.sub(r"\d{4,}", "?", message)
 
 
 def _reason_label(reason: str) -> str:

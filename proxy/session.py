@@ -47,6 +47,7 @@ from rewriters.model import (
 )
 
 _I32 = struct.Struct("!i")
+_U32 = struct.Struct("!I")
 _HDR = struct.Struct("!cI")
 
 # PostgreSQL encoding names → Python codecs. SQL_ASCII passes bytes through: latin-1 maps
@@ -99,7 +100,7 @@ class Output:
     close: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _StatementRun:
     """One statement being executed upstream, attributed results and counted rows."""
 
@@ -110,9 +111,10 @@ class _StatementRun:
     capped: bool = False
     denied: bool = False
     error: str | None = None
+    source: str = ""  # the client's text of this statement (for the audit record)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Slot:
     """A unit of expected server output: a simple Query, an Execute, or a Sync marker."""
 
@@ -180,7 +182,6 @@ class Session:
     def __init__(self, *, view: OperatorView, analyze: AnalyzeFn, lex: LexSettings,
                  identity: dict[str, Any], audit_all: bool = False,
                  audit_available: Callable[[], bool] = lambda: True,
-                 redact: Callable[[str], str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  now: Callable[[], float] = time.time,
                  on_decision: Callable[[Analysis], None] | None = None,
@@ -194,7 +195,6 @@ class Session:
         self.identity = identity  # session, operator, role, client, application, database
         self.audit_all = audit_all
         self.audit_available = audit_available
-        self.redact = redact or (lambda s: s)
         self.clock = clock
         self.now = now
         self.on_decision = on_decision
@@ -204,14 +204,16 @@ class Session:
         self._cbuf = bytearray()
         self._sbuf = bytearray()
         self._slots: deque[_Slot] = deque()
-        self._statements: dict[bytes, StatementDecision] = {}  # extended: name → decision
-        self._portals: dict[bytes, StatementDecision] = {}
+        # extended protocol: statement / portal name → (decision, client text)
+        self._statements: dict[bytes, tuple[StatementDecision, str]] = {}
+        self._portals: dict[bytes, tuple[StatementDecision, str]] = {}
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
         self._drop_server = False  # server side: discard results until ReadyForQuery
         self._pending_cancel = False
         self.parameters: dict[str, str] = {}
+        self._source = ""  # decoded text of the statement being analysed
 
     # ------------------------------------------------------------------ helpers
     def _decode_sql(self, raw: bytes) -> str | None:
@@ -234,6 +236,7 @@ class Session:
             return Analysis(sql="", statements=(st,))
         if self.operator is not None:
             self.view = self.operator.current()
+        self._source = sql
         analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
                                  cursors=self.cursors)
         if self.on_decision is not None:
@@ -279,12 +282,12 @@ class Session:
             return
         fields = dict(self.identity)
         fields.update(
-            kind=d.kind, statement=self.redact(d.sql) if d.sql else "",
+            kind=d.kind, statement=run.source or d.sql,
             tables=list(d.tables), columns=list(d.columns), decision=decision_name,
             reasons=list(d.reasons) + [f"lookup {c}" for c in d.lookups
                                        if f"lookup {c}" not in d.reasons],
             grant=self.operator.grant_id if self.operator is not None else None,
-            rows=run.rows,
+            rows=run.rows, lookups=list(d.lookups),
             duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
         out.audit.append(AuditEvent(fields))
         if d.protected and run.rows and self.operator is not None:
@@ -297,30 +300,44 @@ class Session:
 
     # ------------------------------------------------------------------ client side
     def from_client(self, data: bytes) -> Output:
-        """Feed bytes the client sent; returns what to send where."""
+        """Feed bytes the client sent; returns what to send where.
+
+        Messages forwarded unchanged stay in one contiguous run of the input (no per-message
+        copies); only a message a handler replaces splits the run.
+        """
         out = Output()
-        buf = self._cbuf
-        buf += data
+        if self._cbuf:
+            self._cbuf += data
+            buf = bytes(self._cbuf)
+            self._cbuf.clear()
+        else:
+            buf = data
         pos, n = 0, len(buf)
-        passthrough_start = 0
+        start = 0
+        to_server = out.to_server
         while n - pos >= 5:
             mtype = buf[pos]
-            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-            end = pos + 1 + length
+            length = _U32.unpack_from(buf, pos + 1)[0]
             if length < 4:
                 raise ProtocolViolation("invalid message length")
+            end = pos + 1 + length
             if end > n:
                 break
             if mtype in _CLIENT_WATCHED:
-                # Q P B E S C X: messages we look at; flush the untouched run before them
-                if pos > passthrough_start:
-                    out.to_server.append(bytes(buf[passthrough_start:pos]))
-                self._client_message(mtype, bytes(buf[pos:end]), out)
-                passthrough_start = end
+                frame = buf[pos:end]
+                mark = len(to_server)
+                self._client_message(mtype, frame, out)
+                if len(to_server) == mark + 1 and to_server[mark] is frame:
+                    to_server.pop()  # forwarded unchanged: keep it in the run
+                else:
+                    if pos > start:
+                        to_server.insert(mark, buf[start:pos])
+                    start = end
             pos = end
-        if pos > passthrough_start:
-            out.to_server.append(bytes(buf[passthrough_start:pos]))
-        del buf[:pos]
+        if pos > start:
+            to_server.append(buf[start:pos] if start or pos < n else buf)
+        if pos < n:
+            self._cbuf += buf[pos:]
         return out
 
     def _client_message(self, mtype: int, frame: bytes, out: Output) -> None:
@@ -341,12 +358,12 @@ class Session:
             out.to_server.append(frame)
         elif mtype == 0x45:  # Execute
             portal, _ = _cstr(frame, 5)
-            decision = self._portals.get(portal)
+            bound = self._portals.get(portal)
             slot = _Slot("execute")
-            if decision is not None:
+            if bound is not None:
                 slot.runs.append(_StatementRun(
-                    decision, self.clock(),
-                    counter_key=("portal", portal.decode("latin-1"))))
+                    bound[0], self.clock(),
+                    counter_key=("portal", portal.decode("latin-1")), source=bound[1]))
             self._slots.append(slot)
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
@@ -379,7 +396,7 @@ class Session:
             out.to_server.append(frame)
 
     def _deny_runs(self, analysis: Analysis, denied: StatementDecision, out: Output) -> None:
-        run = _StatementRun(denied, self.clock(), denied=True)
+        run = _StatementRun(denied, self.clock(), denied=True, source=self._source)
         if self.count_statement is not None:
             self.count_statement("blocked", denied.kind)
         self._audit(out, run, "blocked", error=denied.message)
@@ -398,7 +415,23 @@ class Session:
             sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message)
             out.to_server.append(_frame(b"Q", sql.encode("utf-8") + b"\x00"))
             return
+        if not self.audit_all and not any(
+                st.tables or st.cursor or st.prepared for st in analysis.statements):
+            # the common case (nothing protected, no cursor/prepare bookkeeping): no per-
+            # statement tracking, so results flow through with no attribution work
+            if self.count_statement is not None:
+                for st in analysis.statements:
+                    self.count_statement("rewritten" if st.action is Action.REWRITE
+                                         else "allowed", st.kind)
+            self._slots.append(_Slot("query"))
+            if analysis.changed:
+                out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
+            else:
+                out.to_server.append(frame)
+            return
         now = self.clock()
+        single = len(analysis.statements) == 1
+        source = self._source
         for st in analysis.statements:
             key = None
             if st.cursor and st.kind == "declare":
@@ -408,7 +441,8 @@ class Session:
                 key = ("cursor", st.cursor)
             if st.prepared and st.kind == "prepare":
                 self.prepared[st.prepared] = st
-            slot.runs.append(_StatementRun(st, now, counter_key=key))
+            slot.runs.append(_StatementRun(st, now, counter_key=key,
+                                           source=source if single else st.sql))
         self._slots.append(slot)
         if analysis.changed:
             out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
@@ -442,7 +476,7 @@ class Session:
             return
         st = analysis.statements[0] if analysis.statements else None
         if st is not None and (st.protected or st.cursor or st.prepared or self.audit_all):
-            self._statements[name] = st
+            self._statements[name] = (st, self._source)
         else:
             self._statements.pop(name, None)
         if analysis.changed:
@@ -453,54 +487,67 @@ class Session:
 
     # ------------------------------------------------------------------ server side
     def from_server(self, data: bytes) -> Output:
-        """Feed bytes PostgreSQL sent; returns what to send where."""
+        """Feed bytes PostgreSQL sent; returns what to send where (see from_client)."""
         out = Output()
-        buf = self._sbuf
-        buf += data
+        if self._sbuf:
+            self._sbuf += data
+            buf = bytes(self._sbuf)
+            self._sbuf.clear()
+        else:
+            buf = data
         pos, n = 0, len(buf)
         start = 0
         slots = self._slots
+        to_client = out.to_client
+        unpack = _U32.unpack_from
         while n - pos >= 5:
             mtype = buf[pos]
-            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-            end = pos + 1 + length
+            end = pos + 1 + unpack(buf, pos + 1)[0]
             if end > n:
                 break
-            if mtype == 0x44 and slots:  # DataRow: the hot path
-                head = slots[0]
-                run = head.runs[head.index] if head.index < len(head.runs) else None
-                if run is not None:
-                    run.rows += 1
-                    limit = run.decision.row_limit
-                    if limit is not None or run.capped:
-                        total = run.rows + (self._counts.get(run.counter_key, 0)
-                                            if run.counter_key else 0)
-                        if run.capped or total > limit:  # type: ignore[operator]
-                            if pos > start:
-                                out.to_client.append(bytes(buf[start:pos]))
-                            start = end
-                            if not run.capped:
-                                run.capped = True
-                                out.cancel = True
-                            run.rows -= 1
-                elif self._drop_server:
-                    if pos > start:
-                        out.to_client.append(bytes(buf[start:pos]))
-                    start = end
+            if mtype == 0x44:  # DataRow: the hot path
+                if slots:
+                    head = slots[0]
+                    runs = head.runs
+                    run = runs[head.index] if head.index < len(runs) else None
+                    if run is not None:
+                        run.rows += 1
+                        limit = run.decision.row_limit
+                        if limit is not None:
+                            total = run.rows + (self._counts.get(run.counter_key, 0)
+                                                if run.counter_key else 0)
+                            if run.capped or total > limit:
+                                if pos > start:
+                                    to_client.append(buf[start:pos])
+                                start = end
+                                if not run.capped:
+                                    run.capped = True
+                                    out.cancel = True
+                                run.rows -= 1
+                    elif self._drop_server:
+                        if pos > start:
+                            to_client.append(buf[start:pos])
+                        start = end
             elif mtype in _SERVER_WATCHED or (
                     mtype in (0x64, 0x63) and self.state is ProtocolState.COPY_OUT):
-                if pos > start:
-                    out.to_client.append(bytes(buf[start:pos]))
-                start = end
-                self._server_message(mtype, bytes(buf[pos:end]), out)
+                frame = buf[pos:end]
+                mark = len(to_client)
+                self._server_message(mtype, frame, out)
+                if len(to_client) == mark + 1 and to_client[mark] is frame:
+                    to_client.pop()
+                else:
+                    if pos > start:
+                        to_client.insert(mark, buf[start:pos])
+                    start = end
             elif self._drop_server:
                 if pos > start:
-                    out.to_client.append(bytes(buf[start:pos]))
+                    to_client.append(buf[start:pos])
                 start = end
             pos = end
         if pos > start:
-            out.to_client.append(bytes(buf[start:pos]))
-        del buf[:pos]
+            to_client.append(buf[start:pos] if start or pos < n else buf)
+        if pos < n:
+            self._sbuf += buf[pos:]
         return out
 
     def _current_run(self) -> tuple[_Slot | None, _StatementRun | None]:

@@ -486,12 +486,30 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
             "TruncateStmt":
         if not restricted:
             return Core(kind)
+        _current_of(pst, ctx)
         return _query(text, tokens, ctx, m, kind, explain)
     if kind == "set" and restricted and str(pst.node.get("name", "")).lower() in (
         "role", "session_authorization"
     ):
         raise Denied("role switching would escape the policy")
     return Core(kind)
+
+
+def _current_of(pst: PgStatement, ctx: _Ctx) -> None:
+    """``UPDATE/DELETE ... WHERE CURRENT OF c`` on a masked table: denied. The row filter
+    cannot be added to it, and the cursor itself reads the masked derived table (PostgreSQL
+    would call it not updatable anyway)."""
+    where = pst.node.get("whereClause")
+    if not (isinstance(where, dict) and "CurrentOfExpr" in where):
+        return
+    rel = pst.node.get("relation")
+    if not isinstance(rel, dict):
+        return
+    ct = ctx.cv.resolve(rel.get("schemaname") or None, str(rel.get("relname", "")))
+    if ct is not None and ct.masked:
+        verb = "UPDATE" if pst.node_type == "UpdateStmt" else "DELETE"
+        raise Denied(f"{verb} ... WHERE CURRENT OF on {ct.name} is not supported for masked "
+                     "roles")
 
 
 def _ddl(text: str, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
@@ -597,6 +615,13 @@ def _explain(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) ->
     if analyze and ctx.restricted and (m.tables or m.dependents):
         raise Denied(f"EXPLAIN ANALYZE of a statement on protected data ({m.names}) is not "
                      f"allowed for role {ctx.view.role}")
+    if ctx.restricted and ctx.cv.hash_secret:
+        hashed = [t.name for t in m.tables
+                  if any(c.mask_name == "hash" and c.expr is not None for c in t.view.columns)]
+        if hashed:
+            # EXPLAIN (VERBOSE) prints the mask expressions, constants (the HMAC pads) included.
+            raise Denied(f"EXPLAIN of a statement on {', '.join(hashed)} would reveal the hash "
+                         f"mask's key material; not allowed for role {ctx.view.role}")
     start = explain_prefix(sig)
     if start is None:
         if ctx.restricted and m.sensitive:

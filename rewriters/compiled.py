@@ -47,6 +47,10 @@ _RISKY_SUBSTRINGS = (
 )
 # Whole words (identifier boundaries): SET ROLE / RESET ROLE / ALTER ROLE ... SET role.
 _RISKY_WORDS = ("role",)
+# Where the text of the rewritten statement can be read back. The ``hash`` mask embeds the HMAC
+# pad bytes (derived from the key) in the rewritten SQL, so for a view with a hash mask these
+# are worth a full analysis (and are denied by ``rewriters.verify``).
+_STATEMENT_TEXT_SUBSTRINGS = ("current_query", "pg_prepared_statements", "pg_cursors")
 
 # Identifier boundaries as PostgreSQL draws them: a name is not part of a longer identifier.
 # Before: letters, underscore and non-ASCII continue an identifier (digits and $ may end a
@@ -158,6 +162,10 @@ class CompiledView:
     names_re: re.Pattern[str] | None  # protected tables + dependents, bare names
     risky_re: re.Pattern[str]
     key: tuple[object, ...]
+    # A restricted view with a ``hash`` mask: the rewritten SQL holds key material, so every way
+    # of reading statement text back (current_query(), pg_stat_activity, EXPLAIN VERBOSE ...)
+    # is denied.
+    hash_secret: bool = False
 
     def resolve(self, schema: str | None, name: str) -> CompiledTable | None:
         """The protected table a (folded) reference denotes, if any.
@@ -331,12 +339,18 @@ def compile_view(view: OperatorView) -> CompiledView:
         dep_bare.setdefault(qn.rpartition(".")[2], []).append(qn)
     names = list(by_bare) + list(dep_bare)
     names_re = re.compile(f"{_BEFORE}(?:{_alternation(names)}){_AFTER}") if names else None
+    hash_secret = not view.unrestricted and any(
+        c.mask_name == "hash" and c.expr is not None
+        for tv in view.tables.values() for c in tv.columns
+    )
+    substrings = list(_RISKY_SUBSTRINGS)
+    if hash_secret:
+        substrings += list(_STATEMENT_TEXT_SUBSTRINGS)
     alternatives = [f"{_BEFORE}(?:{_alternation(names + list(_RISKY_WORDS))}){_AFTER}"]
-    alternatives.append(_alternation(list(_RISKY_SUBSTRINGS)))
+    alternatives.append(_alternation(substrings))
     fast_re = re.compile("|".join(alternatives))
     risky_re = re.compile(
-        f"{_BEFORE}(?:{_alternation(list(_RISKY_WORDS))}){_AFTER}|"
-        + _alternation(list(_RISKY_SUBSTRINGS))
+        f"{_BEFORE}(?:{_alternation(list(_RISKY_WORDS))}){_AFTER}|" + _alternation(substrings)
     )
     return CompiledView(
         view=view,
@@ -348,6 +362,7 @@ def compile_view(view: OperatorView) -> CompiledView:
         names_re=names_re,
         risky_re=risky_re,
         key=view_key(view),
+        hash_secret=hash_secret,
     )
 
 

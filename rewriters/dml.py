@@ -179,16 +179,15 @@ def _update_or_delete(
                     )
     where = tree.args.get("where")
     where_expr = where.this if isinstance(where, exp.Where) else None
+    # With FROM/USING items an unqualified column may belong to another relation, so only a
+    # qualified one is taken as the target's (PostgreSQL would otherwise resolve it or call it
+    # ambiguous; moving it could turn an error into a different statement).
+    single = not (tree.args.get("from_") or tree.args.get("using"))
     moved: list[tuple[Simple, str]] = []
-    for conj in conjuncts(where_expr):
+    conjs = conjuncts(where_expr)
+    for conj in conjs:
         simple = match_simple(conj, idx)
-        col = resolve_column(simple.column, ref, single_source=False) if simple else None
-        if simple is not None and col is None and simple.column.args.get("table") is None:
-            # An unqualified column: it is the target's when the target has that column
-            # (PostgreSQL would call it ambiguous otherwise, never silently another table's).
-            name = ident_value(simple.column.this)
-            if name is not None:
-                col = ref.outer_to_inner(name)
+        col = resolve_column(simple.column, ref, single_source=single) if simple else None
         if simple is not None and col is not None:
             lookup = col in ct.lookup_cols and simple.op == "=" and all(
                 v.kind in ("string", "param") for v in simple.values)
@@ -213,27 +212,39 @@ def _update_or_delete(
     target_end = res.target_span[1] if res.target_span else 0
     where_i, body_end, insert_at = _where_region(idx, target_end)
     if where_i is None:
+        if where_expr is not None:
+            raise Denied(f"{verb} of {ct.name}: cannot locate the WHERE clause")
         text = f" WHERE ({qf})"
-        res.edits.append(Edit(insert_at, insert_at, text, ((9, 9 + len(qf)),), order=1))
-    else:
-        sig = idx.sig
-        if where_i + 1 < len(sig) and sig[where_i + 1].keyword == "current":
-            raise Denied(f"{verb} ... WHERE CURRENT OF on {ct.name} is not supported")
-        if where_i + 1 >= len(sig):
-            raise Denied(f"{verb} of {ct.name}: empty WHERE clause")
-        body_start = sig[where_i + 1].start
-        head_parts = [condition_text(idx.sql, ref_name, col, s) for s, col in moved]
-        head = " AND ".join([*head_parts, ""]) if head_parts else ""
-        gen: list[tuple[int, int]] = []
-        text = head + "("
-        gen.append((len(text), len(text) + len(qf)))
-        text += qf + ") AND CASE WHEN ("
-        gen.append((len(text), len(text) + len(qf)))
-        text += qf + ") THEN ("
-        res.edits.append(Edit(body_start, body_start, text, tuple(gen)))
-        for s, _col in moved:
-            res.edits.append(Edit(s.start, s.end, "TRUE"))
-        res.edits.append(Edit(body_end, body_end, ") ELSE false END", order=2))
+        res.edits.append(Edit(insert_at, insert_at, text, ((8, 8 + len(qf)),), order=1))
+        return
+    sig = idx.sig
+    if where_i + 1 < len(sig) and sig[where_i + 1].keyword == "current":
+        raise Denied(f"{verb} ... WHERE CURRENT OF on {ct.name} is not supported")
+    if where_i + 1 >= len(sig) or sig[where_i + 1].start >= body_end:
+        raise Denied(f"{verb} of {ct.name}: empty WHERE clause")
+    body_start = sig[where_i + 1].start
+    head_parts = [condition_text(idx.sql, ref_name, col, s) for s, col in moved]
+    if moved and len(moved) == len(conjs):
+        # Every conjunct is a leakproof comparison or an exact lookup: nothing of the user's
+        # can fail on a row outside the filter, so the body becomes ``<moved> AND (<filter>)``.
+        text = " AND ".join(head_parts) + " AND ("
+        res.edits.append(Edit(body_start, body_end, text + qf + ")",
+                              ((len(text), len(text) + len(qf)),)))
+        return
+    # ``<moved> AND (<filter>) AND CASE WHEN (<filter>) THEN (<user WHERE>) ELSE false END``:
+    # the moved conjuncts (index-usable) and the filter in front, the user's predicate only
+    # evaluated on rows inside the filter (a plain AND may run ``1/(id-13)`` first).
+    head = " AND ".join([*head_parts, ""]) if head_parts else ""
+    gen: list[tuple[int, int]] = []
+    text = head + "("
+    gen.append((len(text), len(text) + len(qf)))
+    text += qf + ") AND CASE WHEN ("
+    gen.append((len(text), len(text) + len(qf)))
+    text += qf + ") THEN ("
+    res.edits.append(Edit(body_start, body_start, text, tuple(gen)))
+    for s, _col in moved:
+        res.edits.append(Edit(s.start, s.end, "TRUE"))
+    res.edits.append(Edit(body_end, body_end, ") ELSE false END", order=2))
 
 
 def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable) -> None:

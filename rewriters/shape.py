@@ -80,7 +80,7 @@ def normalize(sql: str, lex: LexSettings, sensitive: re.Pattern[str] | None = No
     """The shape of ``sql`` and its literals, or None when the text is not fully understood.
 
     >>> normalize("SELECT * FROM t WHERE id = 5 LIMIT 10", LexSettings()).shape
-    'SELECT * FROM t WHERE id = \\x00n LIMIT 10'
+    'SELECT * FROM t WHERE id = \\x00i LIMIT 10'
     """
     if not lex.standard_conforming_strings and "\\" in sql:
         return None
@@ -120,7 +120,13 @@ def normalize(sql: str, lex: LexSettings, sensitive: re.Pattern[str] | None = No
                 if kind == "str" and sensitive is not None and sensitive.search(text.lower()):
                     return None
                 parts.append(sql[pos : m.start()])
-                parts.append("\x00s" if kind == "str" else "\x00n")
+                # The kind of literal is part of the shape: the analysis treats strings,
+                # integers and other numbers differently (lookups take strings, a leakproof
+                # int4 comparison takes integers only).
+                if kind == "str":
+                    parts.append("\x00s")
+                else:
+                    parts.append("\x00i" if text.isdigit() else "\x00n")
                 literals.append(text)
                 spans.append((m.start(), m.end()))
                 pos = m.end()

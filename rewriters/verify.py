@@ -40,6 +40,13 @@ DENIED_FUNCTIONS = frozenset({
 DENIED_FUNCTION_PREFIXES = ("dblink", "crosstab")
 DENIED_FUNCTION_SUFFIXES = ("_to_xml", "_to_xmlschema", "_to_xml_and_xmlschema")
 ROLE_SETTINGS = frozenset({"role", "session_authorization"})
+# Where statement text can be read back; denied for a view with a ``hash`` mask (the rewritten
+# SQL holds the HMAC pad bytes derived from the key).
+STATEMENT_TEXT_RELATIONS = frozenset({"pg_stat_activity", "pg_prepared_statements", "pg_cursors",
+                                      "pg_stat_statements", "pg_stat_statements_info"})
+STATEMENT_TEXT_FUNCTIONS = frozenset({"current_query", "pg_stat_get_activity",
+                                      "pg_stat_get_backend_activity", "pg_stat_statements"})
+_KEY_REASON = "would reveal statement text that holds the hash mask's key material"
 
 
 @dataclass
@@ -267,6 +274,8 @@ class _Walker:
             self.dependent(dep)
         if self.restricted and relname in STATS_RELATIONS and schema in (None, "pg_catalog"):
             self.deny(f"catalog statistics ({relname}) are not allowed for masked roles")
+        if self.restricted and self.cv.hash_secret and relname in STATEMENT_TEXT_RELATIONS:
+            self.deny(f"{relname} {_KEY_REASON}")
 
     def dependent(self, dep: str) -> None:
         if dep not in self.v.dependents:
@@ -300,6 +309,8 @@ class _Walker:
         ):
             self.deny(f"function {name}() reads data named in strings and is not allowed for "
                       "masked roles")
+        if self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
+            self.deny(f"{name}() {_KEY_REASON}")
         if name == "set_config":
             args = body.get("args") or []
             first = _node(args[0]) if args else None

@@ -13,6 +13,7 @@ Roles (mirroring config/policy.yaml):
 * ``auditor`` — all rows; identity and card masked, balance rounded; max_rows 10000.
 * ``dba``     — unrestricted, COPY and DDL allowed.
 * ``default`` — every filter ``false``, everything masked, max_rows 0.
+* ``hasher``  — a teller whose e-mail column is masked with ``hash`` (key material in the SQL).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ MASKS: dict[str, tuple[str, str]] = {
     "card_no": ("bank_card", 'pg_catalog.textcat(\'************\', pg_catalog.right("card_no", 4))'),
     "balance": ("null", "CAST(NULL AS numeric(14,2))"),
 }
+HASH_EMAIL = ("hash", "CAST(pg_catalog.encode(pg_catalog.sha256(pg_catalog.byteacat("
+              "pg_catalog.decode('36363636', 'hex'), pg_catalog.convert_to(\"email\", 'UTF8'))), "
+              "'hex') AS text)")
 ROUND_BALANCE = ("round", 'CAST(pg_catalog.round("balance", -3) AS numeric(14,2))')
 
 IDENTITY = ("name", "phone", "id_number", "email", "address", "birthday")
@@ -180,6 +184,17 @@ def default() -> OperatorView:
     )
 
 
+def hasher() -> OperatorView:
+    base = teller()
+    masks = {c: MASKS[c] for c in IDENTITY}
+    masks["email"] = HASH_EMAIL
+    tables = dict(base.tables)
+    tables["public.customers"] = table_view("public.customers", masks, "branch_id = 'SZ01'",
+                                            lookup=("id_number", "phone"))
+    return _view("teller_sz01", "teller", {"branch": "SZ01"}, tables, base.limits,
+                 allowed=base.allowed_dependents)
+
+
 VIEWS = {
     "teller": teller,
     "teller_gz": lambda: teller("GZ01"),
@@ -187,6 +202,7 @@ VIEWS = {
     "auditor": auditor,
     "dba": dba,
     "default": default,
+    "hasher": hasher,
 }
 
 

@@ -1,0 +1,1 @@
+"""Bypass attempts against the live proxy: every test tries to read or infer protected data."""
