@@ -240,12 +240,15 @@ class Runtime:
 
         def analyze(sql: str, v: OperatorView, lx: LexSettings, **kw: Any) -> Analysis:
             analysis = analyzer.analyze(sql, v, lx, **kw)
-            if analysis.statements and (analysis.cached or analysis.rewrite_seconds > 0):
-                (cache_hit if analysis.cached else cache_miss).inc()
-                rewrite_hist.observe(analysis.rewrite_seconds)
+            touched = False
             for st in analysis.statements:
+                if st.tables:
+                    touched = True
                 if st.kind == "ddl" and st.action is not Action.DENY:
                     self.invalidate_catalog(database)
+            if touched:  # the fast path (nothing protected) is not a cache lookup
+                (cache_hit if analysis.cached else cache_miss).inc()
+                rewrite_hist.observe(analysis.rewrite_seconds)
             return analysis
 
         counters: dict[tuple[str, str], Any] = {}
@@ -410,7 +413,8 @@ class Runtime:
                     await self.send_cancel(backend)
             writer.close()
 
-        await asyncio.start_unix_server(handle, str(path))
+        # keep a reference: a collected Server stops accepting
+        self._cancel_server = await asyncio.start_unix_server(handle, str(path))
 
     # ------------------------------------------------------------------ life cycle
     def ready(self) -> bool:

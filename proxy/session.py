@@ -29,6 +29,7 @@ cancel request flag and audit events).
 from __future__ import annotations
 
 import enum
+import logging
 import struct
 import time
 from collections import deque
@@ -45,6 +46,8 @@ from rewriters.model import (
     OperatorView,
     StatementDecision,
 )
+
+log = logging.getLogger("pgveil.session")
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -237,8 +240,16 @@ class Session:
         if self.operator is not None:
             self.view = self.operator.current()
         self._source = sql
-        analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
-                                 cursors=self.cursors)
+        try:
+            analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                                     cursors=self.cursors)
+        except Exception as exc:  # fail closed: a statement we could not analyse never runs
+            log.exception("analysis failed; statement refused")
+            st = StatementDecision(
+                action=Action.DENY, sql=sql, kind="other", reasons=("analysis error",),
+                message=f"pgveil could not analyse this statement and refused it "
+                        f"(fail closed): {type(exc).__name__}")
+            return Analysis(sql=sql, statements=(st,))
         if self.on_decision is not None:
             self.on_decision(analysis)
         return analysis

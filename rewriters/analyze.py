@@ -60,6 +60,7 @@ from rewriters.substitute import (
     substitute,
     unbounded_read,
 )
+from rewriters.shape import ShapeCache, fast_copy
 from rewriters.textspan import Edit, EditConflict, TokenIndex, apply_edits
 from rewriters.verify import Verdict, verify
 
@@ -155,8 +156,6 @@ class Analyzer:
     """Analyses SQL for one proxy process: memoises compiled views and the shape cache."""
 
     def __init__(self, cache_size: int = 20000) -> None:
-        from rewriters.shape import ShapeCache  # late import: shape imports this module
-
         self._views = ViewCompiler()
         self._cache = ShapeCache(cache_size)
 
@@ -180,12 +179,12 @@ class Analyzer:
         """Decide what to do with ``sql`` (one simple-Query text or one Parse text)."""
         t0 = time.perf_counter()
         cv = self._views.get(view)
-        fast = fast_path(sql, cv)
+        fast = fast_path(sql, cv, t0)
         if fast is not None:
-            return replace(fast, rewrite_seconds=time.perf_counter() - t0)
-        cached = self._cache.lookup(sql, cv, lex)
+            return fast
+        cached = self._cache.lookup(sql, cv, lex, t0)
         if cached is not None and cached.hit is not None:
-            return replace(cached.hit, rewrite_seconds=time.perf_counter() - t0)
+            return cached.hit
         ctx = _Ctx(cv, lex, dict(prepared or {}), dict(cursors or {}))
         if cached is not None and cached.miss is not None:
             analysis = self._cache.fill(cached.miss, sql, lambda text: full_analysis(text, ctx))
@@ -210,19 +209,27 @@ class Analyzer:
 # --- fast path -------------------------------------------------------------------------------
 
 
-def fast_path(sql: str, cv: CompiledView) -> Analysis | None:
+_FORWARD_PROTO = StatementDecision(Action.FORWARD, "", "other")
+_ANALYSIS_PROTO = Analysis("", ())
+
+
+def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analysis | None:
     """All-FORWARD analysis without parsing, or None when the text needs a closer look.
 
     The text is forwarded untouched when, lower-cased, it contains no protected table name, no
-    catalog-dependent name and no risky token (``CompiledView.fast_re``), and every statement's
-    leading keyword is a plain query, DML, transaction, SET or harmless utility (no DDL, COPY,
-    EXPLAIN, PREPARE/EXECUTE, DECLARE/FETCH, ``SELECT ... INTO``). The name test is textual, so
-    it does not depend on how strings or comments lex.
+    catalog-dependent name and no risky token (``CompiledView.sensitive``), and every
+    statement's leading keyword is a plain query, DML, transaction, SET or harmless utility (no
+    DDL, COPY, EXPLAIN, PREPARE/EXECUTE, DECLARE/FETCH, ``SELECT ... INTO``). The name test is
+    textual, so it does not depend on how strings or comments lex. ``started`` (a
+    ``perf_counter`` value) sets ``rewrite_seconds``.
     """
     lowered = sql.lower()
-    if cv.fast_re.search(lowered) is not None:
+    if cv.sensitive(lowered):
         return None
-    if ";" not in sql.rstrip().rstrip(";"):
+    body = sql.rstrip()
+    if body.endswith(";"):
+        body = body.rstrip(";").rstrip()
+    if ";" not in body:
         m = _LEAD_RE.match(sql)
         if m is None:
             return None
@@ -232,11 +239,12 @@ def fast_path(sql: str, cv: CompiledView) -> Analysis | None:
         kind = KEYWORD_KIND.get(kw, "other")
         if kw == "prepare" or kind not in FAST_KINDS:
             return None
-        if kind == "select" and _INTO_RE.search(lowered):
+        if kind == "select" and "into" in lowered and _INTO_RE.search(lowered):
             return None
-        end = len(sql.rstrip().rstrip(";").rstrip()) if sql.rstrip().endswith(";") else len(sql)
-        text = sql[:end] if sql.rstrip().endswith(";") else sql
-        return Analysis(sql, (StatementDecision(Action.FORWARD, text, kind),))
+        text = body if len(body) < len(sql.rstrip()) else sql
+        decision = fast_copy(_FORWARD_PROTO, sql=text, kind=kind)
+        took = time.perf_counter() - started if started is not None else 0.0
+        return fast_copy(_ANALYSIS_PROTO, sql=sql, statements=(decision,), rewrite_seconds=took)
     tokens = tokenize(sql)
     if any(t.kind is Tok.ERROR for t in tokens):
         return None
@@ -249,7 +257,8 @@ def fast_path(sql: str, cv: CompiledView) -> Analysis | None:
         if kind == "select" and _INTO_RE.search(text.lower()):
             return None
         decisions.append(StatementDecision(Action.FORWARD, text, kind))
-    return Analysis(sql, tuple(decisions))
+    took = time.perf_counter() - started if started is not None else 0.0
+    return Analysis(sql, tuple(decisions), rewrite_seconds=took)
 
 
 # --- full analysis ---------------------------------------------------------------------------

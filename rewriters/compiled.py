@@ -65,6 +65,16 @@ _LEAKPROOF_TYPES = ("integer", "bigint", "smallint", "text", "character varying"
 _INTEGER_TYPES = ("integer", "bigint", "smallint")
 
 
+def _continues_before(ch: str) -> bool:
+    """May ``ch`` be the character before an identifier's start inside that identifier?"""
+    return ch == "_" or "a" <= ch <= "z" or "A" <= ch <= "Z" or ch >= "\x80"
+
+
+def _continues_after(ch: str) -> bool:
+    """May ``ch`` continue an identifier?"""
+    return ch in "_$" or "a" <= ch <= "z" or "A" <= ch <= "Z" or "0" <= ch <= "9" or ch >= "\x80"
+
+
 def quote_ident(name: str) -> str:
     """``phone`` -> ``"phone"`` (always quoted: exact, and immune to keywords)."""
     return '"' + name.replace('"', '""') + '"'
@@ -159,6 +169,8 @@ class CompiledView:
     dependents: dict[str, tuple[str, ...]]  # schema.name -> protected tables it reads
     dependents_by_bare: dict[str, list[str]]
     fast_re: re.Pattern[str]
+    risky_substrings: tuple[str, ...]  # fast_re's parts, for ``sensitive``
+    bounded_words: tuple[str, ...]
     names_re: re.Pattern[str] | None  # protected tables + dependents, bare names
     risky_re: re.Pattern[str]
     key: tuple[object, ...]
@@ -166,6 +178,29 @@ class CompiledView:
     # of reading statement text back (current_query(), pg_stat_activity, EXPLAIN VERBOSE ...)
     # is denied.
     hash_secret: bool = False
+
+    def sensitive(self, lowered: str) -> bool:
+        """Does lower-cased text mention a protected or dependent name or a risky token?
+
+        Same answer as ``fast_re.search(lowered)``, about five times faster on the common
+        statement that mentions nothing (a regex with look-behind tries every position; ``in``
+        is a C substring search): the risky substrings are tested with ``in``, the names with
+        ``find`` plus the identifier-boundary test of ``_BEFORE``/``_AFTER`` done by hand.
+        """
+        for sub in self.risky_substrings:
+            if sub in lowered:
+                return True
+        n = len(lowered)
+        for word in self.bounded_words:
+            i = lowered.find(word)
+            while i >= 0:
+                j = i + len(word)
+                if (i == 0 or not _continues_before(lowered[i - 1])) and (
+                    j >= n or not _continues_after(lowered[j])
+                ):
+                    return True
+                i = lowered.find(word, i + 1)
+        return False
 
     def resolve(self, schema: str | None, name: str) -> CompiledTable | None:
         """The protected table a (folded) reference denotes, if any.
@@ -359,6 +394,8 @@ def compile_view(view: OperatorView) -> CompiledView:
         dependents=dependents,
         dependents_by_bare=dep_bare,
         fast_re=fast_re,
+        risky_substrings=tuple(substrings),
+        bounded_words=tuple(names + list(_RISKY_WORDS)),
         names_re=names_re,
         risky_re=risky_re,
         key=view_key(view),

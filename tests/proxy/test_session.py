@@ -173,3 +173,13 @@ def test_parameter_status_tracks_lexing_settings() -> None:
     assert s.lex.standard_conforming_strings is False
     s.from_server(frame(b"S", b"client_encoding\x00GBK\x00"))
     assert s.lex.client_encoding == "GBK" and s.codec == "gbk"
+
+
+def test_analyzer_crash_fails_closed() -> None:
+    def broken(sql: str, view: OperatorView, lex: LexSettings, **kw: object) -> Analysis:
+        raise RuntimeError("bug")
+
+    s = Session(view=VIEW, analyze=broken, lex=LexSettings(), identity={})
+    out = s.from_client(q("select phone from customers"))
+    sent = b"".join(out.to_server)
+    assert b"RAISE EXCEPTION" in sent and b"customers" not in sent
