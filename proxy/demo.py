@@ -137,9 +137,10 @@ async def _serve_demo(config: object, port: int, metrics_port: int, work: Path) 
     print("pgveil is running. Paste any of these lines into another terminal:")
     print()
     for role, login in ROLES:
-        url = f"postgresql://{login}:pw_{login}@127.0.0.1:{port}/bank?sslmode=require"
+        conninfo = (f"host=127.0.0.1 port={port} dbname=bank user={login} "
+                    f"password=pw_{login} sslmode=require")
         print(f"  # {role}")
-        print(f"  psql \"{url}\"")
+        print(f"  psql \"{conninfo}\"")
     print()
     print("try:  select id, name, phone, id_number, branch_id from customers where id < 10;")
     print(f"metrics: http://127.0.0.1:{metrics_port}/metrics")

@@ -214,6 +214,7 @@ class Session:
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
         self._drop_server = False  # server side: discard results until ReadyForQuery
+        self._abort_after_cap = False  # a capped statement completed: fail the transaction
         self._pending_cancel = False
         self.parameters: dict[str, str] = {}
         self._source = ""  # decoded text of the statement being analysed
@@ -594,8 +595,21 @@ class Session:
             # pop up to and including the slot this ReadyForQuery closes
             while self._slots:
                 s = self._slots.popleft()
-                if s.kind in ("sync", "query"):
+                if s.kind in ("sync", "query", "inject"):
                     break
+            if self._abort_after_cap:
+                self._abort_after_cap = False
+                if status == "T" and not self._slots:
+                    # The capped statement completed before our cancel landed, so the server's
+                    # transaction is still good while the client got an error: make PostgreSQL
+                    # fail it too (its error is swallowed; its ReadyForQuery says 'E').
+                    msg = "row limit exceeded: transaction aborted by pgveil"
+                    out.to_server.append(_frame(b"Q", raise_sql(DENY_SQLSTATE, msg)
+                                                .encode("utf-8") + b"\x00"))
+                    self._slots.append(_Slot("inject"))
+                    self._drop_server = True
+                    self.state = ProtocolState.BUSY
+                    return
             self._drop_server = False
             if not self._slots:
                 self.state = ProtocolState.READY
@@ -610,6 +624,7 @@ class Session:
                 out.to_client.append(self._row_limit_error(run))
                 self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]
                 self._after_synthesized_error(slot)
+                self._abort_after_cap = True
                 return
             if run is not None:
                 self._finish_run(slot, run, out)  # type: ignore[arg-type]

@@ -17,6 +17,9 @@ the server runs — and walks every node:
   policy does not list are violations for restricted roles;
 * the protected tables and columns the statement references are collected for the audit record.
 
+Nodes located inside the generated spans are not walked (policy text; also most of the cost:
+a derived table projects every column through its mask).
+
 Offsets: libpg_query reports byte offsets into the UTF-8 text; they are converted to character
 offsets before comparing with the rewriter's spans.
 """
@@ -157,6 +160,11 @@ class _Walker:
         stmt: str,
         stack: list[tuple[str, dict[str, Any], frozenset[str], str]],
     ) -> None:
+        if self.generated and self.inside(self.pos(body.get("location")), self.generated):
+            # Policy text (a derived table, a row filter): every generated span is a complete
+            # parenthesised expression or derived table, so a node located inside one lies
+            # wholly inside it, and nothing of the client's is below it but copied literals.
+            return
         if ntype.endswith("Stmt"):
             stmt = ntype
         if ntype == "RangeVar":

@@ -50,6 +50,20 @@ def pgveil_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
                           env=env)
 
 
+def cli_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``pgveil ARGS`` through the same entry point as the console script, without paying
+    for a new interpreter per call (the subprocess path is exercised by the other tests)."""
+    from proxy.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def statement_records(path: Path) -> list[dict[str, Any]]:
     """Statement records (no checkpoints, no grant events) in file order."""
     out = []
@@ -415,7 +429,8 @@ TAMPER: dict[str, Callable[[list[str], int], None]] = {
 
 
 @pytest.mark.parametrize("kind", sorted(TAMPER))
-def test_audit_verify_detects_tampering(run: Run, tmp_path: Path, kind: str) -> None:
+def test_audit_verify_detects_tampering(run: Run, tmp_path: Path, kind: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
     lines = list(run.lines)
     idx = [i for i in _statement_line_indexes(lines) if '"rows":1,' in lines[i]]
     i = idx[len(idx) // 2]
@@ -423,30 +438,33 @@ def test_audit_verify_detects_tampering(run: Run, tmp_path: Path, kind: str) -> 
     assert lines != run.lines
     log = tmp_path / "tampered.jsonl"
     log.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    r = pgveil_cli("audit", "verify", str(log), "--key", str(run.pub_key), "--closed")
-    assert r.returncode == 1, (kind, r.stdout, r.stderr)
+    code, out, err = cli_in_process(capsys, "audit", "verify", str(log), "--key",
+                                    str(run.pub_key), "--closed")
+    assert code == 1, (kind, out, err)
 
 
-def test_audit_verify_with_a_wrong_key_fails(run: Run, tmp_path: Path) -> None:
+def test_audit_verify_with_a_wrong_key_fails(run: Run, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     other = tmp_path / "other"
-    assert pgveil_cli("keygen", "--out", str(other)).returncode == 0
+    assert cli_in_process(capsys, "keygen", "--out", str(other))[0] == 0
     log = tmp_path / "audit.jsonl"
     log.write_text("\n".join(run.lines) + "\n", encoding="utf-8")
-    r = pgveil_cli("audit", "verify", str(log), "--key", str(other / "audit.pub"))
-    assert r.returncode == 1, r.stdout + r.stderr
+    code, out, err = cli_in_process(capsys, "audit", "verify", str(log), "--key",
+                                    str(other / "audit.pub"))
+    assert code == 1, out + err
 
 
 # --------------------------------------------------------------------------- audit search
 
 
-def test_audit_search(run: Run, tmp_path: Path) -> None:
+def test_audit_search(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "audit.jsonl"
     log.write_text("\n".join(run.lines) + "\n", encoding="utf-8")
 
     def search(*args: str) -> list[dict[str, Any]]:
-        r = pgveil_cli("audit", "search", str(log), "--json", *args)
-        assert r.returncode == 0, r.stderr
-        return [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
+        code, out, err = cli_in_process(capsys, "audit", "search", str(log), "--json", *args)
+        assert code == 0, err
+        return [json.loads(ln) for ln in out.splitlines() if ln.strip()]
 
     def seqs(recs: list[dict[str, Any]]) -> list[int]:
         return [r["seq"] for r in recs]

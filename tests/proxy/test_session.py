@@ -183,3 +183,22 @@ def test_analyzer_crash_fails_closed() -> None:
     out = s.from_client(q("select phone from customers"))
     sent = b"".join(out.to_server)
     assert b"RAISE EXCEPTION" in sent and b"customers" not in sent
+
+
+def test_row_cap_inside_transaction_fails_it_on_the_server_too() -> None:
+    d = StatementDecision(action=Action.REWRITE, sql="SELECT masked", kind="select",
+                          tables=("public.customers",), row_limit=3)
+    s, _ = make_session({"select * from customers": d})
+    s.from_client(q("begin"))
+    s.from_server(complete("BEGIN") + rfq(b"T"))
+    s.from_client(q("select * from customers"))
+    rows = b"".join(data_row(str(i).encode()) for i in range(5))
+    s.from_server(ROW_DESC + rows)
+    res = s.from_server(complete("SELECT 5") + rfq(b"T"))
+    # the client has its error but not yet a ReadyForQuery; the server gets a failing statement
+    assert parse_error_fields(res.to_client[-1][5:])["C"] == "42501"
+    assert not any(c[:1] == b"Z" for c in res.to_client)
+    assert b"RAISE EXCEPTION" in b"".join(res.to_server)
+    err = frame(b"E", b"SERROR\x00VERROR\x00C42501\x00Mrow limit exceeded\x00\x00")
+    res2 = s.from_server(err + rfq(b"E"))
+    assert res2.to_client == [rfq(b"E")] and s.tx is TxStatus.FAILED

@@ -35,6 +35,8 @@ import asyncio
 import contextlib
 import enum
 import hashlib
+import json
+import os
 import re
 import subprocess
 import time
@@ -571,6 +573,23 @@ def _normalise(rows: Iterable[Sequence[Any]]) -> list[tuple[str, ...]]:
 Expect = Callable[[Received], None]
 
 
+def _trace(login: str, typed: str, received: Received) -> None:
+    """With PGVEIL_SEC_TRACE=<file>, append each attempt's outcome (for the bypass report)."""
+    path = os.environ.get("PGVEIL_SEC_TRACE")
+    if not path:
+        return
+    outcome = {
+        "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+        "login": login,
+        "sql": typed[:300],
+        "errors": [(e.get("sqlstate"), e.get("message_primary", e.get("text", ""))[:160])
+                   for e in received.errors],
+        "rows": [rs.rows[:2] for rs in received.results][:3],
+    }
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(outcome, ensure_ascii=False, default=str) + "\n")
+
+
 class LeakChecker:
     """Runs attempts through pgveil and fails the test with exactly what leaked."""
 
@@ -698,6 +717,7 @@ class LeakChecker:
         session_must_survive: bool = True,
     ) -> None:
         typed = _typed_text(sql, params)
+        _trace(login, typed, received)
         if any("quota" in e.get("message_primary", e.get("text", "")).lower()
                for e in received.errors):
             pytest.fail(f"inconclusive: the operator's quota is exhausted: {received.errors}")

@@ -88,7 +88,7 @@ def test_manager_may_see_own_branch_but_not_others(leak: LeakChecker) -> None:
 
 
 def test_differential_oracle_distinguishes_masked_from_raw(leak: LeakChecker) -> None:
-    sql = "select count(*) from customers where phone like '186%0%'"
+    sql = "select count(*) from customers where phone like '1860%'"
     masked = leak._oracle_result("sec_oracle", sql, None)
     raw = leak._oracle_result("sec_raw", sql, None)
     assert masked != raw
