@@ -273,7 +273,8 @@ class Runtime:
             available = lambda: True  # noqa: E731 - statements pass; failures are counted
         return Session(view=view, analyze=analyze, lex=lex, identity=identity,
                        audit_all=self.config.audit.all, audit_available=available,
-                       operator=operator, count_statement=count_statement)
+                       operator=operator, count_statement=count_statement,
+                       observe_duration=metrics.statement_duration.observe)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,
                              database: str) -> tuple[str, OperatorView | None]:

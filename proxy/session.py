@@ -125,6 +125,7 @@ class _Slot:
     runs: list[_StatementRun] = field(default_factory=list)
     index: int = 0
     failed: bool = False
+    started: float = 0.0  # query / sync slots: when the client's request went upstream
 
 
 def _frame(type_byte: bytes, payload: bytes) -> bytes:
@@ -189,8 +190,10 @@ class Session:
                  now: Callable[[], float] = time.time,
                  on_decision: Callable[[Analysis], None] | None = None,
                  operator: OperatorState | None = None,
-                 count_statement: Callable[[str, str], None] | None = None):
+                 count_statement: Callable[[str, str], None] | None = None,
+                 observe_duration: Callable[[float], None] | None = None):
         self.count_statement = count_statement
+        self.observe_duration = observe_duration
         self.view = view
         self.operator = operator
         self._analyze = analyze
@@ -380,7 +383,7 @@ class Session:
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x53:  # Sync
-            self._slots.append(_Slot("sync"))
+            self._slots.append(_Slot("sync", started=self.clock()))
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x43:  # Close
@@ -417,7 +420,7 @@ class Session:
         raw = frame[5:-1]
         analysis = self._analyze_sql(raw)
         denied = analysis.denied or self._policy_gate(analysis)
-        slot = _Slot("query")
+        slot = _Slot("query", started=self.clock())
         self.state = ProtocolState.BUSY
         if denied is not None:
             self._deny_runs(analysis, denied, out)
@@ -435,7 +438,7 @@ class Session:
                 for st in analysis.statements:
                     self.count_statement("rewritten" if st.action is Action.REWRITE
                                          else "allowed", st.kind)
-            self._slots.append(_Slot("query"))
+            self._slots.append(_Slot("query", started=self.clock()))
             if analysis.changed:
                 out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
             else:
@@ -596,6 +599,8 @@ class Session:
             while self._slots:
                 s = self._slots.popleft()
                 if s.kind in ("sync", "query", "inject"):
+                    if s.started and self.observe_duration is not None:
+                        self.observe_duration(self.clock() - s.started)
                     break
             if self._abort_after_cap:
                 self._abort_after_cap = False

@@ -53,6 +53,7 @@ from rewriters.model import (
     StatementDecision,
     Unbounded,
 )
+from rewriters.shape import ShapeCache, fast_copy
 from rewriters.substitute import (
     Denied,
     collect_refs,
@@ -60,7 +61,6 @@ from rewriters.substitute import (
     substitute,
     unbounded_read,
 )
-from rewriters.shape import ShapeCache, fast_copy
 from rewriters.textspan import Edit, EditConflict, TokenIndex, apply_edits
 from rewriters.verify import Verdict, verify
 

@@ -27,8 +27,7 @@ from decimal import Decimal, InvalidOperation
 
 from sqlglot import exp
 
-from rewriters.compiled import CompiledTable, FilterLiteral, quote_ident
-from rewriters.lexer import Tok
+from rewriters.compiled import CompiledTable, FilterLiteral
 from rewriters.substitute import (
     Denied,
     Ref,

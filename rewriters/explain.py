@@ -185,9 +185,10 @@ def pretty_sql(sql: str) -> str:
         newline = False
         if prev is not None and i is not None:
             if kw in _CLAUSES and not (prev.kind is Tok.PUNCT and prev.text == "("):
-                newline = not (kw == "join" and prev.keyword in _JOIN_PREFIX)
-                if kw == "set" and prev.keyword not in ("", ) and out and out[-1].strip() == "":
-                    newline = False
+                newline = not (
+                    (kw == "join" and prev.keyword in _JOIN_PREFIX)
+                    or (kw == "from" and prev.keyword in ("delete", "distinct", "is"))
+                )
             elif kw in _JOIN_PREFIX and i + 1 < len(sig) and sig[i + 1].keyword in (
                     "join", "outer", "left", "right", "inner", "full"):
                 newline = prev.keyword not in _JOIN_PREFIX

@@ -198,7 +198,7 @@ class _Text:
 
     def fill(self, literals: tuple[str, ...]) -> str:
         out = [self.parts[0]]
-        for slot, part in zip(self.slots, self.parts[1:]):
+        for slot, part in zip(self.slots, self.parts[1:], strict=True):
             out.append(literals[slot])
             out.append(part)
         return "".join(out)

@@ -210,7 +210,7 @@ def literal_operand(node: exp.Expression, idx: TokenIndex) -> Lit | None:
         tok = idx.sig[i]
         if tok.end != span[1]:
             return None
-        if node.is_string and tok.kind is Tok.STRING and not tok.text[:1] in "nN":
+        if node.is_string and tok.kind is Tok.STRING and tok.text[:1] not in "nN":
             return Lit(tok.start, tok.end, "string", str(node.this))
         if not node.is_string and tok.kind is Tok.NUMBER:
             return Lit(tok.start, tok.end, "number", tok.text)

@@ -65,25 +65,23 @@ def _lex(spec: str) -> LexSettings:
     return LexSettings(standard_conforming_strings=scs, client_encoding=enc)
 
 
+def _flush(current: Case | None, mode: str, buf: list[str]) -> None:
+    """Store the collected lines as the case's SQL or expected SQL, then empty ``buf``."""
+    text = "\n".join(buf).strip()
+    if current is not None:
+        if mode == "sql":
+            current.sql = text
+        elif mode == "expect":
+            current.expected = text
+    buf.clear()
+
+
 def load_cases(paths: list[Path] | None = None) -> list[Case]:
     cases: list[Case] = []
     for path in paths if paths is not None else sorted(FIXTURES.glob("*.sql")):
         current: Case | None = None
         mode = ""
         buf: list[str] = []
-
-        def flush() -> None:
-            nonlocal buf
-            if current is None:
-                buf = []
-                return
-            text = "\n".join(buf).strip()
-            if mode == "sql":
-                current.sql = text
-            elif mode == "expect":
-                current.expected = text
-            buf = []
-
         for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if raw.startswith("-- #"):
                 continue
@@ -93,7 +91,7 @@ def load_cases(paths: list[Path] | None = None) -> list[Case]:
                 continue
             key, value = m.group(1), m.group(2).strip()
             if key == "as":
-                flush()
+                _flush(current, mode, buf)
                 current = Case(path.name, n, value)
                 cases.append(current)
                 mode = "sql"
@@ -103,16 +101,16 @@ def load_cases(paths: list[Path] | None = None) -> list[Case]:
                 current.lex = _lex(value)
                 continue
             if key in ("expect", "deny", "forward"):
-                flush()
+                _flush(current, mode, buf)
                 current.outcome = key
                 if key == "deny":
                     current.expected = value
                 mode = "expect" if key == "expect" else ""
                 continue
-            flush()
+            _flush(current, mode, buf)
             mode = ""
             current.checks[key] = value
-        flush()
+        _flush(current, mode, buf)
     return cases
 
 

@@ -1,0 +1,350 @@
+"""Temporary grants and shared quotas across pgveil processes (SPEC §2 ``pgveil grant``, §4
+``quota``): two proxies on one control database, driven by the real CLI.
+
+Why live: grants travel from the CLI through the control database (INSERT + NOTIFY) to every
+running proxy and must reach sessions that are already open; quotas are counted by each proxy
+and shared through the same database. Only separate processes show that.
+
+Every test works on *fresh logins* (``teller_sz_<random>``, matched by the policy's
+``teller_sz*`` → role teller, branch SZ01) created for it, so that a grant or quota usage can
+never leak into another test: the control database lives as long as the test session.
+The bank fixture puts customer ``g`` in SZ01 when ``g % 3 == 0``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg import errors as pg_errors
+
+from proxy.localpg import PostgresCluster, clean_env, password_for
+from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
+
+Factory = Callable[..., PgveilProcess]
+GRANT_ID = re.compile(r"^g_[0-9a-f]{12}$")
+ROWS_200 = "select id from customers where id <= 600"  # 200 SZ01 rows: over the teller cap
+PROPAGATION = 3.0  # SPEC: within a second; some slack for a loaded test machine
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m proxy ARGS`` as a DBA runs it (no PGVEIL_* from the test environment)."""
+    env = {k: v for k, v in clean_env().items() if not k.startswith("PGVEIL_")}
+    return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture
+def logins(pg: PostgresCluster) -> Iterator[Callable[[str], str]]:
+    """``make("sz")`` → a new login matching ``teller_sz*``; all dropped after the test."""
+    made: list[str] = []
+
+    def make(branch: str = "sz") -> str:
+        login = f"teller_{branch}_{uuid.uuid4().hex[:10]}"
+        pg.psql(f"create role {login} login password '{password_for(login)}'", db="postgres")
+        made.append(login)
+        return login
+
+    try:
+        yield make
+    finally:
+        for login in made:
+            pg.psql(f"drop role if exists {login}", db="postgres")
+
+
+def grant(proc: PgveilProcess, login: str, lift: str, expires: str = "1h") -> str:
+    r = cli("grant", "create", "--login", login, "--lift", lift, "--expires", expires,
+            "--reason", f"test {lift}", "--approver", "boss", "-c", str(proc.config_path))
+    assert r.returncode == 0, r.stderr
+    gid = r.stdout.strip()
+    assert GRANT_ID.match(gid), r.stdout
+    return gid
+
+
+def revoke(proc: PgveilProcess, gid: str) -> subprocess.CompletedProcess[str]:
+    return cli("grant", "revoke", gid, "--reason", "done", "-c", str(proc.config_path))
+
+
+def capped(conn: psycopg.Connection[Any], sql: str = ROWS_200) -> bool:
+    """True when the statement is stopped by the row cap, False when all rows arrive."""
+    try:
+        rows = conn.execute(sql).fetchall()
+    except pg_errors.InsufficientPrivilege as exc:
+        assert "row limit" in str(exc), exc
+        return True
+    assert rows
+    return False
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = PROPAGATION) -> float:
+    """Seconds until ``pred()`` held; fails the test after ``timeout``."""
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"condition not reached within {timeout} s")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def audit_records(proc: PgveilProcess) -> list[dict[str, Any]]:
+    if not proc.audit_path.exists():
+        return []
+    return [json.loads(ln) for ln in proc.audit_path.read_text().splitlines() if ln.strip()]
+
+
+def connect(proc: PgveilProcess, login: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(proc.dsn(login), autocommit=True)
+
+
+# --------------------------------------------------------------------------- grants
+
+
+def test_max_rows_grant_reaches_open_sessions_on_both_proxies(
+        pgveil_factory: Factory, logins: Callable[[str], str]) -> None:
+    a, b = pgveil_factory(), pgveil_factory()
+    login, other = logins("sz"), logins("sz")
+    with connect(a, login) as ca, connect(b, login) as cb, connect(a, other) as co:
+        assert capped(ca) and capped(cb) and capped(co)
+        gid = grant(a, login, "max_rows=500")
+        try:
+            wait_until(lambda: not capped(ca))
+            wait_until(lambda: not capped(cb))
+            assert len(ca.execute(ROWS_200).fetchall()) == 200
+            # the new cap is 500, not unlimited
+            with pytest.raises(pg_errors.InsufficientPrivilege, match="row limit of 500"):
+                cb.execute("select id from customers where id <= 1800").fetchall()
+            # only that login: another teller of the same role and branch keeps the cap
+            assert capped(co)
+            with connect(b, other) as cbo:
+                assert capped(cbo)
+            # a new session of the login gets the grant too
+            with connect(b, login) as fresh:
+                assert not capped(fresh)
+            # listed as active
+            r = cli("grant", "list", "--json", "--login", login, "-c", str(b.config_path))
+            assert r.returncode == 0, r.stderr
+            listed = [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
+            assert [(g["id"], g["state"], g["lift"]) for g in listed] == \
+                [(gid, "active", {"max_rows": 500})]
+            assert listed[0]["approver"] == "boss" and listed[0]["reason"] == "test max_rows=500"
+        finally:
+            r = revoke(b, gid)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: capped(ca))
+        wait_until(lambda: capped(cb))
+    r = cli("grant", "list", "--all", "--json", "--login", login, "-c", str(a.config_path))
+    assert [json.loads(ln)["state"] for ln in r.stdout.splitlines() if ln.strip()] == ["revoked"]
+    again = revoke(a, gid)
+    assert again.returncode == 1 and "already revoked" in again.stderr
+
+
+def test_statements_under_a_grant_are_audited_with_its_id(
+        pgveil_factory: Factory, logins: Callable[[str], str]) -> None:
+    a, b = pgveil_factory(), pgveil_factory()
+    login = logins("sz")
+    with connect(a, login) as ca, connect(b, login) as cb:
+        ca.execute("select id from customers where id = 3").fetchall()
+        gid = grant(a, login, "max_rows=500")
+        try:
+            wait_until(lambda: not capped(ca))
+            wait_until(lambda: not capped(cb))
+        finally:
+            assert revoke(a, gid).returncode == 0
+        wait_until(lambda: capped(ca))
+    for proc in (a, b):
+        recs = audit_records(proc)
+        mine = [r for r in recs if r.get("operator") == login and r.get("kind") == "select"]
+        assert mine and all(r["grant"] in (None, gid) for r in mine)
+        granted = [r for r in mine if r["grant"] == gid]
+        assert granted and all(r["decision"] == "rewritten" and r["rows"] == 200
+                               for r in granted)
+        assert mine[-1]["grant"] is None  # after the revoke
+        # the grant's own events are in every proxy's log
+        events = [r for r in recs if r.get("grant") == gid and r.get("kind", "").startswith(
+            "grant")]
+        kinds = {r["kind"] for r in events}
+        assert any("creat" in k for k in kinds) and any("revok" in k for k in kinds), kinds
+        created = next(r for r in events if "creat" in r["kind"])
+        assert created["operator"] == login
+        assert any("boss" in x for x in created["reasons"])
+        assert any("max_rows=500" in x for x in created["reasons"])
+
+
+def test_short_grant_expires_by_itself(pgveil_factory: Factory,
+                                       logins: Callable[[str], str]) -> None:
+    a, b = pgveil_factory(), pgveil_factory()
+    login = logins("sz")
+    with connect(a, login) as ca, connect(b, login) as cb:
+        grant(b, login, "max_rows=500", expires="4s")
+        wait_until(lambda: not capped(ca))
+        wait_until(lambda: not capped(cb))
+        # expired: back to the role's cap without any revoke
+        wait_until(lambda: capped(ca) and capped(cb), timeout=8)
+    r = cli("grant", "list", "--all", "--json", "--login", login, "-c", str(a.config_path))
+    assert [json.loads(ln)["state"] for ln in r.stdout.splitlines() if ln.strip()] == ["expired"]
+
+
+def test_copy_grant_allows_copy_to_for_that_login_only(
+        pg: PostgresCluster, pgveil_factory: Factory, logins: Callable[[str], str]) -> None:
+    a, b = pgveil_factory(), pgveil_factory()
+    login, other = logins("sz"), logins("sz")
+    sql = "copy (select id, phone from customers where id <= 30 order by id) to stdout"
+
+    def copy_rows(proc: PgveilProcess, who: str) -> list[tuple[str, ...]] | None:
+        try:
+            with connect(proc, who) as conn, conn.cursor().copy(sql) as copy:
+                return [tuple(r) for r in copy.rows()]
+        except pg_errors.InsufficientPrivilege:
+            return None
+
+    assert copy_rows(a, login) is None
+    gid = grant(a, login, "copy")
+    try:
+        wait_until(lambda: copy_rows(a, login) is not None)
+        wait_until(lambda: copy_rows(b, login) is not None)
+        with psycopg.connect(pg.dsn("dba")) as d:
+            raw = dict(d.execute("select id::text, phone from customers where id <= 30")
+                       .fetchall())
+        rows = copy_rows(b, login)
+        assert rows is not None
+        # still filtered to the branch and masked: a grant lifts the export ban, not the mask
+        assert [r[0] for r in rows] == [str(i) for i in range(3, 31, 3)]
+        assert all(r[1] == raw[r[0]][:3] + "****" + raw[r[0]][-4:] for r in rows)
+        assert copy_rows(a, other) is None and copy_rows(b, other) is None
+    finally:
+        assert revoke(a, gid).returncode == 0
+    wait_until(lambda: copy_rows(b, login) is None)
+
+
+def test_role_grant_acts_as_manager(pg: PostgresCluster, pgveil_factory: Factory,
+                                    logins: Callable[[str], str]) -> None:
+    a, b = pgveil_factory(), pgveil_factory()
+    login = logins("sz")
+    with psycopg.connect(pg.dsn("dba")) as d:
+        phone3, card3 = d.execute("select c.phone, a.card_no from customers c join accounts a "
+                                  "on a.customer_id = c.id where c.id = 3 order by a.id limit 1"
+                                  ).fetchone()  # type: ignore[misc]
+    sql = ("select c.phone, a.card_no, a.balance from customers c join accounts a "
+           "on a.customer_id = c.id where c.id = 3 order by a.id limit 1")
+    with connect(a, login) as ca, connect(b, login) as cb:
+        assert ca.execute(sql).fetchone()[0] != phone3  # type: ignore[index]
+        gid = grant(b, login, "role=manager")
+        try:
+            for conn in (ca, cb):
+                wait_until(lambda c=conn: c.execute(sql).fetchone()[0] == phone3)
+                phone, card, balance = conn.execute(sql).fetchone()  # type: ignore[misc]
+                assert card != card3 and card.endswith(card3[-4:])  # level 3 stays masked
+                assert balance is not None  # clearance 2: balances shown
+                # still the operator's own branch
+                assert conn.execute("select id from customers where id = 1").fetchall() == []
+        finally:
+            assert revoke(a, gid).returncode == 0
+        wait_until(lambda: ca.execute(sql).fetchone()[0] != phone3)
+    recs = [r for r in audit_records(a) if r.get("operator") == login and r.get("grant") == gid
+            and r.get("kind") == "select"]
+    assert recs and all(r["role"] == "manager" for r in recs)
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    (["--lift", "role=no_such_role", "--expires", "1h"], 1),
+    (["--lift", "bogus", "--expires", "1h"], 2),
+    (["--lift", "max_rows=500", "--expires", "31d"], 2),
+    (["--lift", "max_rows=500", "--expires", "soon"], 2),
+])
+def test_grant_create_rejects_bad_input(pg: PostgresCluster, tmp_path: Path,
+                                        args: list[str], code: int) -> None:
+    config = tmp_path / "pgveil.yaml"
+    config.write_text(yaml.safe_dump({"control": {"dsn": pg.dsn("dba", db="postgres")},
+                                      "policy": str(DEFAULT_POLICY)}), encoding="utf-8")
+    login = f"teller_sz_{uuid.uuid4().hex[:10]}"  # grants name logins; it need not exist
+    r = cli("grant", "create", "--login", login, *args, "--reason", "r", "--approver", "boss",
+            "-c", str(config))
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert r.stdout.strip() == ""  # no grant id printed
+    listed = cli("grant", "list", "--all", "--json", "--login", login, "-c", str(config))
+    assert listed.returncode == 0 and listed.stdout.strip() == "", listed.stderr
+
+
+# --------------------------------------------------------------------------- quota
+
+
+@pytest.fixture
+def quota_policy(tmp_path: Path) -> Path:
+    """The fixture policy with the teller quota lowered to 60 rows per hour."""
+    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    policy["roles"]["teller"]["quota"] = {"rows": 60, "per": "1h"}
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
+                    encoding="utf-8")
+    return path
+
+
+def _read_20(conn: psycopg.Connection[Any]) -> int:
+    return len(conn.execute("select id, phone from customers where id <= 60").fetchall())
+
+
+def test_quota_is_shared_by_two_proxies(pgveil_factory: Factory, quota_policy: Path,
+                                        logins: Callable[[str], str]) -> None:
+    a = pgveil_factory(policy_path=quota_policy)
+    b = pgveil_factory(policy_path=quota_policy)
+    login, neighbour = logins("sz"), logins("sz")
+    settle = 1.5  # counts are flushed to the control database every 0.5 s
+    with connect(a, login) as ca, connect(b, login) as cb:
+        assert _read_20(ca) == 20
+        time.sleep(settle)
+        assert _read_20(cb) == 20
+        time.sleep(settle)
+        assert _read_20(ca) == 20  # 60 rows in total: the quota is used up
+        time.sleep(settle)
+        for conn in (cb, ca):
+            with pytest.raises(pg_errors.InsufficientPrivilege, match="quota") as info:
+                conn.execute("select id from customers where id = 3").fetchall()
+            assert "60" in str(info.value)
+            # denied, not dropped: unprotected work goes on
+            assert conn.execute("select count(*) from branches").fetchone() == (3,)
+        # a new session on either proxy is over quota too
+        with connect(b, login) as again:
+            with pytest.raises(pg_errors.InsufficientPrivilege, match="quota"):
+                again.execute("select id from customers where id = 6").fetchall()
+        # the quota is per operator: a neighbour of the same role is unaffected
+        with connect(a, neighbour) as na, connect(b, neighbour) as nb:
+            assert _read_20(na) == 20 and _read_20(nb) == 20
+        # a "quota" grant lifts it for a while
+        gid = grant(a, login, "quota")
+        try:
+            wait_until(lambda: _try_read(ca) and _try_read(cb))
+        finally:
+            assert revoke(a, gid).returncode == 0
+        wait_until(lambda: not _try_read(ca) and not _try_read(cb))
+
+
+def _try_read(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        conn.execute("select id from customers where id = 3").fetchall()
+    except pg_errors.InsufficientPrivilege as exc:
+        assert "quota" in str(exc)
+        return False
+    return True
+
+
+def test_quota_counts_only_rows_of_protected_tables(pgveil_factory: Factory,
+                                                    quota_policy: Path,
+                                                    logins: Callable[[str], str]) -> None:
+    proc = pgveil_factory(policy_path=quota_policy)
+    login = logins("sz")
+    with connect(proc, login) as conn:
+        for _ in range(30):  # 90 rows of an unprotected table
+            assert len(conn.execute("select * from branches").fetchall()) == 3
+        time.sleep(1.0)
+        assert _read_20(conn) == 20
+        assert _read_20(conn) == 20
