@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import struct
 import time
 from collections import deque
@@ -48,6 +49,8 @@ from rewriters.model import (
 )
 
 log = logging.getLogger("pgveil.session")
+
+_DEALLOCATE = re.compile(r'\s*deallocate\s+(prepare\s+)?("(?:[^"]|"")+"|\w+)', re.I)
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -456,6 +459,9 @@ class Session:
                 key = ("cursor", st.cursor)
             if st.prepared and st.kind == "prepare":
                 self.prepared[st.prepared] = st
+                self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
+            elif st.kind == "utility":
+                self._forget_deallocated(st.sql)
             slot.runs.append(_StatementRun(st, now, counter_key=key,
                                            source=source if single else st.sql))
         self._slots.append(slot)
@@ -463,6 +469,19 @@ class Session:
             out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
         else:
             out.to_server.append(frame)
+
+    def _forget_deallocated(self, text: str) -> None:
+        m = _DEALLOCATE.match(text)
+        if m is None:
+            return
+        name = m.group(2)
+        if name.lower() == "all":
+            self.prepared.clear()
+            self._statements = {k: v for k, v in self._statements.items() if not k}
+            return
+        name = name[1:-1].replace('""', '"') if name.startswith('"') else name.lower()
+        self.prepared.pop(name, None)
+        self._statements.pop(name.encode(self.codec, "replace"), None)
 
     def _on_parse(self, frame: bytes, out: Output) -> None:
         payload = frame[5:]
@@ -490,10 +509,17 @@ class Session:
             self._slots.append(slot)
             return
         st = analysis.statements[0] if analysis.statements else None
+        # Protocol-level and SQL-level prepared statements share one namespace on the server:
+        # keep both views of it in step, so `EXECUTE name` of a wire-parsed statement and a
+        # wire Bind of a SQL-PREPAREd one are both attributed to the right decision.
         if st is not None and (st.protected or st.cursor or st.prepared or self.audit_all):
             self._statements[name] = (st, self._source)
+            if name:
+                self.prepared[name.decode(self.codec, "replace")] = st
         else:
             self._statements.pop(name, None)
+            if name:
+                self.prepared.pop(name.decode(self.codec, "replace"), None)
         if analysis.changed:
             sql = self._encode_sql(analysis.sql)
             out.to_server.append(_frame(b"P", name + b"\x00" + sql + b"\x00" + rest))
@@ -657,7 +683,7 @@ class Session:
                 if run is not None:
                     self._finish_run(slot, run, out,  # type: ignore[arg-type]
                                      error=f"{fields.get('C', '')}: {fields.get('M', '')}")
-                out.to_client.append(frame)
+                out.to_client.append(self._scrub_error(frame, fields))
             if slot is not None:
                 slot.failed = True
                 # after an error the server skips the rest: drop our remaining executes
@@ -683,6 +709,22 @@ class Session:
             value, _ = _cstr(payload, pos)
             self._on_parameter(name.decode("latin-1"), value.decode("latin-1"))
         out.to_client.append(frame)
+
+    def _scrub_error(self, frame: bytes, fields: dict[str, str]) -> bytes:
+        """PostgreSQL's DETAIL of integrity and data errors quotes the raw row or key values
+        ("Failing row contains (3, 李超, 18600314187, …)", "Key (id)=(1) already exists"), read
+        below the mask. Restricted roles get the error without that detail."""
+        detail = fields.get("D")
+        if detail is None or self.view.unrestricted:
+            return frame
+        code = fields.get("C", "")
+        if not (code.startswith(("22", "23")) or "Failing row contains" in detail
+                or "Key (" in detail):
+            return frame
+        keep = {k: v for k, v in fields.items() if k != "D"}
+        keep["D"] = "detail withheld by pgveil: it would show values the policy masks"
+        body = b"".join(k.encode() + v.encode("utf-8") + b"\x00" for k, v in keep.items())
+        return _frame(b"E", body + b"\x00")
 
     def _row_limit_error(self, run: _StatementRun) -> bytes:
         limit = run.decision.row_limit

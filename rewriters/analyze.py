@@ -24,6 +24,7 @@ when it mentions customer data (fail closed).
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -44,7 +45,7 @@ from rewriters.classify import (
 )
 from rewriters.compiled import CompiledTable, CompiledView, ViewCompiler, quote_ident
 from rewriters.dml import dml_rules
-from rewriters.lexer import Tok, fold, significant, split_statements, tokenize
+from rewriters.lexer import Tok, Token, fold, significant, split_statements, tokenize
 from rewriters.model import (
     Action,
     Analysis,
@@ -53,8 +54,9 @@ from rewriters.model import (
     StatementDecision,
     Unbounded,
 )
-from rewriters.shape import ShapeCache, fast_copy
+from rewriters.shape import ShapeCache
 from rewriters.substitute import (
+    MAX_STATEMENT_CHARS,
     Denied,
     collect_refs,
     parse_one,
@@ -182,12 +184,22 @@ class Analyzer:
         fast = fast_path(sql, cv, t0)
         if fast is not None:
             return fast
+        if (len(sql) > MAX_STATEMENT_CHARS and not view.unrestricted
+                and cv.sensitive(sql.lower())):
+            # Refused before lexing: analysing a megabyte on the event loop is a denial of
+            # service of its own. The whole text is one denial (nothing of it runs).
+            deny = _deny(_text_kind(sql), f"statement too large to analyse ({len(sql)} "
+                         "characters; the limit for statements on customer data is "
+                         f"{MAX_STATEMENT_CHARS})", sql,
+                         [t.name for t in cv.mentioned_tables(sql.lower())],
+                         view.limits.max_rows)
+            return Analysis(sql, (deny,), rewrite_seconds=time.perf_counter() - t0)
         cached = self._cache.lookup(sql, cv, lex, t0)
-        if cached is not None and cached.hit is not None:
-            return cached.hit
+        if isinstance(cached, Analysis):
+            return cached
         ctx = _Ctx(cv, lex, dict(prepared or {}), dict(cursors or {}))
-        if cached is not None and cached.miss is not None:
-            analysis = self._cache.fill(cached.miss, sql, lambda text: full_analysis(text, ctx))
+        if cached is not None:
+            analysis = self._cache.fill(cached, sql, lambda text: full_analysis(text, ctx))
         else:
             analysis = full_analysis(sql, ctx)
         return replace(analysis, rewrite_seconds=time.perf_counter() - t0)
@@ -209,8 +221,8 @@ class Analyzer:
 # --- fast path -------------------------------------------------------------------------------
 
 
-_FORWARD_PROTO = StatementDecision(Action.FORWARD, "", "other")
-_ANALYSIS_PROTO = Analysis("", ())
+_FORWARD_FIELDS = dict(StatementDecision(Action.FORWARD, "", "other").__dict__)
+_ANALYSIS_FIELDS = dict(Analysis("", ()).__dict__)
 
 
 def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analysis | None:
@@ -242,9 +254,19 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
         if kind == "select" and "into" in lowered and _INTO_RE.search(lowered):
             return None
         text = body if len(body) < len(sql.rstrip()) else sql
-        decision = fast_copy(_FORWARD_PROTO, sql=text, kind=kind)
-        took = time.perf_counter() - started if started is not None else 0.0
-        return fast_copy(_ANALYSIS_PROTO, sql=sql, statements=(decision,), rewrite_seconds=took)
+        # Built like shape.fast_copy, inlined: this is the pgbench hot path.
+        fields = _FORWARD_FIELDS.copy()
+        fields["sql"] = text
+        fields["kind"] = kind
+        decision = object.__new__(StatementDecision)
+        object.__setattr__(decision, "__dict__", fields)
+        fields = _ANALYSIS_FIELDS.copy()
+        fields["sql"] = sql
+        fields["statements"] = (decision,)
+        fields["rewrite_seconds"] = time.perf_counter() - started if started is not None else 0.0
+        analysis = object.__new__(Analysis)
+        object.__setattr__(analysis, "__dict__", fields)
+        return analysis
     tokens = tokenize(sql)
     if any(t.kind is Tok.ERROR for t in tokens):
         return None
@@ -271,9 +293,10 @@ def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
     decisions: list[StatementDecision] = []
     out: list[str] = []
     pos = 0
+    starts = [t.start for t in tokens]
     for span in spans:
         text = sql[span.start : span.end]
-        d = decide_statement(text, ctx)
+        d = decide_statement(text, ctx, _slice_tokens(tokens, starts, span.start, span.end))
         if d.kind == "prepare" and d.prepared and d.action is not Action.DENY:
             ctx.prepared[d.prepared] = d
         if d.kind == "declare" and d.cursor and d.action is not Action.DENY:
@@ -293,15 +316,39 @@ def _deny(kind: str, message: str, text: str, tables: list[str] | None = None,
                              **kw)  # type: ignore[arg-type]
 
 
-def decide_statement(text: str, ctx: _Ctx) -> StatementDecision:
+def _slice_tokens(tokens: list[Token], starts: list[int], start: int, end: int
+                  ) -> list[Token]:
+    """The tokens of ``sql[start:end]`` (a statement span: it starts and ends on token
+    boundaries), with offsets relative to ``start`` — the text is tokenized once, not once
+    per pass. ``starts`` are the tokens' start offsets (for the binary search)."""
+    lo = bisect.bisect_left(starts, start)
+    hi = bisect.bisect_left(starts, end, lo)
+    if start == 0:
+        return tokens[lo:hi]
+    return [Token(t.kind, t.start - start, t.end - start, t.text) for t in tokens[lo:hi]]
+
+
+def _text_kind(text: str) -> str:
+    """The kind by the leading keyword alone (for denials made before lexing)."""
+    m = _LEAD_RE.match(text)
+    return KEYWORD_KIND.get(m.group(1).lower(), "other") if m else "other"
+
+
+def decide_statement(text: str, ctx: _Ctx, tokens: list[Token] | None = None
+                     ) -> StatementDecision:
     """One statement -> its decision (verification of the final text included)."""
     cv = ctx.cv
     m = _mentions(cv, text)
-    tokens = tokenize(text, ctx.lex.standard_conforming_strings)
-    sig = significant(tokens)
-    lead = leading_kind(sig)
     mentioned = [t.name for t in m.tables]
     restricted = ctx.restricted
+    if restricted and m.sensitive and len(text) > MAX_STATEMENT_CHARS:
+        return _deny(_text_kind(text),
+                     f"statement too large to analyse ({len(text)} characters; the limit for "
+                     f"statements on customer data is {MAX_STATEMENT_CHARS})", text, mentioned)
+    if tokens is None:
+        tokens = tokenize(text, ctx.lex.standard_conforming_strings)
+    sig = significant(tokens)
+    lead = leading_kind(sig)
     if restricted and m.sensitive:
         guard = _lexical_guard(text, tokens, m, ctx)
         if guard is not None:
@@ -312,9 +359,10 @@ def decide_statement(text: str, ctx: _Ctx) -> StatementDecision:
                          "unterminated literal, identifier or comment", text, mentioned)
         return StatementDecision(Action.FORWARD, text, lead, tables=tuple(mentioned))
     try:
-        core = analyse_core(text, ctx, m)
+        core = analyse_core(text, ctx, m, tokens=tokens)
     except Denied as e:
-        return _deny(e.kind or lead, str(e), text, mentioned, _row_limit(ctx, mentioned))
+        return _deny(e.kind or lead, str(e), text, mentioned, _row_limit(ctx, mentioned),
+                     prepared=e.prepared, cursor=e.cursor)
     if core.deny is not None:
         tables = list(dict.fromkeys(core.tables + mentioned))
         return _deny(core.kind, core.deny, text, tables, _row_limit(ctx, tables),
@@ -413,12 +461,14 @@ def _lexical_guard(text: str, tokens: list, m: _Mentions, ctx: _Ctx) -> str | No
 
 
 def analyse_core(
-    text: str, ctx: _Ctx, m: _Mentions | None = None, *, explain: bool = False
+    text: str, ctx: _Ctx, m: _Mentions | None = None, *, explain: bool = False,
+    tokens: list[Token] | None = None,
 ) -> Core:
     """Dispatch one statement (or the inner statement of a wrapper) on its kind."""
     if m is None:
         m = _mentions(ctx.cv, text)
-    tokens = tokenize(text, ctx.lex.standard_conforming_strings)
+    if tokens is None:
+        tokens = tokenize(text, ctx.lex.standard_conforming_strings)
     sig = significant(tokens)
     lead = leading_kind(sig)
     try:
@@ -431,6 +481,10 @@ def analyse_core(
         return _dispatch(text, sig, tokens, pst, ctx, m, explain)
     except Denied as e:
         e.kind = pst.kind  # the outermost statement's kind wins (EXPLAIN of an UPDATE)
+        if pst.node_type in ("PrepareStmt", "ExecuteStmt"):
+            e.prepared = str(pst.node.get("name", "")) or None
+        elif pst.node_type in ("DeclareCursorStmt", "FetchStmt"):
+            e.cursor = str(pst.node.get("portalname", "")) or None
         raise
 
 

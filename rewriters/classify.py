@@ -16,6 +16,7 @@ Data flow::
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +192,16 @@ class PgParseError(Exception):
 
 
 def pg_parse(sql: str) -> list[dict[str, Any]]:
-    """Parse with PostgreSQL's grammar; returns the RawStmt dicts. Raises PgParseError."""
+    """Parse with PostgreSQL's grammar; returns the RawStmt dicts. Raises PgParseError.
+
+    Memoised for the last few texts: classification and verification parse the same statement
+    when nothing was rewritten. Callers must not modify the result.
+    """
+    return _pg_parse_cached(sql)
+
+
+@functools.lru_cache(maxsize=16)
+def _pg_parse_cached(sql: str) -> list[dict[str, Any]]:
     try:
         return list(json.loads(pg_parser.parse_sql_json(sql)).get("stmts", []))
     except pg_parser.ParseError as e:  # type: ignore[attr-defined]

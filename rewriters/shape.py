@@ -77,6 +77,8 @@ _VALUE_KEYWORDS = frozenset({"and", "or", "not", "in", "like", "ilike", "between
                              "from", "on", "having", "returning", "set", "case"})
 _OP_END = frozenset("=<>+-*/%|(,~!^&")
 _IDENT_CHAR = re.compile(r"[A-Za-z0-9_$\x80-\U0010ffff.]")
+# Longer texts are not cached (bulk INSERTs): normalizing them costs more than it saves.
+MAX_SHAPE_CHARS = 16 * 1024
 _CACHE_KINDS = frozenset({"select", "insert", "update", "delete"})
 _SAFE_ENCODINGS = frozenset({"UTF8", "UNICODE", "SQLASCII"})
 
@@ -95,7 +97,9 @@ def normalize(sql: str, lex: LexSettings, sensitive: Callable[[str], bool] | Non
     >>> normalize("SELECT * FROM t WHERE id = 5 LIMIT 10", LexSettings()).shape
     'SELECT * FROM t WHERE id = \\x00i LIMIT 10'
     """
-    if not lex.standard_conforming_strings and "\\" in sql:
+    if "\\" in sql or "\x00" in sql:
+        # Backslashes: read differently with standard_conforming_strings off (and in E'').
+        # NUL: never valid in a query, and the shape's own slot markers start with it.
         return None
     enc = lex.client_encoding.replace("_", "").replace("-", "").upper()
     if enc not in _SAFE_ENCODINGS and not sql.isascii():
@@ -197,6 +201,8 @@ class _Text:
     slots: tuple[int, ...]
 
     def fill(self, literals: tuple[str, ...]) -> str:
+        if len(self.slots) == 1:  # the common lookup: one literal
+            return self.parts[0] + literals[self.slots[0]] + self.parts[1]
         out = [self.parts[0]]
         for slot, part in zip(self.slots, self.parts[1:], strict=True):
             out.append(literals[slot])
@@ -236,7 +242,11 @@ class Template:
     def instantiate(self, literals: tuple[str, ...], started: float | None = None) -> Analysis:
         """The cached decision with these literals spliced back in; ``started`` (a
         ``perf_counter`` value) sets ``rewrite_seconds``."""
-        decisions = tuple(fast_copy(d, sql=t.fill(literals)) for d, t in self.statements)
+        if len(self.statements) == 1:
+            d, t = self.statements[0]
+            decisions: tuple[StatementDecision, ...] = (fast_copy(d, sql=t.fill(literals)),)
+        else:
+            decisions = tuple(fast_copy(d, sql=t.fill(literals)) for d, t in self.statements)
         sql = self.sql.fill(literals)
         took = time.perf_counter() - started if started is not None else 0.0
         return fast_copy(_CACHED, sql=sql, statements=decisions, rewrite_seconds=took)
@@ -244,12 +254,13 @@ class Template:
 
 def fast_copy(obj: _T, **changes: object) -> _T:
     """``dataclasses.replace(obj, **changes)`` for the hot path, without re-running the frozen
-    ``__init__`` (one ``object.__setattr__`` per field: about 5 µs for a StatementDecision, a
+    ``__init__`` (one ``object.__setattr__`` per field: several µs for a StatementDecision, a
     quarter of a cache hit). Only for the model's plain frozen dataclasses, which have no
     ``__post_init__`` and no derived fields."""
+    fields = obj.__dict__.copy()
+    fields.update(changes)
     new = object.__new__(type(obj))
-    new.__dict__.update(obj.__dict__)
-    new.__dict__.update(changes)
+    object.__setattr__(new, "__dict__", fields)
     return new
 
 
@@ -261,12 +272,6 @@ _CACHED = Analysis("", (), cached=True)
 class Miss:
     key: tuple[object, ...]
     norm: Normalized
-
-
-@dataclass(frozen=True)
-class Lookup:
-    hit: Analysis | None = None
-    miss: Miss | None = None
 
 
 def _same(a: Analysis, b: Analysis) -> bool:
@@ -294,8 +299,10 @@ class ShapeCache:
         return vid
 
     def lookup(self, sql: str, cv: CompiledView, lex: LexSettings,
-               started: float | None = None) -> Lookup | None:
-        """A hit, a miss to fill, or None (not cacheable: analyse in full)."""
+               started: float | None = None) -> Analysis | Miss | None:
+        """A hit (the Analysis), a miss to fill, or None (not cacheable: analyse in full)."""
+        if len(sql) > MAX_SHAPE_CHARS:
+            return None
         norm = normalize(sql, lex, cv.sensitive)
         if norm is None:
             return None
@@ -308,9 +315,9 @@ class ShapeCache:
             self._entries.move_to_end(key)
             self.hits += 1
             assert isinstance(entry, Template)
-            return Lookup(hit=entry.instantiate(norm.literals, started))
+            return entry.instantiate(norm.literals, started)
         self.misses += 1
-        return Lookup(miss=Miss(key, norm))
+        return Miss(key, norm)
 
     def _store(self, key: tuple[object, ...], value: object) -> None:
         self._entries[key] = value

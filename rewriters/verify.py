@@ -26,6 +26,7 @@ offsets before comparing with the rewriter's spans.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,37 @@ def _node(value: Any) -> tuple[str, dict[str, Any]] | None:
         if k[:1].isupper() and isinstance(v, dict):
             return k, v
     return None
+
+
+_SQL_WORDS = re.compile(r"\b(?:select|table|from|copy|execute|with|join|into|returning|"
+                        r"update|delete|insert)\b")
+
+
+def _const_text(value: Any, depth: int = 0) -> str | None:
+    """The text of a string constant argument: ``'...'``, ``'...'::text``, ``'a' || 'b'``."""
+    n = _node(value)
+    if n is None or depth > 50:
+        return None
+    kind, body = n
+    if kind == "A_Const":
+        sval = body.get("sval")
+        return str(sval.get("sval", "")) if isinstance(sval, dict) else None
+    if kind == "TypeCast":
+        return _const_text(body.get("arg"), depth + 1)
+    if kind == "A_Expr" and _strings(body.get("name")) == ["||"]:
+        left = _const_text(body.get("lexpr"), depth + 1)
+        right = _const_text(body.get("rexpr"), depth + 1)
+        if left is not None and right is not None:
+            return left + right
+    return None
+
+
+def _looks_like_sql(text: str, cv: CompiledView) -> bool:
+    """A constant that reads like a query over a protected table or dependent: a function
+    that runs it (``EXECUTE q`` in plpgsql) is beyond what the rewriter can follow."""
+    lowered = text.lower()
+    return (cv.names_re is not None and cv.names_re.search(lowered) is not None
+            and _SQL_WORDS.search(lowered) is not None)
 
 
 def _strings(items: Any) -> list[str]:
@@ -195,7 +227,9 @@ class _Walker:
             if not self.inside(self.pos(body.get("location")), self.generated):
                 self.colrefs.append(_strings(body.get("fields")))
             return
-        # CTE scoping
+        # CTE scoping. Children are pushed in reverse text order so that they are visited in
+        # text order (the audit record lists tables as the statement names them).
+        children: list[tuple[Any, frozenset[str]]] = []
         with_clause = body.get("withClause")
         inner_ctes = ctes
         if isinstance(with_clause, dict):
@@ -210,7 +244,7 @@ class _Walker:
                 if not n:
                     continue
                 visible = ctes | frozenset(names if recursive else names[:i])
-                self.push(n[1].get("ctequery"), visible, stmt, stack)
+                children.append((n[1].get("ctequery"), visible))
             inner_ctes = ctes | frozenset(n for n in names if n)
         target = None
         if ntype in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
@@ -222,7 +256,9 @@ class _Walker:
                 continue
             if key == "intoClause":
                 continue  # SELECT INTO / CREATE TABLE AS target: a new table, not a read
-            self.push(value, inner_ctes, stmt, stack)
+            children.append((value, inner_ctes))
+        for value, scope in reversed(children):
+            self.push(value, scope, stmt, stack)
 
     def push(
         self,
@@ -249,7 +285,7 @@ class _Walker:
             # ALTER ROLE/DATABASE ... SET x: a bare VariableSetStmt
             stack.append(("VariableSetStmt", value, ctes, stmt))
             return
-        for v in value.values():
+        for v in reversed(list(value.values())):
             self.push(v, ctes, stmt, stack)
 
     def range_var(self, rv: dict[str, Any], ctes: frozenset[str], stmt: str, target: bool) -> None:
@@ -332,6 +368,13 @@ class _Walker:
                           "roles")
             elif setting.strip().lower() in ROLE_SETTINGS:
                 self.deny("role switching would escape the policy")
+        if self.cv.names_re is not None:
+            for arg in body.get("args") or []:
+                text = _const_text(arg)
+                if text is not None and _looks_like_sql(text, self.cv):
+                    self.deny(f"function {name}() is given SQL text that names protected data; "
+                              "dynamic SQL is not followed for masked roles")
+                    break
 
     def finish_columns(self) -> None:
         tables = list({ct.name: ct for ct in self.aliases.values()}.values())

@@ -31,9 +31,9 @@ from psycopg import errors as pg_errors
 from proxy.localpg import PostgresCluster, clean_env, password_for
 from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
 
-Factory = Callable[..., PgveilProcess]
 GRANT_ID = re.compile(r"^g_[0-9a-f]{12}$")
 ROWS_200 = "select id from customers where id <= 600"  # 200 SZ01 rows: over the teller cap
+ROWS_51 = "select id from customers where id <= 153"  # 51 SZ01 rows: the cheapest probe
 PROPAGATION = 3.0  # SPEC: within a second; some slack for a loaded test machine
 
 
@@ -62,6 +62,48 @@ def logins(pg: PostgresCluster) -> Iterator[Callable[[str], str]]:
             pg.psql(f"drop role if exists {login}", db="postgres")
 
 
+def policy_with_teller_quota(directory: Path, rows: int) -> Path:
+    """A copy of the fixture policy with another teller quota."""
+    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    policy["roles"]["teller"]["quota"] = {"rows": rows, "per": "1h"}
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(pg: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
+         ) -> Iterator[tuple[PgveilProcess, PgveilProcess]]:
+    """Two proxies on the same control database (shared by the grant tests: each works on
+    its own logins). The teller quota is raised so that polling for a grant to arrive never
+    runs into it; quotas have their own tests."""
+    path = policy_with_teller_quota(tmp_path_factory.mktemp("grants"), 10_000_000)
+    procs = [PgveilProcess(pg, policy_path=path), PgveilProcess(pg, policy_path=path)]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs[0], procs[1]
+    finally:
+        for proc in procs:
+            proc.cleanup()
+
+
+@pytest.fixture(scope="module")
+def quota_pair(pg: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
+               ) -> Iterator[tuple[PgveilProcess, PgveilProcess]]:
+    """Two proxies whose policy lowers the teller quota to 60 rows per hour."""
+    path = policy_with_teller_quota(tmp_path_factory.mktemp("quota"), 60)
+    procs = [PgveilProcess(pg, policy_path=path), PgveilProcess(pg, policy_path=path)]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs[0], procs[1]
+    finally:
+        for proc in procs:
+            proc.cleanup()
+
+
 def grant(proc: PgveilProcess, login: str, lift: str, expires: str = "1h") -> str:
     r = cli("grant", "create", "--login", login, "--lift", lift, "--expires", expires,
             "--reason", f"test {lift}", "--approver", "boss", "-c", str(proc.config_path))
@@ -75,7 +117,7 @@ def revoke(proc: PgveilProcess, gid: str) -> subprocess.CompletedProcess[str]:
     return cli("grant", "revoke", gid, "--reason", "done", "-c", str(proc.config_path))
 
 
-def capped(conn: psycopg.Connection[Any], sql: str = ROWS_200) -> bool:
+def capped(conn: psycopg.Connection[Any], sql: str = ROWS_51) -> bool:
     """True when the statement is stopped by the row cap, False when all rows arrive."""
     try:
         rows = conn.execute(sql).fetchall()
@@ -92,7 +134,7 @@ def wait_until(pred: Callable[[], bool], timeout: float = PROPAGATION) -> float:
     while not pred():
         if time.monotonic() - start > timeout:
             pytest.fail(f"condition not reached within {timeout} s")
-        time.sleep(0.1)
+        time.sleep(0.2)
     return time.monotonic() - start
 
 
@@ -103,15 +145,18 @@ def audit_records(proc: PgveilProcess) -> list[dict[str, Any]]:
 
 
 def connect(proc: PgveilProcess, login: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(proc.dsn(login), autocommit=True)
+    """Autocommit, and no automatic server-side prepare: every poll is parsed again, so the
+    tests of propagation do not depend on prepared statements (those have their own test)."""
+    return psycopg.connect(proc.dsn(login), autocommit=True, prepare_threshold=None)
 
 
 # --------------------------------------------------------------------------- grants
 
 
 def test_max_rows_grant_reaches_open_sessions_on_both_proxies(
-        pgveil_factory: Factory, logins: Callable[[str], str]) -> None:
-    a, b = pgveil_factory(), pgveil_factory()
+        pair: tuple[PgveilProcess, PgveilProcess],
+        logins: Callable[[str], str]) -> None:
+    a, b = pair
     login, other = logins("sz"), logins("sz")
     with connect(a, login) as ca, connect(b, login) as cb, connect(a, other) as co:
         assert capped(ca) and capped(cb) and capped(co)
@@ -120,6 +165,7 @@ def test_max_rows_grant_reaches_open_sessions_on_both_proxies(
             wait_until(lambda: not capped(ca))
             wait_until(lambda: not capped(cb))
             assert len(ca.execute(ROWS_200).fetchall()) == 200
+            assert len(cb.execute(ROWS_200).fetchall()) == 200
             # the new cap is 500, not unlimited
             with pytest.raises(pg_errors.InsufficientPrivilege, match="row limit of 500"):
                 cb.execute("select id from customers where id <= 1800").fetchall()
@@ -149,8 +195,9 @@ def test_max_rows_grant_reaches_open_sessions_on_both_proxies(
 
 
 def test_statements_under_a_grant_are_audited_with_its_id(
-        pgveil_factory: Factory, logins: Callable[[str], str]) -> None:
-    a, b = pgveil_factory(), pgveil_factory()
+        pair: tuple[PgveilProcess, PgveilProcess],
+        logins: Callable[[str], str]) -> None:
+    a, b = pair
     login = logins("sz")
     with connect(a, login) as ca, connect(b, login) as cb:
         ca.execute("select id from customers where id = 3").fetchall()
@@ -161,12 +208,13 @@ def test_statements_under_a_grant_are_audited_with_its_id(
         finally:
             assert revoke(a, gid).returncode == 0
         wait_until(lambda: capped(ca))
+        wait_until(lambda: capped(cb))
     for proc in (a, b):
         recs = audit_records(proc)
         mine = [r for r in recs if r.get("operator") == login and r.get("kind") == "select"]
         assert mine and all(r["grant"] in (None, gid) for r in mine)
         granted = [r for r in mine if r["grant"] == gid]
-        assert granted and all(r["decision"] == "rewritten" and r["rows"] == 200
+        assert granted and all(r["decision"] == "rewritten" and r["rows"] == 51
                                for r in granted)
         assert mine[-1]["grant"] is None  # after the revoke
         # the grant's own events are in every proxy's log
@@ -180,9 +228,9 @@ def test_statements_under_a_grant_are_audited_with_its_id(
         assert any("max_rows=500" in x for x in created["reasons"])
 
 
-def test_short_grant_expires_by_itself(pgveil_factory: Factory,
+def test_short_grant_expires_by_itself(pair: tuple[PgveilProcess, PgveilProcess],
                                        logins: Callable[[str], str]) -> None:
-    a, b = pgveil_factory(), pgveil_factory()
+    a, b = pair
     login = logins("sz")
     with connect(a, login) as ca, connect(b, login) as cb:
         grant(b, login, "max_rows=500", expires="4s")
@@ -195,8 +243,9 @@ def test_short_grant_expires_by_itself(pgveil_factory: Factory,
 
 
 def test_copy_grant_allows_copy_to_for_that_login_only(
-        pg: PostgresCluster, pgveil_factory: Factory, logins: Callable[[str], str]) -> None:
-    a, b = pgveil_factory(), pgveil_factory()
+        pg: PostgresCluster, pair: tuple[PgveilProcess, PgveilProcess],
+        logins: Callable[[str], str]) -> None:
+    a, b = pair
     login, other = logins("sz"), logins("sz")
     sql = "copy (select id, phone from customers where id <= 30 order by id) to stdout"
 
@@ -226,9 +275,10 @@ def test_copy_grant_allows_copy_to_for_that_login_only(
     wait_until(lambda: copy_rows(b, login) is None)
 
 
-def test_role_grant_acts_as_manager(pg: PostgresCluster, pgveil_factory: Factory,
+def test_role_grant_acts_as_manager(pg: PostgresCluster,
+                                    pair: tuple[PgveilProcess, PgveilProcess],
                                     logins: Callable[[str], str]) -> None:
-    a, b = pgveil_factory(), pgveil_factory()
+    a, b = pair
     login = logins("sz")
     with psycopg.connect(pg.dsn("dba")) as d:
         phone3, card3 = d.execute("select c.phone, a.card_no from customers c join accounts a "
@@ -252,7 +302,34 @@ def test_role_grant_acts_as_manager(pg: PostgresCluster, pgveil_factory: Factory
         wait_until(lambda: ca.execute(sql).fetchone()[0] != phone3)
     recs = [r for r in audit_records(a) if r.get("operator") == login and r.get("grant") == gid
             and r.get("kind") == "select"]
-    assert recs and all(r["role"] == "manager" for r in recs)
+    assert recs and all(r["role"] == "manager" for r in recs), [r["role"] for r in recs]
+
+
+def test_revoke_reaches_statements_prepared_under_the_grant(
+        pg: PostgresCluster, pair: tuple[PgveilProcess, PgveilProcess],
+        logins: Callable[[str], str]) -> None:
+    """A statement prepared while a grant was active must not keep the grant's rules after
+    the revoke: neither the protocol-level prepared statement (Parse once, Bind/Execute many,
+    what psycopg does after 5 executions and JDBC always) nor SQL PREPARE/EXECUTE."""
+    a, _b = pair
+    login = logins("sz")
+    with psycopg.connect(pg.dsn("dba")) as d:
+        row = d.execute("select phone from customers where id = 3").fetchone()
+    assert row is not None
+    phone3 = row[0]
+    sql = "select phone from customers where id = %s"
+    with connect(a, login) as conn:
+        gid = grant(a, login, "role=manager")
+        try:
+            wait_until(lambda: conn.execute(sql, (3,)).fetchone() == (phone3,))
+            assert conn.execute(sql, (3,), prepare=True).fetchone() == (phone3,)
+            conn.execute("prepare by_id (int) as select phone from customers where id = $1")
+            assert conn.execute("execute by_id (3)").fetchone() == (phone3,)
+        finally:
+            assert revoke(a, gid).returncode == 0
+        wait_until(lambda: conn.execute(sql, (3,)).fetchone() != (phone3,))
+        assert conn.execute(sql, (3,), prepare=True).fetchone() != (phone3,)
+        assert conn.execute("execute by_id (3)").fetchone() != (phone3,)
 
 
 @pytest.mark.parametrize(("args", "code"), [
@@ -278,27 +355,15 @@ def test_grant_create_rejects_bad_input(pg: PostgresCluster, tmp_path: Path,
 # --------------------------------------------------------------------------- quota
 
 
-@pytest.fixture
-def quota_policy(tmp_path: Path) -> Path:
-    """The fixture policy with the teller quota lowered to 60 rows per hour."""
-    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
-    policy["roles"]["teller"]["quota"] = {"rows": 60, "per": "1h"}
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
-                    encoding="utf-8")
-    return path
-
-
 def _read_20(conn: psycopg.Connection[Any]) -> int:
     return len(conn.execute("select id, phone from customers where id <= 60").fetchall())
 
 
-def test_quota_is_shared_by_two_proxies(pgveil_factory: Factory, quota_policy: Path,
+def test_quota_is_shared_by_two_proxies(quota_pair: tuple[PgveilProcess, PgveilProcess],
                                         logins: Callable[[str], str]) -> None:
-    a = pgveil_factory(policy_path=quota_policy)
-    b = pgveil_factory(policy_path=quota_policy)
+    a, b = quota_pair
     login, neighbour = logins("sz"), logins("sz")
-    settle = 1.5  # counts are flushed to the control database every 0.5 s
+    settle = 1.0  # counts are flushed to the control database every 0.5 s
     with connect(a, login) as ca, connect(b, login) as cb:
         assert _read_20(ca) == 20
         time.sleep(settle)
@@ -337,10 +402,9 @@ def _try_read(conn: psycopg.Connection[Any]) -> bool:
     return True
 
 
-def test_quota_counts_only_rows_of_protected_tables(pgveil_factory: Factory,
-                                                    quota_policy: Path,
-                                                    logins: Callable[[str], str]) -> None:
-    proc = pgveil_factory(policy_path=quota_policy)
+def test_quota_counts_only_rows_of_protected_tables(
+        quota_pair: tuple[PgveilProcess, PgveilProcess], logins: Callable[[str], str]) -> None:
+    proc = quota_pair[0]
     login = logins("sz")
     with connect(proc, login) as conn:
         for _ in range(30):  # 90 rows of an unprotected table

@@ -42,7 +42,8 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, time as dtime
+from datetime import date, datetime
+from datetime import time as dtime
 from decimal import Decimal
 from typing import Any
 
@@ -585,6 +586,10 @@ def _trace(login: str, typed: str, received: Received) -> None:
         "errors": [(e.get("sqlstate"), e.get("message_primary", e.get("text", ""))[:160])
                    for e in received.errors],
         "rows": [rs.rows[:2] for rs in received.results][:3],
+        "nrows": sum(len(rs.rows) for rs in received.results),
+        "notifies": received.notifies,
+        "notices": [n.get("message_primary") for n in received.notices],
+        "application_name": received.params.get("application_name"),
     }
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(outcome, ensure_ascii=False, default=str) + "\n")
@@ -1035,6 +1040,15 @@ CREATE FUNCTION public.sec_f_rows() RETURNS SETOF public.customers LANGUAGE sql 
     AS $$ SELECT * FROM public.customers $$;
 CREATE OR REPLACE FUNCTION public.sec_f_dyn(q text) RETURNS SETOF text LANGUAGE plpgsql
     AS $$ BEGIN RETURN QUERY EXECUTE q; END $$;
+CREATE OR REPLACE FUNCTION public.sec_f_wrap(int) RETURNS text LANGUAGE sql STABLE
+    AS $$ SELECT public.sec_f_phone($1) $$;
+CREATE OR REPLACE FUNCTION public.sec_f_obf(int) RETURNS text LANGUAGE plpgsql
+    AS $$ DECLARE r text; BEGIN
+        EXECUTE 'SELECT id_number FROM ' || 'cust' || 'omers WHERE id = $1' INTO r USING $1;
+        RETURN r; END $$;
+DROP VIEW IF EXISTS public.sec_v_nested;
+CREATE VIEW public.sec_v_nested AS SELECT * FROM public.sec_v_customers;
+GRANT SELECT ON public.sec_v_nested TO PUBLIC;
 DROP TABLE IF EXISTS public.sec_sink;
 CREATE TABLE public.sec_sink (t text);
 GRANT ALL ON public.sec_sink TO PUBLIC;
@@ -1047,8 +1061,11 @@ ANALYZE public.customers;
 TEARDOWN_SQL = """
 DROP SCHEMA IF EXISTS sec_oracle CASCADE;
 DROP SCHEMA IF EXISTS sec_raw CASCADE;
+DROP VIEW IF EXISTS public.sec_v_nested;
 DROP VIEW IF EXISTS public.sec_v_customers;
 DROP MATERIALIZED VIEW IF EXISTS public.sec_mv_customers;
+DROP FUNCTION IF EXISTS public.sec_f_wrap(int);
+DROP FUNCTION IF EXISTS public.sec_f_obf(int);
 DROP FUNCTION IF EXISTS public.sec_f_phone(int);
 DROP FUNCTION IF EXISTS public.sec_f_secdef(int);
 DROP FUNCTION IF EXISTS public.sec_f_rows();

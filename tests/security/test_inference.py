@@ -141,6 +141,11 @@ LOOKUP_MISUSE = [
          "v(p) on c.phone = v.p"),
     case("case-eq", "select count(*) from customers "
          "where case when phone = '<<id_number:3>>' or phone = '<<phone:3>>' then true end"),
+    case("not-equal", "select count(*) from customers where phone <> '<<phone:3>>'"),
+    case("not-eq", "select count(*) from customers where not phone = '<<phone:3>>'"),
+    case("not-in", "select count(*) from customers where phone not in ('<<phone:3>>')"),
+    case("is-distinct-from", "select count(*) from customers "
+         "where phone is distinct from '<<phone:3>>'"),
     case("card-not-a-lookup", "select count(*) from accounts where card_no = '<<card_no:3>>'"),
     case("email-not-a-lookup", "select count(*) from customers where email = '<<email:3>>'"),
     case("name-not-a-lookup", "select count(*) from customers where name = '<<name:3>>'"),

@@ -165,6 +165,13 @@ PARSER = [
     case("200-parentheses-in-from",
          "select * from " + "(" * 200 + "select * from customers" + ")" * 200
          + " x where id = 3"),
+    case("3000-parentheses",
+         "select " + "(" * 3000 + "phone" + ")" * 3000 + " from customers where id = 3"),
+    case("100-nested-scalar-subqueries",
+         "select " + "(select " * 100 + "phone from customers where id = 3" + ")" * 100),
+    case("1000-nested-derived-tables",
+         "select * from " + "(select * from " * 1000 + "customers" + ") x" * 1000
+         + " where id = 3"),
     case("huge-in-list", "select id, phone from customers where id in ("
          + ", ".join(str(i) for i in range(1, 5001)) + ") limit 10"),
     case("xmlexists", "select phone from customers where id = 3 and "

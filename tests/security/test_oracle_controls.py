@@ -93,3 +93,26 @@ def test_differential_oracle_distinguishes_masked_from_raw(leak: LeakChecker) ->
     raw = leak._oracle_result("sec_raw", sql, None)
     assert masked != raw
     assert masked == [("0",)]
+
+
+@pytest.mark.parametrize(
+    ("sql", "listen"),
+    [
+        pytest.param("select pg_notify('sec_ctl', phone) is null from customers where id = 3",
+                     "sec_ctl", id="notify-payload"),
+        pytest.param("select set_config('application_name', phone, false) is null "
+                     "from customers where id = 3", None, id="parameter-status"),
+        pytest.param("do $$ begin raise notice '%', (select id_number from customers "
+                     "where id = 3); end $$", None, id="notice"),
+        pytest.param("select phone::int from customers where id = 3", None, id="error-echo"),
+        pytest.param("update customers set level = null where id = 3", None,
+                     id="error-detail"),
+    ],
+)
+def test_side_channels_are_collected(leak: LeakChecker, sql: str, listen: str | None) -> None:
+    """The collectors see NOTIFY payloads, ParameterStatus, notices and error fields."""
+    with psycopg.connect(leak.pg.dsn("teller_sz01"), autocommit=True) as conn:
+        received = leak.run(sql, conn=conn, listen=listen)
+    assert received.alive
+    with pytest.raises(pytest.fail.Exception):
+        leak.check(received, sql)

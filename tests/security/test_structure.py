@@ -18,6 +18,7 @@ from tests.security.conftest import (
     LeakChecker,
     Protocol,
     Received,
+    ResultSet,
     expect_at_most_rows,
     expect_error,
     expect_rows,
@@ -94,6 +95,24 @@ VIEWS_FUNCTIONS = [
          "'omers where id = 3')"),
     case("dba-dynamic-sql-param", "select * from sec_f_dyn(%s)",
          params=("select id_number from public.customers where id = 3",)),
+    case("dba-dynamic-sql-reversed", "select * from sec_f_dyn(reverse("
+         "'3 = di erehw sremotsuc morf enohp tceles'))"),
+    case("dba-dynamic-sql-hex", "select * from sec_f_dyn(convert_from(decode("
+         "'73656c6563742070686f6e652066726f6d20637573746f6d657273207768657265206964203d2033',"
+         " 'hex'), 'UTF8'))"),
+    case("dba-dynamic-sql-from-values", "select x from (values ('select phone from customers "
+         "where id = 3')) v(q), lateral sec_f_dyn(q) x"),
+    case("dba-dynamic-sql-format", "select * from sec_f_dyn(format('select id_number from %I "
+         "where id = 3', 'cust' || 'omers'))"),
+    case("dba-dynamic-sql-prepared", ["prepare sec_pd(text) as select * from sec_f_dyn($1)",
+                                      "execute sec_pd('select phone from customers "
+                                      "where id = 3')"]),
+    case("dba-dynamic-sql-no-literal-name", "select * from sec_f_dyn('select phone from ' || "
+         "(select relname from pg_class where relname like 'custo%' limit 1) || "
+         "' where id = 3')"),
+    case("dba-function-calling-function", "select sec_f_wrap(3)"),
+    case("dba-function-obfuscated-dynamic-sql", "select sec_f_obf(3)"),
+    case("dba-nested-view", "select phone, id_number from sec_v_nested where id = 3"),
     case("table_to_xml-of-view", "select table_to_xml('sec_v_customers', true, true, '')"),
     case("create-view", ["create view sec_teller_v as select * from customers",
                          "select phone from sec_teller_v where id = 3"],
@@ -220,3 +239,68 @@ def test_row_limit(leak: LeakChecker, sql: Any, opts: dict[str, Any]) -> None:
     protocol = Protocol.SIMPLE if ";" in sql else Protocol.STREAM
     leak.assert_no_leak(sql, login="teller_gz01", protocol=protocol,
                         expect=expect_at_most_rows(50), **opts)
+
+
+# ------------------------------------------------------------------ row cap circumventions
+
+
+def test_prepared_statement_name_swap_keeps_the_row_cap(leak: LeakChecker) -> None:
+    """Parse 'sec_s1' as 'select 1' on the wire, then DEALLOCATE + SQL PREPARE the same name
+    with a protected query: a Bind/Execute of 'sec_s1' must still be capped, masked, audited."""
+    received = Received()
+    conn = leak.connect()
+    try:
+        pgconn = conn.pgconn
+        pgconn.prepare(b"sec_s1", b"select 1")
+        leak.run(["deallocate sec_s1",
+                  "prepare sec_s1 as select id, phone from customers where id > 0 limit 100"],
+                 conn=conn)
+        res = pgconn.exec_prepared(b"sec_s1", [])
+        if res.error_message:
+            received.errors.append({"sqlstate": (res.error_field(ord("C")) or b"").decode(),
+                                    "text": res.error_message.decode("utf-8", "replace")})
+        names = [(res.fname(j) or b"").decode() for j in range(res.nfields)]
+        rows = [tuple((res.get_value(i, j) or b"").decode("utf-8", "replace")
+                      for j in range(res.nfields)) for i in range(res.ntuples)]
+        received.results.append(ResultSet(names, rows))
+        received.alive = conn.execute("select 1").fetchone() == (1,)
+    finally:
+        conn.close()
+    leak.check(received, "select id, phone from customers where id > 0 limit 100")
+    assert len(received.rows) <= 50, (
+        f"{len(received.rows)} customer rows through a re-prepared statement name: the row cap "
+        f"(and the audit of what ran) follow the wire Parse, not the server's statement"
+    )
+
+
+def _records_in(received: Received) -> int:
+    """How many customer records came back, counting JSON objects / array items in a value."""
+    count = 0
+    for row in received.rows:
+        for value in row:
+            if isinstance(value, list):
+                count += len(value)
+            elif isinstance(value, str):
+                count += value.count(",") + 1 if value else 0
+            else:
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        pytest.param("select json_agg(c) from customers c where id > 0", id="json_agg"),
+        pytest.param("select string_agg(id::text || ':' || phone, ',') from customers "
+                     "where id > 0", id="string_agg"),
+        pytest.param("select array_agg(id) from customers where branch_id = 'SZ01'",
+                     id="array_agg"),
+    ],
+)
+def test_aggregates_do_not_pack_more_than_max_rows(leak: LeakChecker, sql: str) -> None:
+    """max_rows counts DataRows; one aggregate row can carry every customer of the branch.
+    SPEC §5 "bulk export is blocked": at most 50 customer records per statement."""
+    received = leak.assert_no_leak(sql)
+    assert _records_in(received) <= 50, (
+        f"{_records_in(received)} customer records in {len(received.rows)} row(s)"
+    )

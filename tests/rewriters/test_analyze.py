@@ -1,0 +1,277 @@
+"""The analyzer's contract beyond the fixture pairs: speed, the fast path, the session context
+(PREPARE / DECLARE), fail-closed edges, ``pgveil explain``, and rewritten DML run for real.
+
+Why: the proxy calls ``Analyzer.analyze`` for every statement, so its hot paths have budgets (a
+warm-cache lookup well under 100 µs); the fast path must agree with the exact sensitivity test;
+and a DML rewrite is only right if PostgreSQL runs it and it touches the operator's rows only —
+checked on the session's PostgreSQL (``pg_dsn``), rolled back.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from rewriters.analyze import Analyzer, fast_path
+from rewriters.compiled import compile_view
+from rewriters.explain import explain_report, pretty_sql
+from rewriters.lexer import tokenize
+from rewriters.model import Action
+from tests.rewriters.helpers import view
+from tests.rewriters.test_fixtures import CASES, expand
+
+# --- speed ------------------------------------------------------------------------------------
+
+
+def _median_us(fn: Any, calls: int, rounds: int = 3) -> float:
+    """Best of ``rounds`` medians of per-call wall time: the machine is shared, the minimum
+    over rounds filters out the other processes' bursts."""
+    best = float("inf")
+    for r in range(rounds):
+        times = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            fn(r * calls + i)
+            times.append(time.perf_counter() - t0)
+        best = min(best, statistics.median(times) * 1e6)
+    return best
+
+
+def test_warm_cache_lookup_is_fast() -> None:
+    analyzer = Analyzer()
+    v = view("teller")
+    analyzer.analyze("SELECT * FROM customers WHERE id = 1", v)
+
+    def call(i: int) -> None:
+        a = analyzer.analyze(f"SELECT * FROM customers WHERE id = {i + 2}", v)
+        assert a.cached
+
+    assert _median_us(call, 1000) < 100  # measured ~20-30 µs on an idle core
+
+
+def test_fast_path_is_fast_and_forwards() -> None:
+    analyzer = Analyzer()
+    v = view("teller")
+    sql = "SELECT abalance FROM pgbench_accounts WHERE aid = 123"
+    a = analyzer.analyze(sql, v)
+    assert a.sql == sql and not a.cached and a.rewrite_seconds > 0
+    assert [(d.action, d.kind, d.sql) for d in a.statements] == [(Action.FORWARD, "select", sql)]
+    assert _median_us(lambda i: analyzer.analyze(sql, v), 1000) < 50  # ~3-6 µs idle
+
+
+# --- fast path --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 123",
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7;",
+    "BEGIN; SELECT 1; COMMIT",
+    "select * from customers_archive",
+    "SET application_name = 'crm'",
+])
+def test_fast_path_forwards_untouched(sql: str) -> None:
+    a = Analyzer().analyze(sql, view("teller"))
+    assert a.sql == sql and all(d.action is Action.FORWARD for d in a.statements)
+    assert not any(d.tables for d in a.statements)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1 INTO TEMP t",
+    "CREATE TABLE t (i int)",
+    "COPY pgbench_accounts TO STDOUT",
+    "EXPLAIN ANALYZE SELECT 1",
+    "SELECT query_to_xml('select 1', true, true, '')",
+    "SELECT 1 FROM \"customers\"",
+])
+def test_fast_path_declines(sql: str) -> None:
+    cv = compile_view(view("teller"))
+    assert fast_path(sql, cv) is None
+
+
+_SENSITIVITY_PROBES = [
+    "accounts", "xaccounts", "accounts1", "1accounts", "accounts$", "$accounts", "_accounts",
+    "accounts_", "pgbench_accounts", "\"accounts\"", "accountsé", "éaccounts", "a.accounts",
+    "accounts.x", "(accounts)", "orders;", "role", "roles", "rolex", "set role x", "u&\"x\"",
+    "query_to_xml", "pg_stats", "myregclass", "customer_overview", "find_customer(1)",
+    "branch_stats", "", "customers customers",
+]
+
+
+def test_sensitive_agrees_with_the_exact_regex() -> None:
+    for role in ("teller", "auditor", "dba", "hasher"):
+        cv = compile_view(view(role))
+        corpus = _SENSITIVITY_PROBES + [c.sql.lower() for c in CASES]
+        for text in corpus:
+            assert cv.sensitive(text) == (cv.fast_re.search(text) is not None), (role, text)
+
+
+# --- session context --------------------------------------------------------------------------
+
+
+def test_execute_and_fetch_inherit_prepare_and_declare() -> None:
+    analyzer = Analyzer()
+    v = view("teller")
+    prep = analyzer.analyze("PREPARE p(int) AS SELECT phone FROM customers WHERE id = $1", v)
+    (pd,) = prep.statements
+    assert pd.action is Action.REWRITE and pd.prepared == "p" and pd.kind == "prepare"
+    ex = analyzer.analyze("EXECUTE p(3)", v, prepared={"p": pd})
+    (ed,) = ex.statements
+    assert ed.action is Action.FORWARD and ed.kind == "execute" and ed.prepared == "p"
+    assert ed.tables == ("public.customers",) and ed.row_limit == 50
+
+    decl = analyzer.analyze("DECLARE c CURSOR FOR SELECT id FROM customers WHERE level > 1", v)
+    (dd,) = decl.statements
+    assert dd.cursor == "c" and dd.action is Action.REWRITE
+    fe = analyzer.analyze("FETCH 10 FROM c", v, cursors={"c": dd})
+    assert fe.statements[0].cursor == "c" and fe.statements[0].tables == ("public.customers",)
+
+    denied = analyzer.analyze("PREPARE q AS SELECT phone FROM customers", v).statements[0]
+    assert denied.action is Action.DENY and denied.prepared == "q"
+    again = analyzer.analyze("EXECUTE q", v, prepared={"q": denied})
+    assert again.denied is not None and again.denied.prepared == "q"
+
+
+def test_unrestricted_forwards_byte_for_byte_with_audit_fields() -> None:
+    sql = "SELECT c.phone, a.card_no FROM customers c JOIN accounts a ON a.customer_id = c.id"
+    a = Analyzer().analyze(sql, view("dba"))
+    (d,) = a.statements
+    assert a.sql == sql and d.action is Action.FORWARD and d.sql == sql
+    assert d.tables == ("public.customers", "public.accounts")
+    assert "public.customers.phone" in d.columns and "public.accounts.card_no" in d.columns
+    assert d.row_limit is None
+
+
+def test_row_limit_only_on_protected_statements() -> None:
+    a = Analyzer().analyze("SELECT name FROM customers WHERE id = 3; SELECT 1", view("teller"))
+    assert [d.row_limit for d in a.statements] == [50, None]
+
+
+# --- fail closed ------------------------------------------------------------------------------
+
+
+def test_deep_nesting_is_denied_for_masked_roles_only() -> None:
+    # compiled sqlglot reads 300 levels; 1000 raise RecursionError (PostgreSQL takes thousands)
+    sql = "SELECT phone FROM customers WHERE id = " + "(" * 1000 + "3" + ")" * 1000
+    denied = Analyzer().analyze(sql, view("teller")).denied
+    assert denied is not None and denied.sqlstate == "42501"
+    dba = Analyzer().analyze(sql, view("dba"))
+    assert dba.denied is None and dba.sql == sql
+
+
+def test_oversized_statement_is_denied_quickly() -> None:
+    sql = "SELECT phone FROM customers WHERE id IN (" + ", ".join(["3"] * 50_000) + ")"
+    t0 = time.perf_counter()
+    denied = Analyzer().analyze(sql, view("teller")).denied
+    assert denied is not None and "too large" in denied.message
+    assert time.perf_counter() - t0 < 0.5
+    ok = "SELECT phone FROM customers WHERE id IN (" + ", ".join(["3"] * 2000) + ")"
+    assert Analyzer().analyze(ok, view("teller")).denied is None
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT phone FROM customers WHERE name = 'unterminated",
+    "SELECT phone FROM customers /* unterminated",
+    "SELECT phone FROM customers WHERE id = 3 AND",
+    "SELEC phone FROM customers",
+])
+def test_unreadable_text_naming_customer_data_is_denied(sql: str) -> None:
+    a = Analyzer().analyze(sql, view("teller"))
+    assert a.denied is not None and "customers" in a.denied.message
+
+
+# --- pgveil explain ---------------------------------------------------------------------------
+
+
+def test_explain_report() -> None:
+    v = view("teller")
+    a = Analyzer().analyze(
+        "SELECT name FROM customers WHERE phone = '13812345678'; DELETE FROM customers "
+        "WHERE email LIKE '%x'; SELECT 1", v)
+    report = explain_report(a, v)
+    for needle in ("login:       teller_sz01", "role:        teller", "branch=SZ01",
+                   "statement 1: rewrite (select)", "statement 2: block (delete)",
+                   "statement 3: allow (select)", "lookups:   public.customers.phone",
+                   "row limit: 50", "ERROR 42501: DELETE may not filter on masked column",
+                   "mask public.customers.name: chinese_name", "public.customers.name",
+                   "rows:    branch_id = 'SZ01'"):
+        assert needle in report, needle
+    dba = view("dba")
+    assert "unrestricted" in explain_report(Analyzer().analyze("SELECT 1", dba), dba)
+
+
+def _sig(sql: str) -> list[str]:
+    return [t.text for t in tokenize(sql) if t.significant]
+
+
+def test_pretty_sql_only_changes_whitespace() -> None:
+    for case in CASES:
+        a = Analyzer().analyze_uncached(case.sql, view(case.role), case.lex)
+        for d in a.statements:
+            pretty = pretty_sql(d.sql)
+            assert _sig(pretty) == _sig(d.sql), case.id
+            if "--" not in d.sql:
+                assert re.sub(r"\s+", "", pretty) == re.sub(r"\s+", "", d.sql), case.id
+
+
+# --- rewritten DML, run for real --------------------------------------------------------------
+
+_FINGERPRINT = """
+SELECT 'customers', branch_id, count(*), sum(hashtext(c::text)) FROM customers c GROUP BY 2
+UNION ALL
+SELECT 'accounts', branch_id, count(*), sum(hashtext(a::text)) FROM accounts a GROUP BY 2
+UNION ALL
+SELECT 'orders', c.branch_id, count(*), sum(hashtext(o::text))
+FROM orders o JOIN customers c ON c.id = o.customer_id GROUP BY 2
+"""
+
+
+@pytest.fixture(scope="module")
+def teller_conn(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection as teller_sz01 to the bank database of the session's PostgreSQL."""
+    conninfo = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    conninfo.update(user="teller_sz01", password="pw_teller_sz01")
+    with psycopg.connect(**conninfo) as conn:
+        yield conn
+
+
+def _dml_cases() -> list[Any]:
+    out = []
+    for case in CASES:
+        if case.file != "dml.sql" or case.role != "teller" or case.outcome == "deny":
+            continue
+        if "$" in case.sql:
+            continue
+        out.append(pytest.param(case, id=case.id))
+    return out
+
+
+@pytest.mark.parametrize("case", _dml_cases())
+def test_rewritten_dml_runs_and_touches_only_the_operators_rows(
+    case: Any, teller_conn: psycopg.Connection[Any]
+) -> None:
+    analysis = Analyzer().analyze(case.sql, view(case.role))
+    assert analysis.denied is None
+    if case.outcome == "expect":
+        assert analysis.sql == expand(case.expected, case.role)
+    cur = teller_conn.cursor()
+    try:
+        cur.execute("CREATE TEMP TABLE scratch (id int, v text); "
+                    "CREATE TEMP TABLE audit_notes (customer_id int)")
+        cur.execute(_FINGERPRINT)
+        before = {(r[0], r[1]): r[2:] for r in cur.fetchall()}
+        try:
+            cur.execute(analysis.sql)
+        except psycopg.errors.IntegrityError:
+            return  # e.g. deleting a customer that still has accounts: PostgreSQL's own answer
+        cur.execute(_FINGERPRINT)
+        after = {(r[0], r[1]): r[2:] for r in cur.fetchall()}
+    finally:
+        teller_conn.rollback()
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert all(branch == "SZ01" for _table, branch in changed), changed
