@@ -67,11 +67,20 @@ async def run_check(config: Config, database: str | None, offline: bool) -> int:
     if error is not None:
         print(f"database {db}: unreachable: {error}", file=sys.stderr)
         return 3
+    from rewriters.policy import validate_against_catalog
+
     status = 0
+    problems = validate_against_catalog(policy, catalog)
     for name in missing:
-        print(f"{config.policy}: protected table {name} does not exist in database {db}",
-              file=sys.stderr)
+        line = f"{config.policy}: protected table {name} does not exist in database {db}"
+        if not any(name in p for p in problems):
+            problems.insert(0, line)
+    for problem in problems:
+        print(problem, file=sys.stderr)
         status = 1
+    if missing and len(missing) == len(policy.protected_tables):
+        print(f"hint: none of the protected tables is in database {db}; the control DSN may "
+              "name another database — use --database NAME", file=sys.stderr)
     try:
         from proxy.discover import unclassified_warnings
     except ImportError:
@@ -80,15 +89,14 @@ async def run_check(config: Config, database: str | None, offline: bool) -> int:
         for warning in await unclassified_warnings(config, policy, db):
             print(f"warning: {warning}")
     if status == 0:
-        print(f"database {db}: every protected table exists")
+        print(f"database {db}: every protected table and column exists")
     return status
 
 
 async def run_explain(config: Config, login: str, sql: str, database: str,
                       client: str | None, application: str) -> int:
-    from rewriters.explain import explain_report
-
     from rewriters.analyze import Analyzer
+    from rewriters.explain import explain_report
     from rewriters.model import Catalog, LexSettings
     from rewriters.policy import build_operator_view
 

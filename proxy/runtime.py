@@ -504,7 +504,8 @@ class Runtime:
         for c in list(self.clients):
             c.close()
         if self.audit is not None:
-            await self.audit.close()
+            # a sink that cannot be written must not hold up shutdown for long
+            await self.audit.close(timeout=10.0 if self.audit.available else 2.0)
         if self.control is not None:
             with contextlib.suppress(Exception):
                 await self.control.close()

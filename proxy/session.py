@@ -216,6 +216,11 @@ class Session:
         # extended protocol: statement / portal name → (decision, client text)
         self._statements: dict[bytes, tuple[StatementDecision, str]] = {}
         self._portals: dict[bytes, tuple[StatementDecision, str]] = {}
+        # every parsed statement: name → (client text, Parse tail with parameter types, the
+        # policy version it was decided under) — to re-decide it when the rules change
+        self._parsed: dict[bytes, tuple[str, bytes, str]] = {}
+        self._swallow = 0  # completions of messages pgveil injected, not to be forwarded
+        self._prepared_version: dict[str, str] = {}  # SQL-level PREPARE → policy version
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
@@ -263,6 +268,20 @@ class Session:
 
     def _policy_gate(self, analysis: Analysis) -> StatementDecision | None:
         """Checks that depend on time or live state, not on the SQL (never cached)."""
+        for st in analysis.statements:
+            if st.kind == "execute" and st.prepared:
+                version = self._prepared_version.get(st.prepared)
+                if version is None:
+                    parsed = self._parsed.get(st.prepared.encode(self.codec, "replace"))
+                    version = parsed[2] if parsed else None
+                if version is not None and version != self.view.policy_version:
+                    # the server holds the text rewritten under the old rules
+                    return StatementDecision(
+                        action=Action.DENY, sql=st.sql, kind=st.kind, tables=st.tables,
+                        columns=st.columns, reasons=("policy changed since PREPARE",),
+                        message=f"prepared statement {st.prepared} was prepared under rules "
+                                "that have changed since (policy reload or grant); "
+                                "DEALLOCATE and PREPARE it again")
         protected = [s for s in analysis.statements if s.protected]
         if not protected:
             return None
@@ -299,11 +318,15 @@ class Session:
         if not (d.protected or self.audit_all):
             return
         fields = dict(self.identity)
+        reasons = list(d.reasons) + [f"lookup {c}" for c in d.lookups
+                                     if f"lookup {c}" not in d.reasons]
+        if run.capped:
+            reasons.insert(0, f"row limit {d.row_limit} exceeded")
         fields.update(
+            role=self.view.role,  # a role=… grant changes it for the statements it covers
             kind=d.kind, statement=run.source or d.sql,
             tables=list(d.tables), columns=list(d.columns), decision=decision_name,
-            reasons=list(d.reasons) + [f"lookup {c}" for c in d.lookups
-                                       if f"lookup {c}" not in d.reasons],
+            reasons=reasons,
             grant=self.operator.grant_id if self.operator is not None else None,
             rows=run.rows, lookups=list(d.lookups),
             duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
@@ -367,6 +390,13 @@ class Session:
             payload = frame[5:]
             portal, pos = _cstr(payload, 0)
             stmt, _ = _cstr(payload, pos)
+            parsed = self._parsed.get(stmt)
+            if parsed is not None and self.operator is not None and \
+                    self.operator.current().policy_version != parsed[2]:
+                # the policy was reloaded or a grant changed since this statement was parsed:
+                # decide again, and re-prepare it upstream under the current rules
+                if not self._reprepare(stmt, parsed, out):
+                    return
             decision = self._statements.get(stmt)
             if decision is not None:
                 self._portals[portal] = decision
@@ -379,9 +409,16 @@ class Session:
             bound = self._portals.get(portal)
             slot = _Slot("execute")
             if bound is not None:
-                slot.runs.append(_StatementRun(
-                    bound[0], self.clock(),
-                    counter_key=("portal", portal.decode("latin-1")), source=bound[1]))
+                d = bound[0]
+                # FETCH counts against its cursor (cumulative across FETCHes), anything else
+                # against its portal (cumulative across Executes with a row limit)
+                key = ("cursor", d.cursor) if d.cursor and d.kind != "declare" else \
+                    ("portal", portal.decode("latin-1"))
+                if d.cursor and d.kind == "declare":
+                    self.cursors[d.cursor] = d
+                    self._counts.pop(("cursor", d.cursor), None)
+                slot.runs.append(_StatementRun(d, self.clock(), counter_key=key,
+                                               source=bound[1]))
             self._slots.append(slot)
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
@@ -450,7 +487,8 @@ class Session:
         now = self.clock()
         single = len(analysis.statements) == 1
         source = self._source
-        for st in analysis.statements:
+        sources = None if single else _split_sources(source, len(analysis.statements))
+        for i, st in enumerate(analysis.statements):
             key = None
             if st.cursor and st.kind == "declare":
                 self.cursors[st.cursor] = st
@@ -459,11 +497,12 @@ class Session:
                 key = ("cursor", st.cursor)
             if st.prepared and st.kind == "prepare":
                 self.prepared[st.prepared] = st
+                self._prepared_version[st.prepared] = self.view.policy_version
                 self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
             elif st.kind == "utility":
                 self._forget_deallocated(st.sql)
-            slot.runs.append(_StatementRun(st, now, counter_key=key,
-                                           source=source if single else st.sql))
+            text = source if single else (sources[i] if sources else st.sql)
+            slot.runs.append(_StatementRun(st, now, counter_key=key, source=text))
         self._slots.append(slot)
         if analysis.changed:
             out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
@@ -477,11 +516,64 @@ class Session:
         name = m.group(2)
         if name.lower() == "all":
             self.prepared.clear()
+            self._prepared_version.clear()
             self._statements = {k: v for k, v in self._statements.items() if not k}
             return
         name = name[1:-1].replace('""', '"') if name.startswith('"') else name.lower()
         self.prepared.pop(name, None)
+        self._prepared_version.pop(name, None)
         self._statements.pop(name.encode(self.codec, "replace"), None)
+
+    def _reprepare(self, name: bytes, parsed: tuple[str, bytes, str], out: Output) -> bool:
+        """Re-analyse a prepared statement under the current view before its Bind. Returns
+        False when it is now denied (the Bind was replaced by a server-side error)."""
+        source, rest, _ = parsed
+        analysis = self._analyze_sql(source.encode(self.codec, "replace"))
+        denied = analysis.denied or self._policy_gate(analysis)
+        if denied is not None or len(analysis.statements) != 1:
+            denied = denied or StatementDecision(action=Action.DENY, sql=source, kind="other",
+                                                 message="statement no longer allowed")
+            self._deny_runs(analysis, denied, out)
+            self._statements.pop(name, None)
+            self._parsed.pop(name, None)
+            self._send_raise(denied, out)
+            return False
+        st = analysis.statements[0]
+        self._remember_statement(name, st, source, rest)
+        sql = self._encode_sql(analysis.sql) if analysis.changed else \
+            source.encode(self.codec, "replace")
+        out.to_server.append(_frame(b"C", b"S" + name + b"\x00"))
+        out.to_server.append(_frame(b"P", name + b"\x00" + sql + b"\x00" + rest))
+        self._swallow += 2  # the CloseComplete and ParseComplete the client did not ask for
+        return True
+
+    def _send_raise(self, denied: StatementDecision, out: Output) -> None:
+        """Parse+Bind+Execute of the unnamed statement: the server raises our error at once and
+        then skips the client's remaining batch messages until Sync, as it would for any failed
+        Parse or Bind."""
+        sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message).encode()
+        out.to_server.append(_frame(b"P", b"\x00" + sql + b"\x00\x00\x00"))
+        out.to_server.append(_frame(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
+        out.to_server.append(_frame(b"E", b"\x00\x00\x00\x00\x00"))
+        slot = _Slot("execute", runs=[_StatementRun(denied, self.clock(), denied=True)])
+        self._slots.append(slot)
+
+    def _remember_statement(self, name: bytes, st: StatementDecision | None, source: str,
+                            rest: bytes) -> None:
+        """Record a prepared statement's decision. Protocol-level and SQL-level prepared
+        statements share one namespace on the server: keep both views of it in step, so
+        `EXECUTE name` of a wire-parsed statement and a wire Bind of a SQL-PREPAREd one are
+        both attributed to the right decision."""
+        self._parsed[name] = (source, rest, self.view.policy_version)
+        key = name.decode(self.codec, "replace")
+        if st is not None and (st.protected or st.cursor or st.prepared or self.audit_all):
+            self._statements[name] = (st, source)
+            if name:
+                self.prepared[key] = st
+        else:
+            self._statements.pop(name, None)
+            if name:
+                self.prepared.pop(key, None)
 
     def _on_parse(self, frame: bytes, out: Output) -> None:
         payload = frame[5:]
@@ -498,28 +590,11 @@ class Session:
         if denied is not None:
             self._deny_runs(analysis, denied, out)
             self._statements.pop(name, None)
-            sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message).encode()
-            # Parse+Bind+Execute of the unnamed statement: the server raises our error at once
-            # and then skips the client's remaining batch messages until Sync, as it would for
-            # any failed Parse.
-            out.to_server.append(_frame(b"P", b"\x00" + sql + b"\x00\x00\x00"))
-            out.to_server.append(_frame(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
-            out.to_server.append(_frame(b"E", b"\x00\x00\x00\x00\x00"))
-            slot = _Slot("execute", runs=[_StatementRun(denied, self.clock(), denied=True)])
-            self._slots.append(slot)
+            self._parsed.pop(name, None)
+            self._send_raise(denied, out)
             return
         st = analysis.statements[0] if analysis.statements else None
-        # Protocol-level and SQL-level prepared statements share one namespace on the server:
-        # keep both views of it in step, so `EXECUTE name` of a wire-parsed statement and a
-        # wire Bind of a SQL-PREPAREd one are both attributed to the right decision.
-        if st is not None and (st.protected or st.cursor or st.prepared or self.audit_all):
-            self._statements[name] = (st, self._source)
-            if name:
-                self.prepared[name.decode(self.codec, "replace")] = st
-        else:
-            self._statements.pop(name, None)
-            if name:
-                self.prepared.pop(name.decode(self.codec, "replace"), None)
+        self._remember_statement(name, st, self._source, rest)
         if analysis.changed:
             sql = self._encode_sql(analysis.sql)
             out.to_server.append(_frame(b"P", name + b"\x00" + sql + b"\x00" + rest))
@@ -580,7 +655,9 @@ class Session:
                     if pos > start:
                         to_client.insert(mark, buf[start:pos])
                     start = end
-            elif self._drop_server:
+            elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)):
+                if not self._drop_server:
+                    self._swallow -= 1
                 if pos > start:
                     to_client.append(buf[start:pos])
                 start = end
@@ -610,6 +687,8 @@ class Session:
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
             if not run.denied:
                 name = "failed" if error else self._decision_name(run.decision)
+                if run.capped:  # a policy denial on the wire, not a failure of the statement
+                    name = "blocked"
                 self._audit(out, run, name, error=error)
                 if self.count_statement is not None:
                     self.count_statement(name, run.decision.kind)
@@ -642,6 +721,7 @@ class Session:
                     self.state = ProtocolState.BUSY
                     return
             self._drop_server = False
+            self._swallow = 0
             if not self._slots:
                 self.state = ProtocolState.READY
             else:
@@ -760,6 +840,20 @@ class Session:
 
 class ProtocolViolation(Exception):
     """The client sent bytes that are not a valid protocol 3.0 message stream."""
+
+
+def _split_sources(sql: str, count: int) -> list[str] | None:
+    """The client's text of each statement of a multi-statement Query (for audit records),
+    split with the rewriter's lexer; None when the split does not match the analysis."""
+    from rewriters.lexer import split_statements
+
+    try:
+        spans = split_statements(sql)
+    except Exception:  # noqa: BLE001 - fall back to the decision's text
+        return None
+    texts = [sql[sp.start:sp.end].strip() for sp in spans]
+    texts = [t for t in texts if t and t != ";"]
+    return texts if len(texts) == count else None
 
 
 def _within_hours(hours: tuple[str, str], tz: str, now: float) -> bool:

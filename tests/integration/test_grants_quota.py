@@ -128,6 +128,18 @@ def capped(conn: psycopg.Connection[Any], sql: str = ROWS_51) -> bool:
     return False
 
 
+def prepared_capped(conn: psycopg.Connection[Any], sql: str = ROWS_51) -> bool:
+    """Like :func:`capped` through a server-side prepared statement (Parse once, then only
+    Bind/Execute: what psycopg does after 5 executions, and JDBC and asyncpg always)."""
+    try:
+        rows = conn.execute(sql, prepare=True).fetchall()
+    except pg_errors.InsufficientPrivilege as exc:
+        assert "row limit" in str(exc), exc
+        return True
+    assert rows
+    return False
+
+
 def wait_until(pred: Callable[[], bool], timeout: float = PROPAGATION) -> float:
     """Seconds until ``pred()`` held; fails the test after ``timeout``."""
     start = time.monotonic()
@@ -226,6 +238,21 @@ def test_statements_under_a_grant_are_audited_with_its_id(
         assert created["operator"] == login
         assert any("boss" in x for x in created["reasons"])
         assert any("max_rows=500" in x for x in created["reasons"])
+
+
+def test_short_grant_expires_for_auto_prepared_statements(
+        pair: tuple[PgveilProcess, PgveilProcess], logins: Callable[[str], str]) -> None:
+    """psycopg's default: the 5th execution of the same query prepares it server-side, later
+    ones only Bind/Execute. Such a session must also fall back to the role's cap when the
+    grant expires."""
+    a, _b = pair
+    login = logins("sz")
+    with psycopg.connect(a.dsn(login), autocommit=True) as conn:  # prepare_threshold = 5
+        grant(a, login, "max_rows=500", expires="4s")
+        wait_until(lambda: not capped(conn))
+        for _ in range(6):
+            assert not capped(conn)
+        wait_until(lambda: capped(conn), timeout=8)
 
 
 def test_short_grant_expires_by_itself(pair: tuple[PgveilProcess, PgveilProcess],
@@ -328,8 +355,26 @@ def test_revoke_reaches_statements_prepared_under_the_grant(
         finally:
             assert revoke(a, gid).returncode == 0
         wait_until(lambda: conn.execute(sql, (3,)).fetchone() != (phone3,))
-        assert conn.execute(sql, (3,), prepare=True).fetchone() != (phone3,)
-        assert conn.execute("execute by_id (3)").fetchone() != (phone3,)
+        leaked = {"protocol-level": conn.execute(sql, (3,), prepare=True).fetchone(),
+                  "sql-level": conn.execute("execute by_id (3)").fetchone()}
+        assert all(v != (phone3,) for v in leaked.values()), leaked
+
+
+def test_revoke_reaches_the_row_cap_of_prepared_statements(
+        pair: tuple[PgveilProcess, PgveilProcess], logins: Callable[[str], str]) -> None:
+    a, _b = pair
+    login = logins("sz")
+    with connect(a, login) as conn:
+        gid = grant(a, login, "max_rows=500")
+        try:
+            wait_until(lambda: not prepared_capped(conn))
+            conn.execute(f"prepare rows51 as {ROWS_51}")
+            assert len(conn.execute("execute rows51").fetchall()) == 51
+        finally:
+            assert revoke(a, gid).returncode == 0
+        # only the prepared statements run now: nothing is parsed again on this session
+        wait_until(lambda: prepared_capped(conn))
+        assert capped(conn, "execute rows51")
 
 
 @pytest.mark.parametrize(("args", "code"), [

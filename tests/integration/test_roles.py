@@ -414,17 +414,13 @@ def test_psycopg_prepared_statements_keep_description(pg: PostgresCluster,
 # --------------------------------------------------------------------------- lookup
 
 
-def _lookup(dsn: str, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
-    return fetch(dsn, sql, params)
-
-
 def test_lookup_by_id_number_literal_and_parameter(pgveil: PgveilProcess, raw: Raw) -> None:
     dsn = pgveil.dsn("teller_sz01")
     orig = raw.customers[3]
     want = [(3, mask_phone(orig[2]), mask_id_number(orig[3]))]
-    assert _lookup(dsn, f"select id, phone, id_number from customers "
+    assert fetch(dsn, f"select id, phone, id_number from customers "
                    f"where id_number = '{orig[3]}'") == want
-    assert _lookup(dsn, "select id, phone, id_number from customers where id_number = %s",
+    assert fetch(dsn, "select id, phone, id_number from customers where id_number = %s",
                    (orig[3],)) == want
 
 
@@ -446,30 +442,30 @@ async def test_lookup_with_asyncpg_parameter(pgveil: PgveilProcess, raw: Raw) ->
 def test_lookup_by_phone_and_in_lists(pgveil: PgveilProcess, raw: Raw) -> None:
     dsn = pgveil.dsn("teller_sz01")
     c3, c6, c1 = raw.customers[3], raw.customers[6], raw.customers[1]
-    assert _lookup(dsn, "select id, phone from customers where phone = %s", (c3[2],)) == \
+    assert fetch(dsn, "select id, phone from customers where phone = %s", (c3[2],)) == \
         [(3, mask_phone(c3[2]))]
-    assert _lookup(dsn, f"select id from customers where phone = '{c6[2]}'") == [(6,)]
+    assert fetch(dsn, f"select id from customers where phone = '{c6[2]}'") == [(6,)]
     # IN with literals and with parameters; the GZ01 customer 1 is never found
-    assert _lookup(dsn, f"select id from customers where id_number in "
+    assert fetch(dsn, f"select id from customers where id_number in "
                    f"('{c3[3]}', '{c6[3]}', '{c1[3]}') order by id") == [(3,), (6,)]
-    assert _lookup(dsn, "select id from customers where phone in (%s, %s, %s) order by id",
+    assert fetch(dsn, "select id from customers where phone in (%s, %s, %s) order by id",
                    (c3[2], c6[2], c1[2])) == [(3,), (6,)]
     # a lookup conjunct combined with other conditions still works
-    assert _lookup(dsn, "select id from customers where id_number = %s and level >= 1",
+    assert fetch(dsn, "select id from customers where id_number = %s and level >= 1",
                    (c3[3],)) == [(3,)]
 
 
 def test_lookup_never_crosses_the_branch(pgveil: PgveilProcess, raw: Raw) -> None:
     gz = raw.customers[1]  # GZ01
     assert raw.branch_of(1) == "GZ01"
-    assert _lookup(pgveil.dsn("teller_sz01"), "select id from customers where id_number = %s",
+    assert fetch(pgveil.dsn("teller_sz01"), "select id from customers where id_number = %s",
                    (gz[3],)) == []
-    assert _lookup(pgveil.dsn("teller_sz01"), "select id from customers where phone = %s",
+    assert fetch(pgveil.dsn("teller_sz01"), "select id from customers where phone = %s",
                    (gz[2],)) == []
     # the GZ01 teller finds its own customer, masked
-    assert _lookup(pgveil.dsn("teller_gz01"), "select id, phone from customers "
+    assert fetch(pgveil.dsn("teller_gz01"), "select id, phone from customers "
                    "where id_number = %s", (gz[3],)) == [(1, mask_phone(gz[2]))]
-    assert _lookup(pgveil.dsn("teller_gz01"), "select id from customers where id_number = %s",
+    assert fetch(pgveil.dsn("teller_gz01"), "select id from customers where id_number = %s",
                    (raw.customers[3][3],)) == []
 
 
@@ -501,15 +497,15 @@ def test_lookup_is_exact_match_only(pgveil: PgveilProcess, raw: Raw, where: str)
         params = (value[:9] + "0" * 2, value[:9] + "99")
     else:
         params = (value,)
-    got = _lookup(pgveil.dsn("teller_sz01"),
+    got = fetch(pgveil.dsn("teller_sz01"),
                   f"select id from customers where id = 3 and {where}", params)
     assert got == []
 
 
-def test_select_list_and_order_by_stay_masked_during_lookup(pgveil: PgveilProcess,
+def test_select_list_and_order_by_stay_masked_duringfetch(pgveil: PgveilProcess,
                                                             raw: Raw) -> None:
     orig = raw.customers[3]
-    rows = _lookup(pgveil.dsn("teller_sz01"),
+    rows = fetch(pgveil.dsn("teller_sz01"),
                    "select id_number, phone, (id_number = %s) as same from customers "
                    "where id_number = %s order by id_number", (orig[3], orig[3]))
     assert rows == [(mask_id_number(orig[3]), mask_phone(orig[2]), False)]
@@ -631,40 +627,55 @@ def test_denial_in_autocommit_keeps_the_session(teller: psycopg.Connection[Any])
     assert teller.execute("select pg_backend_pid()").fetchone() == pid
 
 
-def _pipeline_outcome(dsn: str, failing: str) -> list[Any]:
-    """Run [ok, failing, ok] then a sync, then one more statement, in psycopg pipeline mode;
-    return what each statement gave (rows or the exception class name)."""
-    outcome: list[Any] = []
+def _pipeline_outcome(dsn: str, failing: str) -> dict[str, Any]:
+    """Run [mark 'first', failing, mark 'third'] as one psycopg pipeline batch (one Sync),
+    then look at what ran. psycopg may raise the error at any call once the failure has
+    arrived, so every call is guarded; the server-side marks say what really executed."""
+    raised: list[str] = []
+    statements = ("select set_config('pgveil_test.first', 'ran', false)", failing,
+                  "select set_config('pgveil_test.third', 'ran', false)")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        with conn.pipeline() as pipe:
-            curs = [conn.execute(q) for q in ("select 1", failing, "select 3")]
-            try:
-                pipe.sync()
-            except psycopg.Error as exc:
-                outcome.append(("sync", type(exc).__name__))
-            for cur in curs:
+        curs: list[psycopg.Cursor[Any] | None] = []
+        try:
+            with conn.pipeline() as pipe:
+                for sql in statements:
+                    try:
+                        curs.append(conn.execute(sql))
+                    except psycopg.Error as exc:
+                        raised.append(type(exc).__name__)
+                        curs.append(None)
                 try:
-                    outcome.append(cur.fetchall())
+                    pipe.sync()
                 except psycopg.Error as exc:
-                    outcome.append(type(exc).__name__)
-            after = conn.execute("select 4")
-            pipe.sync()
-            outcome.append(after.fetchall())
-        outcome.append(conn.execute("select 5").fetchall())
-    return outcome
+                    raised.append(type(exc).__name__)
+        except psycopg.Error as exc:
+            raised.append(type(exc).__name__)
+        first_result: Any = None
+        if curs and curs[0] is not None:
+            try:
+                first_result = curs[0].fetchall()
+            except psycopg.Error as exc:
+                first_result = type(exc).__name__
+        ran = conn.execute("select current_setting('pgveil_test.first', true), "
+                           "current_setting('pgveil_test.third', true)").fetchone()
+        status = conn.info.transaction_status
+    return {"first error": raised[0] if raised else None, "first result": first_result,
+            "ran": ran, "status": status}
 
 
 def test_pipeline_denial_fails_the_rest_of_the_batch_like_postgres(
         pg: PostgresCluster, pgveil: PgveilProcess) -> None:
     direct = _pipeline_outcome(pg.dsn("teller_sz01"), "select 1/0")
     via = _pipeline_outcome(pgveil.dsn("teller_sz01"), "select phone from customers")
-    # same shape: statement 1 ran, the failing one raised, statement 3 was skipped (aborted),
-    # the statement after the sync and after the pipeline ran
-    normalise = {"DivisionByZero": "Error", "InsufficientPrivilege": "Error"}
-    assert [(("sync", normalise.get(o[1], o[1])) if isinstance(o, tuple) else o)
-            for o in via] == \
-        [(("sync", normalise.get(o[1], o[1])) if isinstance(o, tuple) else o) for o in direct]
-    assert via[0] == ("sync", "InsufficientPrivilege")
+    assert direct["first error"] == "DivisionByZero"
+    assert via["first error"] == "InsufficientPrivilege"
+    # the statement before the failure ran and its result arrived, but the batch's implicit
+    # transaction rolled it back; the one after it never ran; the session is idle and
+    # usable — exactly as on PostgreSQL
+    assert direct["ran"] == ("", None)
+    assert via["ran"] == direct["ran"]
+    assert via["first result"] == direct["first result"] == [("ran",)]
+    assert via["status"] is direct["status"] is TransactionStatus.IDLE
 
 
 def test_pipeline_in_a_transaction_after_denial(pgveil: PgveilProcess) -> None:

@@ -125,7 +125,8 @@ def test_row_cap_stops_rows_cancels_and_replaces_completion() -> None:
     err = parse_error_fields(res2.to_client[0][5:])
     assert err["C"] == "42501" and "row limit of 3 exceeded for role teller" in err["M"]
     assert res2.to_client[-1] == rfq()
-    assert res2.audit[0].fields["rows"] == 3 and res2.audit[0].fields["decision"] == "failed"
+    assert res2.audit[0].fields["rows"] == 3 and res2.audit[0].fields["decision"] == "blocked"
+    assert res2.audit[0].fields["reasons"][0] == "row limit 3 exceeded"
 
 
 def test_cursor_rows_count_cumulatively() -> None:
