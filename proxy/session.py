@@ -118,6 +118,7 @@ class _StatementRun:
     denied: bool = False
     error: str | None = None
     source: str = ""  # the client's text of this statement (for the audit record)
+    hidden: bool = False  # a statement pgveil injected: its completion is not forwarded
 
 
 @dataclass(slots=True)
@@ -221,6 +222,7 @@ class Session:
         self._parsed: dict[bytes, tuple[str, bytes, str]] = {}
         self._swallow = 0  # completions of messages pgveil injected, not to be forwarded
         self._prepared_version: dict[str, str] = {}  # SQL-level PREPARE → policy version
+        self._prepared_source: dict[str, str] = {}  # SQL-level PREPARE → the client's text
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
@@ -269,11 +271,12 @@ class Session:
     def _policy_gate(self, analysis: Analysis) -> StatementDecision | None:
         """Checks that depend on time or live state, not on the SQL (never cached)."""
         for st in analysis.statements:
-            if st.kind == "execute" and st.prepared:
-                version = self._prepared_version.get(st.prepared)
-                if version is None:
-                    parsed = self._parsed.get(st.prepared.encode(self.codec, "replace"))
-                    version = parsed[2] if parsed else None
+            if st.kind == "execute" and st.prepared and \
+                    st.prepared not in self._prepared_version:
+                # a protocol-level statement run with SQL EXECUTE (SQL-level PREPAREs are
+                # re-prepared transparently in _on_query)
+                parsed = self._parsed.get(st.prepared.encode(self.codec, "replace"))
+                version = parsed[2] if parsed else None
                 if version is not None and version != self.view.policy_version:
                     # the server holds the text rewritten under the old rules
                     return StatementDecision(
@@ -459,8 +462,22 @@ class Session:
     def _on_query(self, frame: bytes, out: Output) -> None:
         raw = frame[5:-1]
         analysis = self._analyze_sql(raw)
-        denied = analysis.denied or self._policy_gate(analysis)
+        prefix: list[str] = []
+        denied = analysis.denied or self._refresh_prepared(analysis, prefix)
+        if prefix and denied is None:  # EXECUTE now reads the re-prepared statements' decisions
+            analysis = self._analyze_sql(raw)
+            denied = analysis.denied
+        denied = denied or self._policy_gate(analysis)
         slot = _Slot("query", started=self.clock())
+        if prefix and denied is None:
+            # DEALLOCATE + PREPARE under the current rules, ahead of the client's statements;
+            # their two CommandCompletes are pgveil's, not the client's
+            for _ in prefix:
+                slot.runs.append(_StatementRun(_HIDDEN, self.clock(), hidden=True))
+            analysis = Analysis(sql="; ".join(prefix) + "; " + analysis.sql,
+                                statements=analysis.statements, cached=analysis.cached,
+                                rewrite_seconds=analysis.rewrite_seconds)
+            analysis = _force_changed(analysis)
         self.state = ProtocolState.BUSY
         if denied is not None:
             self._deny_runs(analysis, denied, out)
@@ -498,6 +515,8 @@ class Session:
             if st.prepared and st.kind == "prepare":
                 self.prepared[st.prepared] = st
                 self._prepared_version[st.prepared] = self.view.policy_version
+                self._prepared_source[st.prepared] = source if single else (
+                    sources[i] if sources else st.sql)
                 self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
             elif st.kind == "utility":
                 self._forget_deallocated(st.sql)
@@ -508,6 +527,30 @@ class Session:
             out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
         else:
             out.to_server.append(frame)
+
+    def _refresh_prepared(self, analysis: Analysis, prefix: list[str]) -> StatementDecision | None:
+        """For each EXECUTE of a SQL-level prepared statement decided under rules that have
+        changed since (a reload, a grant), re-analyse its PREPARE and queue DEALLOCATE + the new
+        PREPARE into ``prefix``. Returns a denial when the statement is no longer allowed."""
+        for st in analysis.statements:
+            name = st.prepared
+            if st.kind != "execute" or not name:
+                continue
+            version = self._prepared_version.get(name)
+            if version is None or version == self.view.policy_version:
+                continue
+            source = self._prepared_source.get(name, "")
+            fresh = self._analyze_sql(source.encode(self.codec, "replace"))
+            new = fresh.statements[0] if len(fresh.statements) == 1 else None
+            if fresh.denied is not None or new is None or new.kind != "prepare":
+                return fresh.denied or StatementDecision(
+                    action=Action.DENY, sql=source, kind="execute",
+                    message=f"prepared statement {name} can no longer be re-prepared")
+            quoted = '"' + name.replace('"', '""') + '"'
+            prefix += [f"DEALLOCATE {quoted}", fresh.sql.strip().rstrip(";")]
+            self.prepared[name] = new
+            self._prepared_version[name] = self.view.policy_version
+        return None
 
     def _forget_deallocated(self, text: str) -> None:
         m = _DEALLOCATE.match(text)
@@ -737,6 +780,9 @@ class Session:
                 self._after_synthesized_error(slot)
                 self._abort_after_cap = True
                 return
+            if run is not None and run.hidden:
+                slot.index += 1  # type: ignore[union-attr]
+                return
             if run is not None:
                 self._finish_run(slot, run, out)  # type: ignore[arg-type]
                 if mtype == 0x43 and run.decision.kind == "copy" and \
@@ -840,6 +886,20 @@ class Session:
 
 class ProtocolViolation(Exception):
     """The client sent bytes that are not a valid protocol 3.0 message stream."""
+
+
+_HIDDEN = StatementDecision(action=Action.FORWARD, sql="", kind="utility")
+
+
+def _force_changed(analysis: Analysis) -> Analysis:
+    """Mark an analysis as changed so its SQL (with pgveil's prefix) is what gets sent."""
+    if analysis.changed:
+        return analysis
+    first, *rest = analysis.statements
+    import dataclasses
+
+    return dataclasses.replace(analysis, statements=(
+        dataclasses.replace(first, action=Action.REWRITE), *rest))
 
 
 def _split_sources(sql: str, count: int) -> list[str] | None:

@@ -60,9 +60,13 @@ The passes, in order (each a small pure module)
 9. **DML rules** (:mod:`rewriters.dml`) for the statement's own target: UPDATE / DELETE get
    ``<moved> AND (<filter>) AND CASE WHEN (<filter>) THEN (<user WHERE>) ELSE false END``;
    SET / WHERE may not read masked columns, RETURNING may not return them, UPDATE may not move a
-   row out of the filter, INSERT must provably satisfy it, upserts and MERGE on masked tables and
-   data-modifying CTEs on them are denied, and so is copying protected rows into unprotected
-   tables (INSERT ... SELECT, UPDATE ... FROM).
+   row out of the filter, INSERT must provably satisfy it, ``ON CONFLICT`` on filtered tables,
+   upserts and MERGE on masked tables and data-modifying CTEs on them are denied, and so is
+   copying protected rows into unprotected tables (INSERT ... SELECT, UPDATE ... FROM). Keys
+   (``ColumnView.unique`` / ``references``, from the catalog) close the existence oracles: an
+   explicit value for a unique column of a filtered table is denied, and a foreign-key value
+   into a filtered table is wrapped so that a parent the operator cannot see fails exactly like
+   one that does not exist. ``TRUNCATE ... CASCADE`` is denied (it reaches unnamed tables).
 10. **Unbounded reads**: with ``unbounded: deny``, a top-level read of a protected table with
     neither a WHERE predicate nor ``LIMIT <= max_rows`` (and not a single-row aggregate) is
     denied with a hint.
@@ -74,7 +78,9 @@ The passes, in order (each a small pure module)
     (this one check catches DML targets, ``DELETE ... USING``, TRUNCATE, ``COPY customers``,
     ``U&"..."`` names and gaps nobody thought of); so are SQL-in-strings functions
     (``query_to_xml``, ``dblink``, ``ts_stat`` ...), ``::regclass``, ``pg_stats``, role switching,
-    catalog dependents the policy does not list, SQL text handed to functions, and — for a view
+    catalog dependents the policy does not list, SQL text handed to functions, row packing on
+    customer data for roles with ``max_rows`` (``json_agg`` / ``string_agg`` / ``array_agg`` ...,
+    ``ARRAY(subquery)``, ``WITH RECURSIVE``: one row must not carry a branch), and — for a view
     with a ``hash`` mask, whose SQL holds key material — ``current_query()``,
     ``pg_stat_activity``, ``pg_prepared_statements``, ``pg_cursors`` and EXPLAIN. The walk also
     collects the protected tables and columns for the audit record.
@@ -108,14 +114,20 @@ For a restricted role, whenever a statement names customer data (a protected tab
 dependent or a risky token) and cannot be read the way PostgreSQL will read it, the answer is a
 denial (SQLSTATE 42501) with a message saying what and why — never a pass-through:
 
-* unterminated literals or comments, lexer differentials (above), ``U&`` escapes;
+* unterminated literals or comments, lexer differentials (above), ``U&`` escapes, statements
+  over 128 KiB (refused before lexing: analysis runs on the proxy's event loop);
 * PostgreSQL's grammar rejecting the text, sqlglot failing to parse it (``Command`` nodes,
   ``RecursionError`` on deep nesting, oversized statements), two edits that partially overlap, a
   span that does not line up with the lexer's tokens;
 * paths the rewriter does not follow: DO blocks, function bodies, dynamic SQL, views and
   functions that read protected tables unless listed, ``SELECT INTO`` / CTAS / CREATE VIEW,
   EXPLAIN ANALYZE, ``WHERE CURRENT OF``, MERGE, COPY to files or programs;
-* a verification violation in the final text.
+* a verification violation in the final text;
+* an unexpected exception inside the analyzer (a bug): denied for restricted roles, forwarded
+  unchanged for unrestricted ones (as their statements always are).
+
+EXPLAIN ANALYZE of protected data is denied — also through ``EXPLAIN ANALYZE EXECUTE p``, which
+inherits what ``PREPARE p`` read.
 
 Module map: ``analyze`` (entry point, dispatch), ``compiled`` (per-view precomputation),
 ``shape`` (cache, literal redaction for the audit log), ``lexer``, ``classify``, ``substitute``,

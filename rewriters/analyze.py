@@ -25,6 +25,7 @@ when it mentions customer data (fail closed).
 from __future__ import annotations
 
 import bisect
+import logging
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -65,6 +66,8 @@ from rewriters.substitute import (
 )
 from rewriters.textspan import Edit, EditConflict, TokenIndex, apply_edits
 from rewriters.verify import Verdict, verify
+
+log = logging.getLogger(__name__)
 
 # Client encodings in which the second byte of a multibyte character can be an ASCII byte such
 # as a backslash or a quote: text in them may not lex as it looks (NOTES: GBK 0xBF 0x5C).
@@ -249,8 +252,8 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
         if kw == "with":
             return None
         kind = KEYWORD_KIND.get(kw, "other")
-        if kw == "prepare" or kind not in FAST_KINDS:
-            return None
+        if kw in ("prepare", "truncate") or kind not in FAST_KINDS:
+            return None  # TRUNCATE ... CASCADE reaches tables it does not name
         if kind == "select" and "into" in lowered and _INTO_RE.search(lowered):
             return None
         text = body if len(body) < len(sql.rstrip()) else sql
@@ -273,8 +276,9 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
     decisions = []
     for span in split_statements(sql, tokens):
         text = sql[span.start : span.end]
-        kind = leading_kind(significant(tokenize(text)))
-        if kind not in FAST_KINDS:
+        sig = significant(tokenize(text))
+        kind = leading_kind(sig)
+        if kind not in FAST_KINDS or (sig and sig[0].keyword in ("prepare", "truncate")):
             return None
         if kind == "select" and _INTO_RE.search(text.lower()):
             return None
@@ -336,7 +340,26 @@ def _text_kind(text: str) -> str:
 
 def decide_statement(text: str, ctx: _Ctx, tokens: list[Token] | None = None
                      ) -> StatementDecision:
-    """One statement -> its decision (verification of the final text included)."""
+    """One statement -> its decision (verification of the final text included).
+
+    An unexpected exception (a bug of ours) denies the statement for a restricted role — it is
+    never forwarded unexamined — and forwards an unrestricted role's statement unchanged, as
+    it would have been anyway.
+    """
+    try:
+        return _decide(text, ctx, tokens)
+    except Exception as e:  # noqa: BLE001 - see the docstring: fail closed, never fail open
+        log.exception("analysis of a statement failed")
+        kind = _text_kind(text)
+        mentioned = [t.name for t in ctx.cv.mentioned_tables(text.lower())]
+        if ctx.restricted:
+            return _deny(kind, f"cannot analyse statement: internal error ({type(e).__name__})",
+                         text, mentioned, _row_limit(ctx, mentioned))
+        return StatementDecision(Action.FORWARD, text, kind, tables=tuple(mentioned),
+                                 row_limit=_row_limit(ctx, mentioned))
+
+
+def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecision:
     cv = ctx.cv
     m = _mentions(cv, text)
     mentioned = [t.name for t in m.tables]
@@ -545,6 +568,10 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
             core.inherited = base
             core.tables = list(base.tables)
         return core
+    if pst.node_type == "TruncateStmt" and restricted and pst.node.get("behavior") == \
+            "DROP_CASCADE":
+        raise Denied("TRUNCATE ... CASCADE is not allowed for masked roles: it empties the "
+                     "tables that reference these, customer tables included")
     if kind in ("select", "insert", "update", "delete", "merge") and pst.node_type != \
             "TruncateStmt":
         if not restricted:
@@ -675,11 +702,26 @@ def _explain(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) ->
                     v = next(iter(v.values()), True)
                 val = str(v).lower()
         analyze = val not in ("false", "off", "0", "no")
-    if analyze and ctx.restricted and (m.tables or m.dependents):
-        raise Denied(f"EXPLAIN ANALYZE of a statement on protected data ({m.names}) is not "
+    tables = list(m.tables)
+    query = pst.node.get("query")
+    if ctx.restricted and isinstance(query, dict) and "ExecuteStmt" in query:
+        # EXPLAIN EXECUTE p: what it reads is what PREPARE p read (its text is not here).
+        name = str(query["ExecuteStmt"].get("name", ""))
+        base = ctx.prepared.get(name)
+        if base is None:
+            if analyze:
+                raise Denied(f"EXPLAIN ANALYZE EXECUTE of prepared statement {name}, which "
+                             "pgveil did not see prepared, is not allowed for masked roles")
+        elif base.action is Action.DENY:
+            raise Denied(base.message or f"prepared statement {name} was denied")
+        else:
+            tables += [ctx.cv.tables[t] for t in base.tables if t in ctx.cv.tables]
+    names = ", ".join(dict.fromkeys([t.name for t in tables] + m.dependents))
+    if analyze and ctx.restricted and (tables or m.dependents):
+        raise Denied(f"EXPLAIN ANALYZE of a statement on protected data ({names}) is not "
                      f"allowed for role {ctx.view.role}")
     if ctx.restricted and ctx.cv.hash_secret:
-        hashed = [t.name for t in m.tables
+        hashed = [t.name for t in tables
                   if any(c.mask_name == "hash" and c.expr is not None for c in t.view.columns)]
         if hashed:
             # EXPLAIN (VERBOSE) prints the mask expressions, constants (the HMAC pads) included.
@@ -730,13 +772,14 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
             reads_protected:
         raise Denied(f"copying customer data ({', '.join(dict.fromkeys(reads_protected))}) "
                      "into an unprotected table is not allowed for masked roles")
-    if top is not None and top.table is not None and top.table.masked:
-        dml = dml_rules(tree, top, idx)
+    if top is not None and top.table is not None:
+        dml = dml_rules(tree, top, idx, cv)
         edits.extend(dml.edits)
         allowed.append(dml.target_span)  # type: ignore[arg-type]
         for qn in dml.lookups:
             if qn not in lookups:
                 lookups.append(qn)
+        reasons.extend(dml.reasons)
         if top.table.row_filter is not None:
             reasons.append(f"row filter {view.role}: {top.table.name}")
     if kind == "select" and view.limits.unbounded is Unbounded.DENY  and not explain:

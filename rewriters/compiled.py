@@ -108,6 +108,9 @@ class CompiledTable:
     filter_cols: frozenset[str] = frozenset()
     filter_eq: dict[str, FilterLiteral] | None = None
     filter_false: bool = False
+    # (start, end, column) of every outer-level column reference in ``row_filter`` (not inside
+    # its subqueries); None when one is qualified or the filter could not be parsed.
+    filter_outer: tuple[tuple[int, int, str], ...] | None = None
     _filter_tree: exp.Expression | None = field(default=None, repr=False)
 
     def derived(self, name_text: str, extra: list[str]) -> str:
@@ -125,6 +128,27 @@ class CompiledTable:
         where = f" WHERE {' AND '.join(conds)}" if conds else ""
         fence = " OFFSET 0" if self.row_filter is not None else ""
         return f"(SELECT {self.projection} FROM {name_text}{where}{fence})"
+
+    @property
+    def filter_outer_cols(self) -> list[str]:
+        """The columns the row filter reads at its outer level, in order, without repeats."""
+        return list(dict.fromkeys(c for _s, _e, c in self.filter_outer or ()))
+
+    def filter_with(self, values: dict[str, str]) -> str | None:
+        """The row filter with each outer-level column replaced by ``(value text)``.
+
+        ``customer_id IN (SELECT id FROM public.customers WHERE branch_id = 'SZ01')`` with
+        ``{"customer_id": "$1"}`` -> ``($1) IN (SELECT id FROM ...)``: whether a row about to
+        be inserted lies inside the filter. None when a column has no value.
+        """
+        if self.row_filter is None or self.filter_outer is None:
+            return None
+        text = self.row_filter
+        for start, end, col in sorted(self.filter_outer, reverse=True):
+            if col not in values:
+                return None
+            text = text[:start] + "(" + values[col] + ")" + text[end:]
+        return text
 
     def qualified_filter(self, ref: str) -> str | None:
         """The row filter with its outer-level column references qualified by ``ref``.
@@ -307,6 +331,30 @@ def _filter_facts(
     return frozenset(cols), eq, False
 
 
+def _outer_columns(tree: exp.Expression | None, columns: dict[str, ColumnView]
+                   ) -> tuple[tuple[int, int, str], ...] | None:
+    """Spans of the filter's outer-level column references (see CompiledTable.filter_outer)."""
+    if tree is None:
+        return None
+    out: list[tuple[int, int, str]] = []
+    stack: list[exp.Expression] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (exp.Select, exp.Subquery, exp.SetOperation)):
+            continue
+        if isinstance(node, exp.Column):
+            ident = node.this
+            if node.table or not isinstance(ident, exp.Identifier) or "start" not in ident.meta:
+                return None
+            name = ident.this if ident.quoted else fold(ident.this)
+            if name not in columns:
+                return None
+            out.append((int(ident.meta["start"]), int(ident.meta["end"]) + 1, name))
+            continue
+        stack.extend(node.iter_expressions())
+    return tuple(sorted(out))
+
+
 def compile_table(view: OperatorView, tv: TableView) -> CompiledTable:
     schema, _, bare = tv.name.partition(".")
     colview = {c.name: c for c in tv.columns}
@@ -341,6 +389,7 @@ def compile_table(view: OperatorView, tv: TableView) -> CompiledTable:
         filter_cols=fcols,
         filter_eq=feq,
         filter_false=ffalse,
+        filter_outer=_outer_columns(tree, colview),
         _filter_tree=tree,
     )
 

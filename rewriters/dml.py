@@ -16,6 +16,12 @@ RETURNING. The rules (SPEC §5 "rows out of scope are invisible and untouchable"
   requires; INSERT into a filtered table is allowed only when VALUES provably satisfy the filter
   (a plain conjunction of ``col = literal``); ``ON CONFLICT DO UPDATE`` on a masked table is
   denied; ``WHERE CURRENT OF`` is denied (the cursor reads the masked derived table).
+* Keys (existence oracles): a duplicate-key or foreign-key error names the key, so writing an
+  explicit value to a unique column of a filtered table (or a masked unique column) is denied,
+  and a foreign-key value into a table filtered for the operator is wrapped so that a parent the
+  operator cannot see fails exactly like an absent one (:func:`_key_value`). These rules apply
+  to every protected target, masked or not (a manager's unfiltered ``orders`` still point into
+  the filtered ``customers``).
 * MERGE involving a protected table is denied; INSERT/UPDATE of an unprotected table reading
   protected tables is denied (it copies customer data out of the audited, capped path).
 """
@@ -27,7 +33,7 @@ from decimal import Decimal, InvalidOperation
 
 from sqlglot import exp
 
-from rewriters.compiled import CompiledTable, FilterLiteral
+from rewriters.compiled import CompiledTable, CompiledView, FilterLiteral, quote_ident
 from rewriters.substitute import (
     Denied,
     Ref,
@@ -36,6 +42,7 @@ from rewriters.substitute import (
     conjuncts,
     ident_value,
     literal_fits,
+    literal_operand,
     match_simple,
     resolve_column,
 )
@@ -149,7 +156,8 @@ def _same_literal(node: exp.Expression, want: FilterLiteral) -> bool:
 
 
 def _update_or_delete(
-    tree: exp.Expression, ref: Ref, ct: CompiledTable, idx: TokenIndex, res: DmlResult
+    tree: exp.Expression, ref: Ref, ct: CompiledTable, idx: TokenIndex, res: DmlResult,
+    cv: CompiledView,
 ) -> None:
     ref_name = ref.ref_name
     verb = "UPDATE" if isinstance(tree, exp.Update) else "DELETE"
@@ -176,6 +184,11 @@ def _update_or_delete(
                     raise Denied(
                         f"UPDATE of {ct.name}.{col} could move rows out of the row filter"
                     )
+            if not same:
+                wrapped = _key_value(ct, col, value, idx, cv, res, "UPDATE")
+                if wrapped is not None:
+                    (start, end), text = wrapped
+                    res.edits.append(Edit(start, end, text, ((0, len(text)),)))
     where = tree.args.get("where")
     where_expr = where.this if isinstance(where, exp.Where) else None
     # With FROM/USING items an unqualified column may belong to another relation, so only a
@@ -246,9 +259,14 @@ def _update_or_delete(
     res.edits.append(Edit(body_end, body_end, ") ELSE false END", order=2))
 
 
-def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable) -> None:
+def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable, idx: TokenIndex, res: DmlResult,
+            cv: CompiledView) -> None:
     conflict = tree.args.get("conflict")
-    if isinstance(conflict, exp.OnConflict):
+    if conflict is not None and ct.row_filter is not None:
+        # Even DO NOTHING answers "INSERT 0 0" for a key held by a row outside the filter.
+        raise Denied(f"INSERT ... ON CONFLICT on {ct.name} is not allowed: its outcome would "
+                     "reveal rows outside the row filter")
+    if isinstance(conflict, exp.OnConflict) and ct.masked:
         action = conflict.args.get("action")
         if action is not None and "update" in str(action.this if hasattr(action, "this")
                                                   else action).lower():
@@ -256,31 +274,176 @@ def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable) -> None:
         if conflict.expressions:
             raise Denied(f"INSERT ... ON CONFLICT DO UPDATE on {ct.name} is not allowed")
     _returning_check(tree, ct, ref.ref_name)
-    if ct.row_filter is None:
-        return
-    outside = f"INSERT would write rows outside the row filter of {ct.name}"
-    if ct.filter_false or not ct.filter_eq:
-        raise Denied(outside)
     target = tree.this
     if isinstance(target, exp.Schema):
-        cols = [ident_value(c) for c in target.expressions]
+        cols = [ident_value(c) or "" for c in target.expressions]
     else:
         cols = list(ct.columns)
     values = tree.expression
-    if not isinstance(values, exp.Values):
-        raise Denied(outside)
-    for fcol, want in ct.filter_eq.items():
-        if fcol not in cols:
-            raise Denied(outside)
-        k = cols.index(fcol)
+    rows: list[list[exp.Expression]] = []
+    if isinstance(values, exp.Values):
         for row in values.expressions:
-            items = row.expressions if isinstance(row, exp.Tuple) else [row]
-            if k >= len(items) or not _same_literal(items[k], want):
-                raise Denied(outside)
+            rows.append(list(row.expressions) if isinstance(row, exp.Tuple) else [row])
+    keys = [c for c in cols if _is_key(ct, c, cv)]
+    if keys and not isinstance(values, exp.Values) and values is not None:
+        raise Denied(f"INSERT into {ct.name} from a query may not set {keys[0]}: a key "
+                     "conflict would reveal rows outside the row filter")
+    # Replacement text per literal span: a foreign-key wrapper and a filter guard may both
+    # apply to one value (orders.customer_id), so they compose here instead of as two edits.
+    wraps: dict[tuple[int, int], str] = {}
+    for items in rows:
+        for col, item in zip(cols, items, strict=False):
+            wrapped = _key_value(ct, col, item, idx, cv, res, "INSERT")
+            if wrapped is not None:
+                wraps[wrapped[0]] = wrapped[1]
+    if ct.row_filter is not None:
+        _insert_filter(ct, cols, rows, values, idx, wraps)
+    for (start, end), text in sorted(wraps.items()):
+        res.edits.append(Edit(start, end, text, ((0, len(text)),)))
 
 
-def dml_rules(tree: exp.Expression, ref: Ref, idx: TokenIndex) -> DmlResult:
-    """Apply the rules above to the top-level DML target ``ref`` (a masked protected table)."""
+def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expression]],
+                   values: exp.Expression | None, idx: TokenIndex,
+                   wraps: dict[tuple[int, int], str]) -> None:
+    """INSERT may only create rows inside the row filter.
+
+    Proven statically when the filter is a conjunction of ``col = literal`` and every row
+    carries those literals; otherwise, when the filter's outer-level columns all get literals or
+    parameters, each row's first filter column becomes ``CASE WHEN (<filter on the row's
+    values>) THEN value ELSE <failing cast> END``: a row outside the filter fails, with the same
+    error whether or not a hidden row it might refer to exists.
+    """
+    outside = f"INSERT would write rows outside the row filter of {ct.name}"
+    if ct.filter_false or not isinstance(values, exp.Values):
+        raise Denied(outside)
+    if ct.filter_eq:
+        if any(fcol not in cols for fcol in ct.filter_eq):
+            raise Denied(outside)  # the column's default is not known to satisfy the filter
+        proven = True
+        for fcol, want in ct.filter_eq.items():
+            k = cols.index(fcol)
+            for items in rows:
+                item = items[k] if k < len(items) else None
+                if item is not None and _same_literal(item, want):
+                    continue
+                if item is None or not isinstance(item, exp.Parameter):
+                    raise Denied(outside)  # a literal (or expression) known not to match
+                proven = False
+        if proven:
+            return
+    outer = ct.filter_outer_cols
+    if not outer or any(c not in cols for c in outer):
+        raise Denied(outside)
+    message = f"pgveil: the row is outside the row filter of {ct.name}"
+    for items in rows:
+        texts: dict[str, str] = {}
+        spans: dict[str, tuple[int, int]] = {}
+        for col in outer:
+            k = cols.index(col)
+            lit = literal_operand(items[k], idx) if k < len(items) else None
+            if lit is None:
+                raise Denied(f"{outside}: {col} must be a literal or parameter")
+            texts[col] = idx.sql[lit.start:lit.end]
+            spans[col] = (lit.start, lit.end)
+        cond = ct.filter_with(texts)
+        if cond is None:
+            raise Denied(outside)
+        first = outer[0]
+        span = spans[first]
+        value = wraps.get(span, texts[first])
+        wraps[span] = (f"CASE WHEN ({cond}) THEN {value} ELSE "
+                       f"{_failing(message, ct.colview[first].type_sql)} END")
+
+
+# --- keys: existence oracles ------------------------------------------------------------------
+
+
+def _failing(message: str, type_sql: str) -> str:
+    """An expression of type ``type_sql`` that raises ``invalid input syntax for type integer:
+    "<message>"`` when evaluated — and only then: ``concat`` is STABLE, so the planner does not
+    fold it, and the detour through int4 and text makes it raise whatever the target type (a
+    plain cast to text would quietly succeed)."""
+    msg = message.replace("'", "''")
+    return (f"CAST(CAST(CAST(pg_catalog.concat('{msg}') AS pg_catalog.int4) AS pg_catalog.text) "
+            f"AS {type_sql})")
+
+
+def _referenced(col: str, ct: CompiledTable, cv: CompiledView
+                ) -> tuple[CompiledTable, str] | None:
+    """The filtered protected table (and its column) a foreign key column points into."""
+    cview = ct.colview.get(col)
+    if cview is None or not cview.references:
+        return None
+    table, _, rcol = cview.references.rpartition(".")
+    rt = cv.tables.get(table)
+    if rt is None or rt.row_filter is None or rcol not in rt.colview:
+        return None
+    return rt, rcol
+
+
+def _unique_guarded(ct: CompiledTable, col: str) -> bool:
+    """Writing this unique column explicitly could collide with a row the operator cannot see
+    (outside the filter) or with a value it sees masked."""
+    cview = ct.colview.get(col)
+    return bool(cview is not None and cview.unique
+                and (ct.row_filter is not None or col in ct.masked_cols))
+
+
+def _is_key(ct: CompiledTable, col: str, cv: CompiledView) -> bool:
+    return _unique_guarded(ct, col) or _referenced(col, ct, cv) is not None
+
+
+def _is_default(value: exp.Expression) -> bool:
+    return (isinstance(value, exp.Var) and str(value.this).upper() == "DEFAULT") or (
+        isinstance(value, exp.Column) and not value.table
+        and isinstance(value.this, exp.Identifier) and not value.this.quoted
+        and value.this.this.upper() == "DEFAULT")
+
+
+def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenIndex,
+               cv: CompiledView, res: DmlResult, verb: str
+               ) -> tuple[tuple[int, int], str] | None:
+    """Close the existence oracles of one written value (PostgreSQL answers a duplicate key or
+    a missing foreign key with an error naming the key, and a success otherwise):
+
+    * an explicit value for a unique column of a filtered table (or a masked unique column) is
+      denied — a duplicate-key error would tell that a hidden row holds it;
+    * a value for a foreign key into a table filtered for this operator must be a literal or
+      parameter and is replaced by ``COALESCE((SELECT key FROM <table> WHERE (<filter>) AND
+      key = value OFFSET 0), <failing cast>)`` (:func:`_failing`): a row the operator cannot
+      see then fails exactly like a row that does not exist.
+
+    Returns the replacement ``((start, end), text)`` of the value, or None.
+    """
+    if isinstance(value, exp.Null) or _is_default(value):
+        return None
+    if _unique_guarded(ct, col):
+        raise Denied(f"{verb} of {ct.name} may not set the unique column {col}: a key conflict "
+                     "would reveal rows outside the row filter (leave it to its default)")
+    found = _referenced(col, ct, cv)
+    if found is None:
+        return None
+    rt, rcol = found
+    lit = literal_operand(value, idx)
+    if lit is None:
+        raise Denied(f"{verb} of {ct.name}.{col} must use a literal or parameter: it references "
+                     f"{rt.name}, of which this operator sees only some rows")
+    cview = ct.colview[col]
+    qref = ".".join(quote_ident(p) for p in rt.name.split("."))
+    message = (f"pgveil: no {rt.name} row visible to this operator has "
+               f"{rcol} = the value given for {ct.name}.{col}")
+    text = (f"COALESCE((SELECT {quote_ident(rcol)} FROM {qref} WHERE ({rt.row_filter}) AND "
+            f"{quote_ident(rcol)} OPERATOR(pg_catalog.=) {idx.sql[lit.start:lit.end]} "
+            f"OFFSET 0), {_failing(message, cview.type_sql)})")
+    reason = f"foreign key {ct.name}.{col} checked against the row filter of {rt.name}"
+    if reason not in res.reasons:
+        res.reasons.append(reason)
+    return (lit.start, lit.end), text
+
+
+def dml_rules(tree: exp.Expression, ref: Ref, idx: TokenIndex, cv: CompiledView) -> DmlResult:
+    """Apply the rules above to the top-level DML target ``ref`` (a protected table; the rules
+    about masks and filters only bite when it is masked for this operator)."""
     ct = ref.table
     assert ct is not None
     res = DmlResult()
@@ -288,9 +451,9 @@ def dml_rules(tree: exp.Expression, ref: Ref, idx: TokenIndex) -> DmlResult:
     if isinstance(tree, exp.Merge):
         raise Denied(f"MERGE into {ct.name} is not supported for masked roles")
     if isinstance(tree, (exp.Update, exp.Delete)):
-        _update_or_delete(tree, ref, ct, idx, res)
+        _update_or_delete(tree, ref, ct, idx, res, cv)
     elif isinstance(tree, exp.Insert):
-        _insert(tree, ref, ct)
+        _insert(tree, ref, ct, idx, res, cv)
     else:
         raise Denied(f"unsupported statement on {ct.name}")
     return res

@@ -33,6 +33,10 @@ class CatalogColumn:
     name: str
     type_sql: str  # pg_catalog.format_type(atttypid, atttypmod), e.g. "numeric(14,2)", "text"
     type_oid: int = 0
+    # Keys, for the existence oracles of DML (a duplicate-key or foreign-key error tells whether
+    # a row outside the operator's filter holds a value):
+    unique: bool = False  # part of a primary key or unique constraint / unique index
+    references: str | None = None  # "schema.table.column" of a single-column foreign key
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class ColumnView:
     expr: str | None = None
     mask_name: str | None = None  # "phone", "round", ... for reasons/audit; None when raw
     lookup: bool = False  # exact-match lookup on the raw value is allowed for this column
+    unique: bool = False  # CatalogColumn.unique, copied
+    references: str | None = None  # CatalogColumn.references, copied
 
 
 @dataclass(frozen=True)

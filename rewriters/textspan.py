@@ -47,12 +47,13 @@ class Spliced:
 
 
 class EditConflict(Exception):
-    """Two edits overlap without one containing the other."""
+    """Two edits overlap."""
 
 
 def apply_edits(sql: str, edits: list[Edit]) -> Spliced:
-    """Apply non-overlapping edits; an edit inside another edit's span is dropped (the outer
-    one replaced that text already), a partial overlap raises :class:`EditConflict`."""
+    """Apply non-overlapping edits (several insertions at one offset are fine). Any overlap —
+    containment included — raises :class:`EditConflict`: silently dropping an edit could drop a
+    substitution or a guard, so the caller denies instead."""
     # At one offset: insertions first (in ``order``), then the longest replacement.
     ordered = sorted(
         edits, key=lambda e: (e.start, 0 if e.start == e.end else 1, e.order, -(e.end - e.start))
@@ -62,10 +63,6 @@ def apply_edits(sql: str, edits: list[Edit]) -> Spliced:
         if kept:
             last = kept[-1]
             if e.start < last.end:
-                if e.end <= last.end and not (e.start == e.end):
-                    continue  # contained: already replaced by the enclosing edit
-                if e.start == e.end and last.start < e.start < last.end:
-                    continue
                 raise EditConflict(f"overlapping edits at {e.start}")
         kept.append(e)
     out: list[str] = []

@@ -51,6 +51,15 @@ STATEMENT_TEXT_RELATIONS = frozenset({"pg_stat_activity", "pg_prepared_statement
 STATEMENT_TEXT_FUNCTIONS = frozenset({"current_query", "pg_stat_get_activity",
                                       "pg_stat_get_backend_activity", "pg_stat_statements"})
 _KEY_REASON = "would reveal statement text that holds the hash mask's key material"
+# Aggregates that pack many rows into one value: max_rows counts DataRows, so one row of
+# json_agg(c) would carry a whole branch. Denied on customer data for roles with a row cap.
+PACKING_AGGREGATES = frozenset({
+    "array_agg", "string_agg", "json_agg", "jsonb_agg", "json_agg_strict", "jsonb_agg_strict",
+    "json_object_agg", "jsonb_object_agg", "json_object_agg_strict", "jsonb_object_agg_strict",
+    "json_object_agg_unique", "jsonb_object_agg_unique", "json_object_agg_unique_strict",
+    "jsonb_object_agg_unique_strict", "json_arrayagg", "json_objectagg", "xmlagg", "range_agg",
+    "multirange_agg",
+})
 
 
 @dataclass
@@ -150,6 +159,8 @@ class _Walker:
             if ct is not None:
                 self.aliases[ref_name] = ct
         self.colrefs: list[list[str]] = []
+        self.substituted = bool(self.aliases)
+        self.packing: list[str] = []  # row-packing constructs seen (aggregates, ARRAY(), ...)
 
     # -- helpers --
     def pos(self, location: Any) -> int | None:
@@ -182,7 +193,18 @@ class _Walker:
             ntype, body, ctes, stmt = stack.pop()
             self.visit(ntype, body, ctes, stmt, stack)
         self.finish_columns()
+        self.check_packing()
         return self.v
+
+    def check_packing(self) -> None:
+        """Row packing on customer data by a role with a row cap: denied (SPEC §5 "bulk
+        export is blocked": max_rows counts DataRows, one row may not carry a branch)."""
+        limits = self.cv.view.limits
+        touches = self.substituted or self.v.tables or self.v.dependents
+        if not (self.restricted and self.packing and touches and limits.max_rows is not None):
+            return
+        self.deny(f"{self.packing[0]} over customer data would pack more than max_rows "
+                  f"({limits.max_rows}) rows into one; not allowed for role {self.cv.view.role}")
 
     def visit(
         self,
@@ -216,6 +238,8 @@ class _Walker:
             return
         if ntype == "FuncCall":
             self.func_call(body)
+        elif ntype == "SubLink" and body.get("subLinkType") == "ARRAY_SUBLINK":
+            self.packing.append("ARRAY(subquery)")
         elif ntype == "TypeCast":
             names = _strings((_node(body.get("typeName")) or ("", {}))[1].get("names"))
             if self.restricted and names and names[-1] == "regclass":
@@ -233,6 +257,9 @@ class _Walker:
         with_clause = body.get("withClause")
         inner_ctes = ctes
         if isinstance(with_clause, dict):
+            if with_clause.get("recursive"):
+                # each round can append a row's values to an accumulator column
+                self.packing.append("WITH RECURSIVE")
             ctes_list = with_clause.get("ctes") or []
             names: list[str] = []
             for c in ctes_list:
@@ -355,6 +382,8 @@ class _Walker:
                       "masked roles")
         if self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
             self.deny(f"{name}() {_KEY_REASON}")
+        if name in PACKING_AGGREGATES:
+            self.packing.append(f"{name}()")
         if name == "set_config":
             args = body.get("args") or []
             first = _node(args[0]) if args else None

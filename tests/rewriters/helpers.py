@@ -31,7 +31,7 @@ from rewriters.model import (
 CATALOG = Catalog(
     tables={
         "public.customers": (
-            CatalogColumn("id", "integer", 23),
+            CatalogColumn("id", "integer", 23, unique=True),
             CatalogColumn("name", "text", 25),
             CatalogColumn("phone", "text", 25),
             CatalogColumn("id_number", "text", 25),
@@ -43,16 +43,16 @@ CATALOG = Catalog(
             CatalogColumn("created_at", "timestamp with time zone", 1184),
         ),
         "public.accounts": (
-            CatalogColumn("id", "integer", 23),
-            CatalogColumn("customer_id", "integer", 23),
+            CatalogColumn("id", "integer", 23, unique=True),
+            CatalogColumn("customer_id", "integer", 23, references="public.customers.id"),
             CatalogColumn("card_no", "text", 25),
             CatalogColumn("balance", "numeric(14,2)", 1700),
             CatalogColumn("branch_id", "text", 25),
             CatalogColumn("opened_on", "date", 1082),
         ),
         "public.orders": (
-            CatalogColumn("id", "integer", 23),
-            CatalogColumn("customer_id", "integer", 23),
+            CatalogColumn("id", "integer", 23, unique=True),
+            CatalogColumn("customer_id", "integer", 23, references="public.customers.id"),
             CatalogColumn("amount", "numeric(12,2)", 1700),
             CatalogColumn("note", "text", 25),
         ),
@@ -98,6 +98,8 @@ def table_view(
             expr=mask[1] if mask else None,
             mask_name=mask[0] if mask else None,
             lookup=c.name in lookup,
+            unique=c.unique,
+            references=c.references,
         ))
     return TableView(name, tuple(cols), row_filter)
 

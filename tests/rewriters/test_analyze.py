@@ -185,6 +185,23 @@ def test_unreadable_text_naming_customer_data_is_denied(sql: str) -> None:
     assert a.denied is not None and "customers" in a.denied.message
 
 
+def test_an_internal_error_denies_for_masked_roles_and_forwards_for_the_dba(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rewriters.analyze as analyze_module
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(analyze_module, "analyse_core", broken)
+    sql = "SELECT phone FROM customers WHERE id = 3"
+    denied = Analyzer().analyze(sql, view("teller")).denied
+    assert denied is not None and "internal error (KeyError)" in denied.message
+    dba = Analyzer().analyze(sql, view("dba"))
+    assert dba.denied is None and dba.sql == sql
+    assert dba.statements[0].tables == ("public.customers",)
+
+
 # --- pgveil explain ---------------------------------------------------------------------------
 
 
@@ -267,8 +284,12 @@ def test_rewritten_dml_runs_and_touches_only_the_operators_rows(
         before = {(r[0], r[1]): r[2:] for r in cur.fetchall()}
         try:
             cur.execute(analysis.sql)
-        except psycopg.errors.IntegrityError:
-            return  # e.g. deleting a customer that still has accounts: PostgreSQL's own answer
+        except psycopg.Error as e:
+            # PostgreSQL's own answer (a customer that still has accounts, a table referenced
+            # by a foreign key) or pgveil's failing cast for a hidden foreign key: nothing was
+            # touched. Class 42 (syntax, unknown column, ambiguity) would be a broken rewrite.
+            assert not (e.sqlstate or "").startswith("42"), f"rewrite rejected: {e}"
+            return
         cur.execute(_FINGERPRINT)
         after = {(r[0], r[1]): r[2:] for r in cur.fetchall()}
     finally:
