@@ -34,7 +34,18 @@ _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
 
 _COLUMNS_SQL = """
 SELECT n.nspname, c.relname, c.oid::int8 AS relid, a.attname,
-       pg_catalog.format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid::int8 AS type_oid
+       pg_catalog.format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid::int8 AS type_oid,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+               WHERE i.indrelid = c.oid AND i.indisunique AND i.indnatts = 1
+                 AND i.indkey[0] = a.attnum) AS is_unique,
+       (SELECT fn.nspname || '.' || fc.relname || '.' || fa.attname
+          FROM pg_catalog.pg_constraint k
+          JOIN pg_catalog.pg_class fc ON fc.oid = k.confrelid
+          JOIN pg_catalog.pg_namespace fn ON fn.oid = fc.relnamespace
+          JOIN pg_catalog.pg_attribute fa ON fa.attrelid = k.confrelid
+               AND fa.attnum = k.confkey[1]
+         WHERE k.conrelid = c.oid AND k.contype = 'f' AND k.conkey = ARRAY[a.attnum]
+         LIMIT 1) AS refs
 FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS want(nsp, rel)
 JOIN pg_catalog.pg_namespace n ON n.nspname = want.nsp
 JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.rel
@@ -100,7 +111,8 @@ WHERE cn.nspname <> ALL ($1::text[])
 
 # Function bodies for the text match; C and internal functions' prosrc is a symbol name.
 _FUNCTIONS_SQL = """
-SELECT p.oid::int8 AS id, n.nspname AS nsp, p.proname AS name, p.prosrc AS src
+SELECT p.oid::int8 AS id, n.nspname AS nsp, p.proname AS name, p.prosrc AS src,
+       l.lanname AS lang
 FROM pg_catalog.pg_proc p
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_catalog.pg_language l ON l.oid = p.prolang
@@ -109,6 +121,10 @@ WHERE n.nspname <> ALL ($1::text[]) AND l.lanname NOT IN ('c', 'internal')
 """
 
 Node = tuple[str, int]  # ("rel" | "proc" | "rule", oid)
+
+_DYNAMIC_SQL = re.compile(
+    r"\bexecute\b(?!\s+(procedure|function)\b)|\bdblink|_to_xml|\bts_stat\b|\blo_import\b"
+    r"|\bpg_read_file\b|\bcopy\b", re.I)
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -133,7 +149,8 @@ async def load_catalog(conn: asyncpg.Connection,
         cols = tables.setdefault(name, [])
         oids[int(r["relid"])] = name
         if r["attname"] is not None:
-            cols.append(CatalogColumn(r["attname"], r["type_sql"], int(r["type_oid"])))
+            cols.append(CatalogColumn(r["attname"], r["type_sql"], int(r["type_oid"]),
+                                      unique=bool(r["is_unique"]), references=r["refs"]))
     missing = [n for n in wanted if n not in tables]
     dependents = await _dependents(conn, oids)
     catalog = Catalog(tables={k: tuple(v) for k, v in tables.items()}, dependents=dependents)
@@ -159,14 +176,24 @@ async def _dependents(conn: asyncpg.Connection,
         names[child] = f"{r['child_nsp']}.{r['child_name']}"
         names[parent] = f"{r['parent_nsp']}.{r['parent_name']}"
         edges += [(child, parent), (parent, child)]
+    rows = await conn.fetch(_FUNCTIONS_SQL, system)
     functions = [(("proc", int(r["id"])), f"{r['nsp']}.{r['name']}", r["src"] or "")
-                 for r in await conn.fetch(_FUNCTIONS_SQL, system)]
+                 for r in rows]
     for node, name, _ in functions:
         names[node] = name
 
     for oid, name in protected_oids.items():
         names[("rel", oid)] = name
     reads: dict[Node, set[str]] = {("rel", oid): {name} for oid, name in protected_oids.items()}
+    # A function that builds SQL at run time (plpgsql EXECUTE, dblink, query_to_xml…) or is
+    # written in a general-purpose language can read any table, whatever its text names:
+    # count it as reading every protected table, so masked roles are denied it unless the
+    # policy lists it (allow_dependents).
+    everything = set(protected_oids.values())
+    for r in rows:
+        if everything and (r["lang"] not in ("sql", "plpgsql") or
+                           _DYNAMIC_SQL.search(r["src"] or "")):
+            reads[("proc", int(r["id"]))] = set(everything)
     _close(reads, edges, functions, names)
 
     out: dict[str, set[str]] = {}

@@ -982,14 +982,16 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
             spec, source = _column_plan(policy, role, name, c.name)
             lookup = (name, c.name.lower()) in role.lookup
             if spec is None:
-                out.append(ColumnView(c.name, c.type_sql, None, None, lookup))
+                out.append(ColumnView(c.name, c.type_sql, None, None, lookup,
+                                      unique=c.unique, references=c.references))
                 continue
             try:
                 expr = masks.mask_expression(spec, c, hmac_key=policy.hash_key)
             except MaskError as e:
                 errors.append(f"{source}: {name}.{c.name}: {e}")
                 continue
-            out.append(ColumnView(c.name, c.type_sql, expr, spec.name, lookup))
+            out.append(ColumnView(c.name, c.type_sql, expr, spec.name, lookup,
+                                  unique=c.unique, references=c.references))
         row_filter = None
         rf = role.row_filters.get(name)
         if rf is not None:
