@@ -109,6 +109,7 @@ class Config(_Strict):
     audit: AuditConfig = AuditConfig()
     policy: Path = Path("policy.yaml")
     catalog_refresh_seconds: float = Field(300.0, gt=0)
+    catalog_poll_seconds: float = Field(1.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path | None = Field(None, exclude=True)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -42,6 +43,17 @@ from rewriters.model import Action, Analysis, Catalog, LexSettings, OperatorView
 log = logging.getLogger("pgveil")
 
 
+# Changes whenever relations, views/rules, user functions or their bodies change.
+_CATALOG_FINGERPRINT = """
+SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_class)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
+               || coalesce(sum(pg_catalog.hashtext(prosrc)::int8), 0)
+               FROM pg_catalog.pg_proc WHERE oid >= 16384)
+    || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(ev_action::text)::int8), 0)
+               FROM pg_catalog.pg_rewrite WHERE oid >= 16384)
+"""
+
+
 def control_dsn(config: Config, database: str) -> str | None:
     """The control DSN pointed at another database: catalogs are per database."""
     dsn = config.control.dsn
@@ -67,6 +79,7 @@ class Runtime:
         self.catalogs: dict[str, Catalog] = {}
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._catalog_loaded: dict[str, float] = {}
+        self._catalog_gen: dict[str, int] = {}
         self._views: dict[tuple[Any, ...], OperatorView] = {}
         self.cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._auth_pool: Any = None
@@ -163,24 +176,59 @@ class Runtime:
         return control_dsn(self.config, database)
 
     async def catalog(self, database: str) -> Catalog:
+        """The catalog of ``database``; the first call loads it and starts its watcher."""
         cat = self.catalogs.get(database)
-        fresh = time.monotonic() - self._catalog_loaded.get(database, 0) < \
-            self.config.catalog_refresh_seconds
-        if cat is not None and fresh:
+        if cat is not None:
             return cat
         lock = self._catalog_locks.setdefault(database, asyncio.Lock())
         async with lock:
             cat = self.catalogs.get(database)
-            if cat is not None and time.monotonic() - self._catalog_loaded.get(database, 0) < \
-                    self.config.catalog_refresh_seconds:
+            if cat is not None:
                 return cat
-            loaded = await self._load_catalog(database)
-            if loaded is not None:
-                self.catalogs[database] = loaded
-                self._catalog_loaded[database] = time.monotonic()
-                self._views = {k: v for k, v in self._views.items() if k[-1] != database}
-                return loaded
-            return cat or Catalog()
+            await self._reload_catalog(database)
+            self.spawn(self._watch_catalog(database))
+            return self.catalogs.get(database) or Catalog()
+
+    async def _reload_catalog(self, database: str) -> None:
+        loaded = await self._load_catalog(database)
+        if loaded is not None:
+            self.catalogs[database] = loaded
+            self._catalog_gen[database] = self._catalog_gen.get(database, 0) + 1
+            self._catalog_loaded[database] = time.monotonic()
+            self._views = {k: v for k, v in self._views.items() if k[-1] != database}
+
+    async def _watch_catalog(self, database: str) -> None:
+        """Reload the catalog when the schema changes (a cheap fingerprint polled every
+        ``catalog_poll_seconds``), after DDL through pgveil, and every
+        ``catalog_refresh_seconds`` regardless. Open sessions pick the new catalog up at their
+        next statement (their view's version carries the catalog generation)."""
+        import asyncpg
+
+        conn = None
+        last: str | None = None
+        while True:
+            await asyncio.sleep(self.config.catalog_poll_seconds)
+            try:
+                if conn is None or conn.is_closed():
+                    dsn = self.control_dsn(database)
+                    if dsn is None:
+                        return
+                    conn = await asyncpg.connect(dsn, password=self.config.control_password,
+                                                 timeout=10)
+                mark = str(await conn.fetchval(_CATALOG_FINGERPRINT, timeout=10))
+            except Exception as exc:  # the control DB may be down: keep the last catalog
+                log.debug("catalog fingerprint for %s failed: %s", database, exc)
+                conn = None
+                continue
+            stale = time.monotonic() - self._catalog_loaded.get(database, 0) >= \
+                self.config.catalog_refresh_seconds
+            if last is not None and (mark != last or stale):
+                await self._reload_catalog(database)
+            last = mark
+
+    def view_version(self, database: str) -> str:
+        """What a session's view must match: the policy version and the catalog generation."""
+        return f"{self.policy.version}+c{self._catalog_gen.get(database, 0)}"
 
     async def _load_catalog(self, database: str) -> Catalog | None:
         import asyncpg
@@ -207,23 +255,36 @@ class Runtime:
             await conn.close()
 
     def invalidate_catalog(self, database: str) -> None:
+        """DDL went through pgveil: reload at once rather than at the next poll."""
         self._catalog_loaded.pop(database, None)
+        if database in self.catalogs:
+            self.spawn(self._reload_catalog(database))
 
     async def operator_view(self, login: str, ip: str | None, application: str,
                             database: str) -> OperatorView:
-        from rewriters.policy import build_operator_view
 
         policy = self.policy
         operator = policy.resolve(login, ip, application)
         if operator is None:
             raise LookupError(f"no policy role matches login {login!r} and the policy has no "
                               "'default' role: connection refused")
-        catalog = await self.catalog(database)
+        await self.catalog(database)
+        return self._view_for(policy, operator, login, database)
+
+    def _view_for(self, policy: Any, operator: Any, login: str, database: str) -> OperatorView:
+        """The operator's view under ``policy`` and the database's current catalog; its
+        ``policy_version`` carries the catalog generation so cached decisions never outlive
+        a schema change."""
+        from rewriters.policy import build_operator_view
+
+        catalog = self.catalogs.get(database) or Catalog()
         key = (policy.version, operator.role, tuple(sorted(operator.attributes.items())),
                login, id(catalog), database)
         view = self._views.get(key)
         if view is None:
             view = build_operator_view(policy, operator, catalog)
+            version = f"{policy.version}+c{self._catalog_gen.get(database, 0)}"
+            view = dataclasses.replace(view, policy_version=version)
             self._views[key] = view
         return view
 
@@ -265,7 +326,7 @@ class Runtime:
             view, self.control, self.control or self.local_quota,
             lambda role: self._rebuild_view(view, role, database),
             policy_view=lambda: self._current_policy_view(login, ip, application, database),
-            policy_version=lambda: self.policy.version)
+            policy_version=lambda: self.view_version(database))
         if self.control is not None and view.limits.quota_seconds:
             self.spawn(self.control.refresh_quota(view.login, view.limits.quota_seconds))
         available = (lambda: self.audit.available) if self.audit is not None else (lambda: True)
@@ -280,28 +341,20 @@ class Runtime:
                              database: str) -> tuple[str, OperatorView | None]:
         """(policy version, the operator's view under it) — used by open sessions to follow a
         policy reload at their next statement, so a tightened policy applies at once."""
-        from rewriters.policy import build_operator_view
 
         policy = self.policy
         operator = policy.resolve(login, ip, application)
         if operator is None:
-            return policy.version, None
-        key = (policy.version, operator.role, tuple(sorted(operator.attributes.items())),
-               login, id(self.catalogs.get(database)), database)
-        view = self._views.get(key)
-        if view is None:
-            view = build_operator_view(policy, operator,
-                                       self.catalogs.get(database) or Catalog())
-            self._views[key] = view
-        return policy.version, view
+            return self.view_version(database), None
+        view = self._view_for(policy, operator, login, database)
+        return view.policy_version, view
 
     def _rebuild_view(self, view: OperatorView, role: str, database: str) -> OperatorView:
         """The view of another role for the same operator (a ``role=…`` grant)."""
-        from rewriters.policy import Operator, build_operator_view
+        from rewriters.policy import Operator
 
         operator = Operator(view.login, role, dict(view.attributes))
-        return build_operator_view(self.policy, operator,
-                                   self.catalogs.get(database) or Catalog())
+        return self._view_for(self.policy, operator, view.login, database)
 
     async def _start_control(self) -> None:
         """Grants and shared quotas live in the control database (schema pgveil)."""

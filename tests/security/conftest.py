@@ -1092,8 +1092,27 @@ def secrets(sec_db: PostgresCluster) -> Secrets:
     return Secrets.load(sec_db.dsn("dba"))
 
 
+def _wait_for_catalog(pgveil: PgveilProcess, timeout: float = 15.0) -> None:
+    """pgveil notices schema changes by polling a catalog fingerprint (catalog_poll_seconds):
+    wait until the dba's new view is known as reading customers (the teller is refused it)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with psycopg.connect(pgveil.dsn("teller_sz01"), autocommit=True) as conn:
+            try:
+                conn.execute("select 1 from sec_v_customers limit 1").fetchall()
+            except psycopg.errors.InsufficientPrivilege:
+                return
+            except psycopg.Error:
+                pass
+        time.sleep(0.3)
+    raise AssertionError("pgveil did not pick up the new catalog objects")
+
+
 @pytest.fixture(scope="package")
 def leak(sec_db: PostgresCluster, pgveil: PgveilProcess, secrets: Secrets) -> Iterator[LeakChecker]:
+    _wait_for_catalog(pgveil)
     checker = LeakChecker(sec_db, pgveil, secrets)
     try:
         yield checker
