@@ -37,6 +37,7 @@ from urllib.parse import quote, urlencode
 
 import yaml
 
+from proxy.localpg import PostgresCluster as _Cluster
 from proxy.localpg import (
     RunAs,
     make_temp_dir,
@@ -44,7 +45,6 @@ from proxy.localpg import (
     pick_free_port,
     wait_for_port,
 )
-from proxy.localpg import PostgresCluster as _Cluster
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POLICY = REPO_ROOT / "config" / "policy.yaml"
