@@ -89,6 +89,7 @@ class AuditConfig(_Strict):
     postgres: AuditPostgresConfig | None = None
     signing_key: Path | None = None
     durability: Literal["strict", "batch"] = "strict"
+    fsync: bool = False  # strict: also wait for the disk before releasing a result
     on_failure: Literal["block", "allow"] = "block"
     redact_literals: bool = True
     all: bool = False

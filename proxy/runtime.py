@@ -488,7 +488,7 @@ class Runtime:
                 signing_key=a.signing_key, durability=a.durability, on_failure=a.on_failure,
                 redact_literals=a.redact_literals, all=a.all,
                 checkpoint_every=a.checkpoint_every, checkpoint_seconds=a.checkpoint_seconds,
-                rotate_bytes=a.rotate_bytes, keep_files=a.keep_files)
+                rotate_bytes=a.rotate_bytes, keep_files=a.keep_files, fsync=a.fsync)
             # stable across restarts (so a cut tail before a restart is detectable), unique among
             # the instances running on this host (one listen port each)
             chain = f"{socket.gethostname()}-{cfg.listen.port}-w{self.worker}"

@@ -173,6 +173,7 @@ class ClientConnection(asyncio.Protocol):
         self.our_key: tuple[int, int] | None = None
         self._held: list[bytes] = []
         self._audit_waits: list[asyncio.Future[None]] = []
+        self._watched: set[asyncio.Future[None]] = set()
         self._last_activity = time.monotonic()
         self._counted = False
         self.over_capacity = False
@@ -289,30 +290,24 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def _schedule_release(self) -> None:
-        waits = [f for f in self._audit_waits if not f.done()]
-        if not waits:
-            self._audit_waits.clear()
-            held, self._held = self._held, []
-            self._send_client_many(held)
-            return
-        if getattr(self, "_releasing", False):
-            return
-        self._releasing = True
+        """Release held client output once every audit record it depends on is durable
+        (strict durability). Driven by future callbacks: no task per statement."""
+        for fut in self._audit_waits:
+            if not fut.done():
+                if fut not in self._watched:
+                    self._watched.add(fut)
+                    fut.add_done_callback(self._on_audit_done)
+                return
+        self._audit_waits.clear()
+        self._watched.clear()
+        held, self._held = self._held, []
+        self._send_client_many(held)
 
-        async def release() -> None:
-            try:
-                while True:
-                    waits = [f for f in self._audit_waits if not f.done()]
-                    if not waits:
-                        break
-                    await asyncio.wait(waits)
-                self._audit_waits.clear()
-                held, self._held = self._held, []
-                self._send_client_many(held)
-            finally:
-                self._releasing = False
-
-        self.rt.spawn(release())
+    def _on_audit_done(self, fut: asyncio.Future[None]) -> None:
+        self._watched.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the trail has counted and logged the failure
+        self._schedule_release()
 
     def send_client(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
