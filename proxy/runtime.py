@@ -547,7 +547,9 @@ class Runtime:
             self._server.close()
         deadline = time.monotonic() + timeout
         while self.clients and time.monotonic() < deadline:
-            busy = [c for c in self.clients if c.session is None or c.session._slots]
+            # a session is done once it is idle outside a transaction block: an open
+            # transaction gets the chance to commit or roll back before the deadline
+            busy = [c for c in self.clients if c.session is None or c.session.busy]
             idle = [c for c in self.clients if c not in busy]
             for c in idle:
                 c.close()

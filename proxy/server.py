@@ -39,6 +39,7 @@ GSSENC_REQUEST = 80877104
 CANCEL_REQUEST = 80877102
 PROTOCOL_3 = 196608
 MAX_STARTUP = 10000
+CAP_CANCEL_DELAY = 0.05  # seconds a statement over its row cap may take to finish by itself
 
 _I32 = struct.Struct("!I")
 
@@ -284,10 +285,18 @@ class ClientConnection(asyncio.Protocol):
                 self._schedule_release()
             else:
                 self._send_client_many(out.to_client)
-        if out.cancel and self.backend_key is not None:
-            self.rt.spawn(self.rt.send_cancel(self.backend_key))
+        if out.cancel and self.backend_key is not None and self.session is not None:
+            # Most capped statements finish on their own within moments; cancelling those would
+            # race with the client's next statement. Cancel only one still running shortly after.
+            run = self.session.capped_run
+            asyncio.get_running_loop().call_later(CAP_CANCEL_DELAY, self._cancel_if_running, run)
         if out.close:
             self.close()
+
+    def _cancel_if_running(self, run: object) -> None:
+        if run is not None and self.session is not None and self.session.capped_run is run \
+                and self.backend_key is not None and not self.closed:
+            self.rt.spawn(self.rt.send_cancel(self.backend_key))
 
     def _schedule_release(self) -> None:
         """Release held client output once every audit record it depends on is durable

@@ -228,9 +228,17 @@ class Session:
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
         self._drop_server = False  # server side: discard results until ReadyForQuery
         self._abort_after_cap = False  # a capped statement completed: fail the transaction
+        # the statement over its row cap, until it ends: the shell cancels it only while it
+        # is still running, so a late cancel cannot hit the client's next statement
+        self.capped_run: object | None = None
         self._pending_cancel = False
         self.parameters: dict[str, str] = {}
         self._source = ""  # decoded text of the statement being analysed
+
+    @property
+    def busy(self) -> bool:
+        """Results pending, or inside a transaction block (for graceful draining)."""
+        return bool(self._slots) or self.tx is not TxStatus.IDLE
 
     # ------------------------------------------------------------------ helpers
     def _decode_sql(self, raw: bytes) -> str | None:
@@ -682,6 +690,7 @@ class Session:
                                 if not run.capped:
                                     run.capped = True
                                     out.cancel = True
+                                    self.capped_run = run
                                 run.rows -= 1
                     elif self._drop_server:
                         if pos > start:
@@ -725,6 +734,8 @@ class Session:
 
     def _finish_run(self, slot: _Slot, run: _StatementRun | None, out: Output,
                     error: str | None = None) -> None:
+        if run is not None and run is self.capped_run:
+            self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
             if run.counter_key is not None:
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
