@@ -582,9 +582,9 @@ def _cert_der(path: Path) -> bytes | None:
 @functools.lru_cache(maxsize=4096)
 def _redact(sql: str) -> str:
     """Literals out of the audited statement; cached because prepared statements repeat."""
-    from rewriters.redact import redact
+    from rewriters.shape import redact_literals
 
-    return redact(sql)
+    return redact_literals(sql)
 
 
 def _redact_error(message: str) -> str:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.operator import OperatorState
+from proxy.protocol import error_response
 from rewriters.model import (
     DENY_SQLSTATE,
     Action,
@@ -144,14 +145,7 @@ def _cstr(data: bytes, pos: int) -> tuple[bytes, int]:
 def error_message(sqlstate: str, message: str, severity: str = "ERROR",
                   detail: str | None = None, hint: str | None = None) -> bytes:
     """An ErrorResponse with the fields PostgreSQL itself always sends (S, V, C, M)."""
-    parts = [b"S", severity.encode(), b"\x00", b"V", severity.encode(), b"\x00",
-             b"C", sqlstate.encode(), b"\x00", b"M", message.encode("utf-8"), b"\x00"]
-    if detail:
-        parts += [b"D", detail.encode("utf-8"), b"\x00"]
-    if hint:
-        parts += [b"H", hint.encode("utf-8"), b"\x00"]
-    parts.append(b"\x00")
-    return _frame(b"E", b"".join(parts))
+    return error_response(severity, sqlstate, message, detail=detail, hint=hint)
 
 
 def parse_error_fields(payload: bytes) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 The audit log must hold no customer data (``audit.redact_literals: true``), so every string,
 number, dollar-quoted and bit/hex literal becomes ``?`` while keywords, identifiers, ``$n``
-parameters and comments stay, e.g. ``SELECT * FROM customers WHERE phone = '138…'`` →
+parameters stay and comments are emptied (they can carry values too), e.g. ``SELECT * FROM customers WHERE phone = '138…'`` →
 ``SELECT * FROM customers WHERE phone = ?``.
 
 It runs once per audited statement on the hot path, so it is a single compiled regex pass
@@ -21,13 +21,13 @@ import re
 _COMMON = r"""
   (?P<keep>(?:                          # a run of text to keep, consumed in one match:
       "(?:[^"]|"")*"                    #   quoted identifiers
-    | --[^\n]*                          #   comments
-    | /\*(?:[^*]|\*(?!/))*\*/
     | \$\d+                             #   parameters
     | (?![EeBbXxNnUu]&?')[A-Za-z_\x80-\uffff][\w$\x80-\uffff]*   # keywords, identifiers
     | [^'"$0-9.\-/A-Za-z_\x80-\uffff]   #   punctuation, spaces
     | -(?!-) | /(?!\*) | \.(?!\d)
   )+)
+| (?P<line>--[^\n]*)                  # comments can carry values too: emptied
+| (?P<block>/\*(?:[^*]|\*(?!/))*\*/)
 | (?P<dollar>\$(?P<tag>[A-Za-z_\x80-\uffff][\w\x80-\uffff]*|)\$.*?\$(?P=tag)\$)
 | (?P<estr>[Ee]'(?:[^'\\]|''|\\.)*')
 | (?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
@@ -52,6 +52,10 @@ def redact(sql: str, standard_conforming_strings: bool = True) -> str:
         if kind in _KEEP:
             continue
         out.append(sql[pos:m.start()])
+        if kind == "line" or kind == "block":
+            out.append("--" if kind == "line" else "/* */")
+            pos = m.end()
+            continue
         if kind == "open":
             out.append("?")
             return "".join(out)
