@@ -131,7 +131,9 @@ class OperatorState:
         return None
 
     def add_rows(self, rows: int) -> None:
-        if rows > 0:
+        """Count rows against the quota — only while one applies (a role without a quota, or
+        a grant lifting it, leaves nothing to be charged later)."""
+        if rows > 0 and self._view.limits.quota_rows is not None:
             self.quota.add_rows(self.base.login, rows)
 
 
