@@ -335,7 +335,8 @@ class Runtime:
         return Session(view=view, analyze=analyze, lex=lex, identity=identity,
                        audit_all=self.config.audit.all, audit_available=available,
                        operator=operator, count_statement=count_statement,
-                       observe_duration=metrics.statement_duration.observe)
+                       observe_duration=metrics.statement_duration.observe,
+                       hold_protected=self.audit is not None and self.strict_audit)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,
                              database: str) -> tuple[str, OperatorView | None]:

@@ -24,10 +24,11 @@ import secrets
 import ssl
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.session import Output, Session, error_message
+from proxy.session import HeldResult, Output, Session, error_message
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -172,8 +173,9 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.backend_key: tuple[int, int] | None = None  # upstream (pid, secret)
         self.our_key: tuple[int, int] | None = None
-        self._held: list[bytes] = []
-        self._audit_waits: list[asyncio.Future[None]] = []
+        # client output waiting for audit records (strict durability): bytes, HeldResults
+        # and barriers, in order
+        self._pending: deque[Any] = deque()
         self._watched: set[asyncio.Future[None]] = set()
         self._last_activity = time.monotonic()
         self._counted = False
@@ -276,15 +278,19 @@ class ClientConnection(asyncio.Protocol):
                 up.transport.writelines(out.to_server)
         if out.audit:
             for ev in out.audit:
-                fut = self.rt.submit_audit(ev.fields)
-                if fut is not None and self.rt.strict_audit:
-                    self._audit_waits.append(fut)
+                ev.future = self.rt.submit_audit(ev.fields)
+                if ev.future is not None and self.rt.strict_audit and not ev.held:
+                    # strict: what follows waits for this record (a HeldResult waits itself)
+                    self._pending.append(_Barrier(ev.future))
         if out.to_client:
-            if self._audit_waits or self._held:
-                self._held.extend(out.to_client)
-                self._schedule_release()
+            if self._pending:
+                self._pending.extend(out.to_client)
+                self._release()
+            elif len(out.to_client) == 1 and isinstance(out.to_client[0], bytes):
+                self.send_client(out.to_client[0])
             else:
-                self._send_client_many(out.to_client)
+                self._pending.extend(out.to_client)
+                self._release()
         if out.cancel and self.backend_key is not None and self.session is not None:
             # Most capped statements finish on their own within moments; cancelling those would
             # race with the client's next statement. Cancel only one still running shortly after.
@@ -298,25 +304,35 @@ class ClientConnection(asyncio.Protocol):
                 and self.backend_key is not None and not self.closed:
             self.rt.spawn(self.rt.send_cancel(self.backend_key))
 
-    def _schedule_release(self) -> None:
-        """Release held client output once every audit record it depends on is durable
-        (strict durability). Driven by future callbacks: no task per statement."""
-        for fut in self._audit_waits:
-            if not fut.done():
-                if fut not in self._watched:
-                    self._watched.add(fut)
-                    fut.add_done_callback(self._on_audit_done)
-                return
-        self._audit_waits.clear()
-        self._watched.clear()
-        held, self._held = self._held, []
-        self._send_client_many(held)
+    def _release(self, _: object = None) -> None:
+        """Send queued client output in order, stopping at the first item whose audit record
+        is not yet durable (strict durability); resumed by that record's future."""
+        pending = self._pending
+        batch: list[bytes] = []
+        while pending:
+            item = pending[0]
+            if isinstance(item, bytes):
+                batch.append(item)
+            else:
+                fut = item.event.future if isinstance(item, HeldResult) and item.event \
+                    else getattr(item, "future", None)
+                if fut is not None and not fut.done():
+                    if fut not in self._watched:
+                        self._watched.add(fut)
+                        fut.add_done_callback(self._audit_done)
+                    break
+                ok = fut is None or (not fut.cancelled() and fut.exception() is None)
+                if not ok and self.rt.config.audit.on_failure == "allow":
+                    ok = True  # the trail counted the failure; results are not withheld
+                if isinstance(item, HeldResult):
+                    batch.extend(item.data if ok else [item.failure])
+            pending.popleft()
+        if batch:
+            self._send_client_many(batch)
 
-    def _on_audit_done(self, fut: asyncio.Future[None]) -> None:
+    def _audit_done(self, fut: asyncio.Future[None]) -> None:
         self._watched.discard(fut)
-        if not fut.cancelled():
-            fut.exception()  # retrieved: the trail has counted and logged the failure
-        self._schedule_release()
+        self._release()
 
     def send_client(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -530,6 +546,15 @@ class ClientConnection(asyncio.Protocol):
 def _options_switch_role(options: str) -> bool:
     low = options.replace(" ", "").lower()
     return "role=" in low or "session_authorization" in low or "authorization=" in low
+
+
+class _Barrier:
+    """Client output after this point waits for an audit record (no result of its own)."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]):
+        self.future = future
 
 
 def _peer_binding(transport: asyncio.BaseTransport | None) -> bytes | None:

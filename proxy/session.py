@@ -96,12 +96,25 @@ class AuditEvent:
     """What the session knows about one finished statement on a protected table."""
 
     fields: dict[str, Any]
+    future: Any = None  # set by the shell: resolves when the record is durable
+    held: bool = False  # a HeldResult waits on this record
+
+
+@dataclass
+class HeldResult:
+    """A protected statement's result, held back until its audit record is durable (strict
+    durability): ``data`` is released when the record is written, ``failure`` (an error) when
+    it cannot be."""
+
+    data: list[bytes]
+    failure: bytes
+    event: AuditEvent | None
 
 
 @dataclass
 class Output:
     to_server: list[bytes] = field(default_factory=list)
-    to_client: list[bytes] = field(default_factory=list)
+    to_client: list[Any] = field(default_factory=list)  # bytes, or a HeldResult
     cancel: bool = False
     audit: list[AuditEvent] = field(default_factory=list)
     close: bool = False
@@ -120,6 +133,10 @@ class _StatementRun:
     error: str | None = None
     source: str = ""  # the client's text of this statement (for the audit record)
     hidden: bool = False  # a statement pgveil injected: its completion is not forwarded
+    held: list[bytes] | None = None  # strict durability: its output, until its record is written
+    held_bytes: int = 0
+    done: bool = False
+    event: AuditEvent | None = None
 
 
 @dataclass(slots=True)
@@ -189,9 +206,12 @@ class Session:
                  on_decision: Callable[[Analysis], None] | None = None,
                  operator: OperatorState | None = None,
                  count_statement: Callable[[str, str], None] | None = None,
-                 observe_duration: Callable[[float], None] | None = None):
+                 observe_duration: Callable[[float], None] | None = None,
+                 hold_protected: bool = False):
         self.count_statement = count_statement
         self.observe_duration = observe_duration
+        self.hold_protected = hold_protected
+        self._holding: _StatementRun | None = None
         self.view = view
         self.operator = operator
         self._analyze = analyze
@@ -335,7 +355,9 @@ class Session:
             grant=self.operator.grant_id if self.operator is not None else None,
             rows=run.rows, lookups=list(d.lookups),
             duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
-        out.audit.append(AuditEvent(fields))
+        event = AuditEvent(fields)
+        run.event = event
+        out.audit.append(event)
         if d.protected and run.rows and self.operator is not None:
             self.operator.add_rows(run.rows)
 
@@ -661,6 +683,21 @@ class Session:
         slots = self._slots
         to_client = out.to_client
         unpack = _U32.unpack_from
+        if self.hold_protected:
+            self._refresh_holding()
+
+        def flush(chunk: bytes) -> None:
+            held = self._holding
+            if held is None or held.held is None:
+                to_client.append(chunk)
+                return
+            held.held.append(chunk)
+            held.held_bytes += len(chunk)
+            if held.held_bytes > HOLD_LIMIT:  # too big to hold: stream the rest (documented)
+                to_client.extend(held.held)
+                held.held = None
+                self._holding = None
+
         while n - pos >= 5:
             mtype = buf[pos]
             end = pos + 1 + unpack(buf, pos + 1)[0]
@@ -679,7 +716,7 @@ class Session:
                                                 if run.counter_key else 0)
                             if run.capped or total > limit:
                                 if pos > start:
-                                    to_client.append(buf[start:pos])
+                                    flush(buf[start:pos])
                                 start = end
                                 if not run.capped:
                                     run.capped = True
@@ -688,31 +725,65 @@ class Session:
                                 run.rows -= 1
                     elif self._drop_server:
                         if pos > start:
-                            to_client.append(buf[start:pos])
+                            flush(buf[start:pos])
                         start = end
             elif mtype in _SERVER_WATCHED or (
                     mtype in (0x64, 0x63) and self.state is ProtocolState.COPY_OUT):
                 frame = buf[pos:end]
+                holding = self._holding
+                if holding is not None:  # rows so far belong to the held result
+                    if pos > start:
+                        flush(buf[start:pos])
+                    start = pos
                 mark = len(to_client)
                 self._server_message(mtype, frame, out)
-                if len(to_client) == mark + 1 and to_client[mark] is frame:
+                if holding is not None and holding.done and holding.held is not None:
+                    # the held statement ended: its result (with what this message produced)
+                    # goes out only once its audit record is durable
+                    emitted = to_client[mark:]
+                    del to_client[mark:]
+                    if holding.event is not None:
+                        holding.event.held = True
+                    to_client.append(HeldResult(holding.held + emitted, _WITHHELD,  # type: ignore[arg-type]
+                                                holding.event))
+                    holding.held = None
+                    start = end
+                elif len(to_client) == mark + 1 and to_client[mark] is frame:
                     to_client.pop()
                 else:
                     if pos > start:
                         to_client.insert(mark, buf[start:pos])
                     start = end
+                if self.hold_protected:
+                    self._refresh_holding()
             elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)):
                 if not self._drop_server:
                     self._swallow -= 1
                 if pos > start:
-                    to_client.append(buf[start:pos])
+                    flush(buf[start:pos])
                 start = end
             pos = end
         if pos > start:
-            to_client.append(buf[start:pos] if start or pos < n else buf)
+            flush(buf[start:pos] if start or pos < n else buf)
         if pos < n:
             self._sbuf += buf[pos:]
         return out
+
+    def _refresh_holding(self) -> None:
+        """Which run's output is being held (strict durability): the current run of the head
+        slot, if it reads a protected table and is neither denied nor pgveil's own."""
+        run = None
+        if self._slots:
+            head = self._slots[0]
+            if head.index < len(head.runs):
+                run = head.runs[head.index]
+        if run is None or run.denied or run.hidden or run.done or not run.decision.protected:
+            self._holding = None
+            return
+        if run is not self._holding:
+            if run.held is None and run.held_bytes == 0:
+                run.held = []
+            self._holding = run if run.held is not None else None
 
     def _current_run(self) -> tuple[_Slot | None, _StatementRun | None]:
         while self._slots:
@@ -731,6 +802,7 @@ class Session:
         if run is not None and run is self.capped_run:
             self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
+            run.done = True
             if run.counter_key is not None:
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
             if not run.denied:
@@ -894,6 +966,11 @@ class ProtocolViolation(Exception):
 
 
 _HIDDEN = StatementDecision(action=Action.FORWARD, sql="", kind="utility")
+HOLD_LIMIT = 16 * 1024 * 1024  # bytes of one statement's result held for strict durability
+_WITHHELD = error_response(
+    "ERROR", DENY_SQLSTATE, "result withheld: its audit record could not be written",
+    hint="audit.durability: strict releases no result without its record; the audit sink is "
+         "failing (see pgveil's log and pgveil_audit_failures_total)")
 
 
 def _force_changed(analysis: Analysis) -> Analysis:

@@ -567,22 +567,9 @@ def test_on_failure_block_full_disk_then_recovery(pgveil_factory: Callable[..., 
     proc.stop()
     r = pgveil_cli("audit", "verify", str(log), "--key", str(keys[1]))
     assert r.returncode == 0, r.stdout + r.stderr
-    # after the first failed write every protected statement is refused until recovery
-    assert got_rows[1:] == [0, 0, 0]
-    STRICT_FIRST_RESULT.extend(got_rows[:1])
-
-
-STRICT_FIRST_RESULT: list[int] = []
-
-
-@pytest.mark.xfail(strict=True, reason="known gap: strict durability holds ReadyForQuery until "
-                   "the record is written, but the rows of the statement whose write fails "
-                   "first have already been forwarded; holding protected rows until the record "
-                   "is durable is not built yet")
-def test_strict_durability_withholds_the_first_result_after_the_disk_fills() -> None:
     # strict durability: no result is released without its record, not even the first one
-    # after the disk filled up (measured by the test above, which runs first)
-    assert STRICT_FIRST_RESULT == [0]
+    # after the disk filled up
+    assert got_rows == [0, 0, 0, 0]
 
 
 def test_on_failure_block_unusable_directory_at_start(

@@ -203,3 +203,27 @@ def test_row_cap_inside_transaction_fails_it_on_the_server_too() -> None:
     err = frame(b"E", b"SERROR\x00VERROR\x00C42501\x00Mrow limit exceeded\x00\x00")
     res2 = s.from_server(err + rfq(b"E"))
     assert res2.to_client == [rfq(b"E")] and s.tx is TxStatus.FAILED
+
+
+def test_strict_durability_holds_protected_result_until_its_record() -> None:
+    from proxy.session import HeldResult
+
+    d = StatementDecision(action=Action.REWRITE, sql="SELECT masked", kind="select",
+                          tables=("public.customers",), row_limit=10)
+    plain = StatementDecision(action=Action.FORWARD, sql="select 1", kind="select")
+    s = Session(view=VIEW, analyze=lambda sql, v, lx, **kw: Analysis(
+        sql=sql, statements=(d if "customers" in sql else plain,)), lex=LexSettings(),
+        identity={}, hold_protected=True)
+    s.from_client(q("select phone from customers"))
+    res = s.from_server(ROW_DESC)
+    assert res.to_client == []  # even the row description waits
+    res = s.from_server(data_row(b"a") + complete("SELECT 1") + rfq())
+    held, z = res.to_client
+    assert isinstance(held, HeldResult) and held.event is res.audit[0] and held.event.held
+    assert b"".join(held.data) == ROW_DESC + data_row(b"a") + complete("SELECT 1")
+    assert parse_error_fields(held.failure[5:])["C"] == "42501"
+    assert z == rfq()
+    # unprotected statements are not held
+    s.from_client(q("select 1"))
+    res = s.from_server(ROW_DESC + data_row(b"1") + complete("SELECT 1") + rfq())
+    assert all(isinstance(c, bytes) for c in res.to_client)
