@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.operator import OperatorState
-from proxy.protocol import error_response
+from proxy.protocol import ProtocolError, error_response, python_encoding
 from rewriters.model import (
     DENY_SQLSTATE,
     Action,
@@ -57,19 +57,16 @@ _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
 _HDR = struct.Struct("!cI")
 
-# PostgreSQL encoding names → Python codecs. SQL_ASCII passes bytes through: latin-1 maps
-# every byte to one code point and back, so re-encoding is lossless.
-_CODECS = {
-    "UTF8": "utf-8", "UNICODE": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1",
-    "LATIN2": "iso8859-2", "LATIN9": "iso8859-15", "WIN1252": "cp1252", "WIN1251": "cp1251",
-    "GBK": "gbk", "GB18030": "gb18030", "EUC_CN": "gb2312", "BIG5": "big5", "SJIS": "shift_jis",
-    "EUC_JP": "euc_jp", "EUC_KR": "euc_kr", "UHC": "cp949", "KOI8R": "koi8_r",
-}
-
-
 def python_codec(pg_encoding: str) -> str | None:
-    """The Python codec for a PostgreSQL client_encoding name, None when we have none."""
-    return _CODECS.get(pg_encoding.upper())
+    """The Python codec for a PostgreSQL client_encoding name, None when we have none (the
+    statement then cannot be decoded and restricted roles are refused it). SQL_ASCII passes
+    bytes through: latin-1 maps every byte to one code point and back, losslessly."""
+    if pg_encoding.upper().replace("_", "") == "SQLASCII":
+        return "latin-1"
+    try:
+        return python_encoding(pg_encoding)
+    except ProtocolError:
+        return None
 
 
 class TxStatus(enum.Enum):
@@ -222,6 +219,9 @@ class Session:
         self.clock = clock
         self.now = now
         self.on_decision = on_decision
+        # unknown encodings decode as UTF-8: anything not valid UTF-8 is then undecodable and
+        # refused to restricted roles, and the rewriter refuses non-ASCII statements on
+        # protected data under non-UTF8 encodings anyway
         self.codec = python_codec(lex.client_encoding) or "utf-8"
         self.tx = TxStatus.IDLE
         self.state = ProtocolState.READY
