@@ -406,6 +406,11 @@ class PostgresCluster:
 
     # ----------------------------------------------------------------- connection strings
 
+    @property
+    def admin_user(self) -> str:
+        """The superuser the harness administers with ("postgres" for its own clusters)."""
+        return self._admin_user
+
     def dsn(self, login: str = "postgres", db: str = "bank", port: int | None = None) -> str:
         """A libpq URL for ``login`` over TCP with its password (``pw_<login>``).
 

@@ -80,6 +80,7 @@ class Runtime:
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._catalog_loaded: dict[str, float] = {}
         self._catalog_gen: dict[str, int] = {}
+        self._view_versions: dict[str, tuple[tuple[str, int], str]] = {}
         self._views: dict[tuple[Any, ...], OperatorView] = {}
         self.cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._auth_pool: Any = None
@@ -227,8 +228,14 @@ class Runtime:
             last = mark
 
     def view_version(self, database: str) -> str:
-        """What a session's view must match: the policy version and the catalog generation."""
-        return f"{self.policy.version}+c{self._catalog_gen.get(database, 0)}"
+        """What a session's view must match: the policy version and the catalog generation.
+        Asked before every statement, so the string is built once per change, not per call."""
+        key = (self.policy.version, self._catalog_gen.get(database, 0))
+        cached = self._view_versions.get(database)
+        if cached is None or cached[0] != key:
+            cached = (key, f"{key[0]}+c{key[1]}")
+            self._view_versions[database] = cached
+        return cached[1]
 
     async def _load_catalog(self, database: str) -> Catalog | None:
         import asyncpg
@@ -284,7 +291,7 @@ class Runtime:
         if view is None:
             view = build_operator_view(policy, operator, catalog)
             version = f"{policy.version}+c{self._catalog_gen.get(database, 0)}"
-            view = dataclasses.replace(view, policy_version=version)
+            view = dataclasses.replace(view, policy_version=version)  # = view_version()
             self._views[key] = view
         return view
 
