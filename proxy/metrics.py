@@ -10,7 +10,10 @@ loaded, listening, upstream reachable recently).
 from __future__ import annotations
 
 import asyncio
+import bisect
+import logging
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,12 +24,87 @@ from prometheus_client import (
     generate_latest,
 )
 
+log = logging.getLogger("pgveil.metrics")
+
+# How often a worker adds what its sessions counted to the Prometheus values (the in-process
+# /metrics endpoint flushes before every scrape; with workers: N the parent reads what each
+# worker flushed, so a scrape lags by at most this much).
+FLUSH_SECONDS = 1.0
+
 _FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 _STATEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0)
 
 
+class BatchedCounter:
+    """Per-statement increments of a labelled Counter, kept in a plain dict on the hot path
+    and added to the Counter by :meth:`flush` (a Counter's ``labels()`` lookup and locked
+    ``inc`` cost more than the rest of forwarding a pass-through statement)."""
+
+    def __init__(self, counter: Counter):
+        self.counter = counter
+        self.pending: dict[tuple[str, ...], float] = {}
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        pending = self.pending
+        pending[labels] = pending.get(labels, 0) + amount
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for labels, amount in pending.items():
+            child = self._children.get(labels)
+            if child is None:
+                child = self._children[labels] = self.counter.labels(*labels)
+            child.inc(amount)
+
+
+class BatchedHistogram:
+    """Observations of a label-less Histogram, bucketed locally and added by :meth:`flush`."""
+
+    def __init__(self, histogram: Histogram, buckets: tuple[float, ...]):
+        self.histogram = histogram
+        self._bounds = list(buckets)  # the +Inf bucket is index len(buckets)
+        self._counts = [0] * (len(buckets) + 1)
+        self._sum = 0.0
+        self._n = 0
+        # prometheus_client keeps non-cumulative per-bucket values and a sum; add to them in
+        # bulk when they are there (all versions we support), else replay observations
+        inner = getattr(histogram, "_buckets", None)
+        self._bulk = isinstance(inner, list) and len(inner) == len(self._counts) and \
+            hasattr(histogram, "_sum")
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+        self._n += 1
+
+    def flush(self) -> None:
+        if not self._n:
+            return
+        counts, total = self._counts, self._sum
+        self._counts = [0] * len(counts)
+        self._sum = 0.0
+        self._n = 0
+        h: Any = self.histogram
+        if self._bulk:
+            for i, c in enumerate(counts):
+                if c:
+                    h._buckets[i].inc(c)
+            h._sum.inc(total)
+            return
+        bounds = self._bounds + [float("inf")]
+        for i, c in enumerate(counts):  # pragma: no cover - other prometheus_client layouts
+            for _ in range(c):
+                h.observe(bounds[i] if i < len(self._bounds) else bounds[-2] * 2)
+
+
 class Metrics:
-    """The SPEC §7 metric families in one registry."""
+    """The SPEC §7 metric families in one registry.
+
+    The per-statement metrics (``statements``, ``statement_duration``) are counted through
+    :attr:`statement_counts` / :attr:`durations` and reach Prometheus on :meth:`flush` (before
+    every in-process scrape, and every ``FLUSH_SECONDS`` from the worker's loop).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
@@ -73,6 +151,21 @@ class Metrics:
         for result in ("ok", "error"):
             self.policy_reloads.labels(result=result)
         self._policy_version: str | None = None
+        self.statement_counts = BatchedCounter(self.statements)
+        self.durations = BatchedHistogram(self.statement_duration, _STATEMENT_BUCKETS)
+
+    def flush(self) -> None:
+        """Add what the hot path counted locally to the Prometheus values."""
+        self.statement_counts.flush()
+        self.durations.flush()
+
+    async def flush_forever(self, interval: float = FLUSH_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - metrics must never take the proxy down
+                log.exception("metrics flush failed")
 
     def set_policy_version(self, version: str) -> None:
         if self._policy_version is not None:
@@ -81,6 +174,7 @@ class Metrics:
         self.policy_info.labels(version=version).set(1)
 
     def render(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)
 
 

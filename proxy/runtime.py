@@ -301,7 +301,7 @@ class Runtime:
         metrics = self.metrics
         analyzer = self.analyzer
         role = view.role
-        statements = metrics.statements
+        statements = metrics.statement_counts
         cache_hit = metrics.rewrite_cache.labels(result="hit")
         cache_miss = metrics.rewrite_cache.labels(result="miss")
         rewrite_hist = metrics.rewrite_duration
@@ -319,13 +319,10 @@ class Runtime:
                 rewrite_hist.observe(analysis.rewrite_seconds)
             return analysis
 
-        counters: dict[tuple[str, str], Any] = {}
-
         def count_statement(decision: str, kind: str) -> None:
-            counter = counters.get((decision, kind))
-            if counter is None:
-                counter = counters[(decision, kind)] = statements.labels(role, decision, kind)
-            counter.inc()
+            counts = statements.pending
+            key = (role, decision, kind)
+            counts[key] = counts.get(key, 0) + 1
 
         login, ip, application = (identity.get("operator", view.login), client_ip,
                                   identity.get("application", ""))
@@ -342,8 +339,9 @@ class Runtime:
         return Session(view=view, analyze=analyze, lex=lex, identity=identity,
                        audit_all=self.config.audit.all, audit_available=available,
                        operator=operator, count_statement=count_statement,
-                       observe_duration=metrics.statement_duration.observe,
-                       hold_protected=self.audit is not None and self.strict_audit)
+                       observe_duration=metrics.durations.observe,
+                       hold_protected=self.audit is not None and self.strict_audit,
+                       plain_kind=analyzer.plain_kind)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,
                              database: str) -> tuple[str, OperatorView | None]:
@@ -517,6 +515,7 @@ class Runtime:
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.spawn(self._watch_policy())
+        self.spawn(self.metrics.flush_forever())
         self.spawn(self._serve_cancel_socket())
         if cfg.listen.idle_timeout > 0:
             self.spawn(self._idle_reaper(cfg.listen.idle_timeout))

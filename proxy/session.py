@@ -192,6 +192,13 @@ _CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46))
 _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x57))
 
 
+# Server messages with nothing to track while the statement they answer has no runs
+# (pass-through): RowDescription, DataRow, NoticeResponse, NotificationResponse,
+# ParseComplete, BindComplete, CloseComplete, NoData, ParameterDescription.
+_PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x41, 0x31, 0x32, 0x33, 0x6E, 0x74))
+_TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
+
+
 class Session:
     """State of one client session after authentication (see module docstring)."""
 
@@ -204,7 +211,11 @@ class Session:
                  operator: OperatorState | None = None,
                  count_statement: Callable[[str, str], None] | None = None,
                  observe_duration: Callable[[float], None] | None = None,
-                 hold_protected: bool = False):
+                 hold_protected: bool = False,
+                 plain_kind: Callable[[str, OperatorView], str | None] | None = None):
+        # the hot path for pass-through traffic: the kind of a single statement that needs
+        # neither rewriting nor bookkeeping, or None (then the full analysis decides)
+        self._plain_kind = plain_kind if not audit_all else None
         self.count_statement = count_statement
         self.observe_duration = observe_duration
         self.hold_protected = hold_protected
@@ -485,6 +496,25 @@ class Session:
 
     def _on_query(self, frame: bytes, out: Output) -> None:
         raw = frame[5:-1]
+        plain = self._plain_kind
+        if plain is not None:
+            # Pass-through fast path: exactly what the common case at the end of this method
+            # does for a fast-path analysis, without building one.
+            try:
+                sql = raw.decode(self.codec)
+            except (UnicodeDecodeError, LookupError):
+                sql = None
+            if sql is not None:
+                if self.operator is not None:
+                    self.view = self.operator.current()
+                kind = plain(sql, self.view)
+                if kind is not None:
+                    if self.count_statement is not None:
+                        self.count_statement("allowed", kind)
+                    self.state = ProtocolState.BUSY
+                    self._slots.append(_Slot("query", started=self.clock()))
+                    out.to_server.append(frame)
+                    return
         analysis = self._analyze_sql(raw)
         prefix: list[str] = []
         denied = analysis.denied or self._refresh_prepared(analysis, prefix)
@@ -678,11 +708,12 @@ class Session:
             self._sbuf.clear()
         else:
             buf = data
-        pos, n = 0, len(buf)
+        n = len(buf)
         start = 0
         slots = self._slots
         to_client = out.to_client
         unpack = _U32.unpack_from
+        pos = self._plain_prefix(buf, n) if slots and not slots[0].runs else 0
         if self.hold_protected:
             self._refresh_holding()
 
@@ -768,6 +799,52 @@ class Session:
         if pos < n:
             self._sbuf += buf[pos:]
         return out
+
+    def _plain_prefix(self, buf: bytes, n: int) -> int:
+        """Consume the leading frames of ``buf`` that answer statements without runs
+        (pass-through: nothing to count, hold or attribute) and return where the general loop
+        of :meth:`from_server` must continue. The frames stay in ``buf`` and are forwarded
+        unchanged; only the slot bookkeeping that ``_server_message`` would do is done here.
+        Anything unusual (an error, ParameterStatus, COPY, a slot with runs, pgveil's own
+        injected statements) stops it, and the general path takes over at that frame."""
+        slots = self._slots
+        if self._drop_server or self._swallow or self._abort_after_cap or \
+                self.state is not ProtocolState.BUSY:
+            return 0
+        head = slots[0]
+        unpack = _U32.unpack_from
+        plain = _PLAIN_SERVER
+        pos = 0
+        while n - pos >= 5:
+            mtype = buf[pos]
+            end = pos + 1 + unpack(buf, pos + 1)[0]
+            if end > n:
+                break
+            if mtype in plain:
+                pos = end
+                continue
+            kind = head.kind
+            if mtype == 0x43 or mtype == 0x73 or mtype == 0x49:  # C, s, I: completions
+                if kind == "execute":
+                    slots.popleft()
+                elif kind != "query":
+                    return pos
+            elif mtype == 0x5A and (kind == "query" or kind == "sync"):  # ReadyForQuery
+                tx = _TX_BY_BYTE.get(buf[pos + 5]) if end - pos == 6 else None
+                if tx is None:
+                    return pos
+                self.tx = tx
+                slots.popleft()
+                if head.started and self.observe_duration is not None:
+                    self.observe_duration(self.clock() - head.started)
+                self.state = ProtocolState.BUSY if slots else ProtocolState.READY
+            else:
+                return pos
+            pos = end
+            if not slots or slots[0].runs:
+                return pos
+            head = slots[0]
+        return pos
 
     def _refresh_holding(self) -> None:
         """Which run's output is being held (strict durability): the current run of the head

@@ -207,6 +207,10 @@ class Analyzer:
             analysis = full_analysis(sql, ctx)
         return replace(analysis, rewrite_seconds=time.perf_counter() - t0)
 
+    def plain_kind(self, sql: str, view: OperatorView) -> str | None:
+        """See :func:`plain_kind` (module level); None when a full analysis is needed."""
+        return plain_kind(sql, self._views.get(view))
+
     def analyze_uncached(
         self,
         sql: str,
@@ -245,16 +249,8 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
     if body.endswith(";"):
         body = body.rstrip(";").rstrip()
     if ";" not in body:
-        m = _LEAD_RE.match(sql)
-        if m is None:
-            return None
-        kw = m.group(1).lower()
-        if kw == "with":
-            return None
-        kind = KEYWORD_KIND.get(kw, "other")
-        if kw in ("prepare", "truncate") or kind not in FAST_KINDS:
-            return None  # TRUNCATE ... CASCADE reaches tables it does not name
-        if kind == "select" and "into" in lowered and _INTO_RE.search(lowered):
+        kind = _single_plain_kind(sql, lowered)
+        if kind is None:
             return None
         text = body if len(body) < len(sql.rstrip()) else sql
         # Built like shape.fast_copy, inlined: this is the pgbench hot path.
@@ -285,6 +281,41 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
         decisions.append(StatementDecision(Action.FORWARD, text, kind))
     took = time.perf_counter() - started if started is not None else 0.0
     return Analysis(sql, tuple(decisions), rewrite_seconds=took)
+
+
+def _single_plain_kind(sql: str, lowered: str) -> str | None:
+    """The kind of a single statement (no ``;`` inside) that the fast path forwards unparsed,
+    or None: its leading keyword must be a plain query, DML, transaction, SET or harmless
+    utility (no WITH, PREPARE, TRUNCATE, DDL, COPY, ...) and a SELECT must not be
+    ``SELECT ... INTO``. The caller has already found no sensitive name or token."""
+    m = _LEAD_RE.match(sql)
+    if m is None:
+        return None
+    kw = m.group(1).lower()
+    if kw == "with" or kw == "prepare" or kw == "truncate":
+        return None  # TRUNCATE ... CASCADE reaches tables it does not name
+    kind = KEYWORD_KIND.get(kw, "other")
+    if kind not in FAST_KINDS:
+        return None
+    if kind == "select" and "into" in lowered and _INTO_RE.search(lowered):
+        return None
+    return kind
+
+
+def plain_kind(sql: str, cv: CompiledView) -> str | None:
+    """The statement kind when ``sql`` is one statement that :func:`fast_path` forwards
+    untouched, else None (then call :meth:`Analyzer.analyze`).
+
+    The proxy's hot path for pass-through traffic: same answer as ``fast_path`` returning a
+    single FORWARD decision, without building the Analysis objects.
+    """
+    lowered = sql.lower()
+    if cv.sensitive(lowered):
+        return None
+    semi = sql.find(";")
+    if semi >= 0 and sql[semi:].strip(" \t\n\r\f\v;"):
+        return None  # several statements (or text after the ``;``): the general path
+    return _single_plain_kind(sql, lowered)
 
 
 # --- full analysis ---------------------------------------------------------------------------
