@@ -76,10 +76,11 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -103,6 +104,10 @@ RECORD_FIELDS = ("session", "operator", "role", "client", "application", "databa
                  "duration_ms", "error")
 RESERVED = frozenset({"seq", "ts", "chain", "prev", "hash"})
 GROUP_MAX = 4096
+# The queue gauge is set when a group of more than this many records is taken, when a write
+# completes (unless it stays 0) and during an outage; not per record, as a Gauge.set costs more
+# than a tenth of what a record costs.
+GAUGE_QUIET = 64
 RETRY_SECONDS = 1.0
 BATCH_SYNC_SECONDS = 1.0
 
@@ -247,7 +252,7 @@ def normalize(value: Any) -> Any:
     if isinstance(value, float):
         return normalize(float(value))
     if isinstance(value, Mapping):
-        return {str(k): normalize(v) for k, v in value.items()}
+        return {normalize(str(k)): normalize(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [normalize(v) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -259,25 +264,184 @@ def normalize(value: Any) -> Any:
     return normalize(str(value))
 
 
-def _consume(fut: asyncio.Future[None]) -> None:
-    """Mark a future's exception as retrieved: callers may legitimately ignore the future."""
-    if not fut.cancelled():
-        fut.exception()
+# ---------------------------------------------------------------------------------------------
+# The fast path for statement records.
+#
+# A statement record is encoded without json.dumps: record() encodes each field value with the
+# same string encoder json.dumps uses (ensure_ascii=False), from caches for the strings and
+# lists of strings that repeat from statement to statement (identity, statement text, tables,
+# reasons), and the writer splices those encodings and its own seq/ts/prev into a template
+# prepared once per key set, with the keys already in sorted order and the chain id and the
+# missing fields' nulls baked in. The result is byte-identical to canonical() (the fuzz test in
+# tests/proxy/test_audit_encoding.py compares the two). Anything unusual -- other value types,
+# nested lists, NaN/inf, lone surrogates, non-str keys -- takes the json.dumps path (``_Slow``).
+
+_encode_str = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
+_int_repr = int.__repr__
+_float_repr = float.__repr__
+_isfinite = math.isfinite
+_CACHE_ENTRIES = 4096  # per cache; cleared when full (cheap, and refilled by the next records)
+_CACHE_CHARS = 4096  # longer values are encoded every time
+_STR_CACHE: dict[str, str] = {}
+_LIST_CACHE: dict[tuple[str, ...], str] = {}
+_PLANS_MAX = 256
 
 
-@dataclass
-class _Item:
-    body: dict[str, Any]
-    ts: datetime
-    future: asyncio.Future[None] | None
+class _Slow(Exception):
+    """A value the fast encoder leaves to normalize() + json.dumps."""
 
 
-@dataclass
-class _Chained:
-    record: dict[str, Any]
-    line: bytes
-    future: asyncio.Future[None] | None
-    checkpoint: bool
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a lenient decoder
+        return False
+    return True
+
+
+def _str_miss(value: str) -> str:
+    if not value.isascii() and not _utf8(value):
+        raise _Slow  # normalize() rewrites lone surrogates
+    encoded = _encode_str(value)
+    if len(value) <= _CACHE_CHARS:
+        if len(_STR_CACHE) >= _CACHE_ENTRIES:
+            _STR_CACHE.clear()
+        _STR_CACHE[value] = encoded
+    return encoded
+
+
+def _list_miss(value: list[Any]) -> str:
+    key = tuple(value)
+    parts = []
+    for v in value:
+        if type(v) is not str:
+            raise _Slow
+        e = _STR_CACHE.get(v)
+        parts.append(e if e is not None else _str_miss(v))
+    encoded = "[" + ",".join(parts) + "]"
+    if len(encoded) <= _CACHE_CHARS:
+        if len(_LIST_CACHE) >= _CACHE_ENTRIES:
+            _LIST_CACHE.clear()
+        _LIST_CACHE[key] = encoded
+    return encoded
+
+
+def _encode_values(values: Iterable[Any]) -> list[str]:
+    """The canonical JSON of each value; raises _Slow (or TypeError/ValueError) otherwise.
+
+    The list cache is keyed by the tuple of the list's items and holds only lists of ``str``:
+    a tuple with any other item (``1`` == ``True`` == ``1.0``) can never equal one of its keys.
+    """
+    out: list[str] = []
+    app = out.append
+    strs, lists = _STR_CACHE, _LIST_CACHE
+    for v in values:
+        t = type(v)
+        if t is str:
+            e = strs.get(v)
+            app(e if e is not None else _str_miss(v))
+        elif v is None:
+            app("null")
+        elif t is list:
+            e = lists.get(tuple(v))
+            app(e if e is not None else _list_miss(v))
+        elif t is int:
+            app(_int_repr(v))
+        elif t is float:
+            if not _isfinite(v):
+                raise _Slow
+            app(_float_repr(v))
+        elif t is bool:
+            app("true" if v else "false")
+        else:
+            raise _Slow
+    return out
+
+
+def _plan(keys: tuple[str, ...], chain_id: str) -> tuple[list[str], Callable[[list[str]], tuple[str, ...]]]:
+    """The canonical line of a statement record with these keys, as a template.
+
+    Returns (template, getter): ``template`` alternates constant text and slots (the odd
+    positions); ``getter`` picks the slot values, in sorted key order, from the list of the
+    fields' encodings (in the fields' order) followed by seq, ts and prev. The chain id and
+    the nulls of absent RECORD_FIELDS are constant text.
+    """
+    n = len(keys)
+    position = {k: i for i, k in enumerate(keys)}
+    position.update(seq=n, ts=n + 1, prev=n + 2)
+    names = sorted(set(RECORD_FIELDS).union(keys, ("seq", "ts", "chain", "prev")))
+    template: list[str] = []
+    slots: list[int] = []
+    text = "{"
+    for i, name in enumerate(names):
+        text += ("," if i else "") + _encode_str(name) + ":"
+        if name == "chain":
+            text += _encode_str(chain_id)
+        elif name in position:
+            quote = '"' if name in ("ts", "prev") else ""  # ours: never need escaping
+            template += (text + quote, "")
+            slots.append(position[name])
+            text = quote
+        else:
+            text += "null"
+    template.append(text + "}")
+    return template, itemgetter(*slots)  # >= 3 slots: the getter always returns a tuple
+
+
+# The queue holds (encs, plan, ts, future, body) tuples: a fast-path record has its fields'
+# encodings and plan (body None), a json.dumps-path one its normalized body (encs None); ts is
+# in µs since the epoch (UTC wall clock). The pending list holds (record, line, future,
+# checkpoint) tuples; ``record`` is the full record for checkpoints and json.dumps-path records
+# and, for fast-path records, only what the PostgreSQL sink reads (chain, seq, ts, hash) -- or
+# None without that sink. A future failed meanwhile stays in its tuple: whoever resolves a
+# future checks done() first.
+_Item = tuple[Any, ...]
+_Chained = tuple[Any, ...]
+
+
+class _Wake:
+    """The writer's wake-up flag: an asyncio.Event without a task per timed wait."""
+
+    __slots__ = ("_flag", "_waiter")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    async def wait(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
+        """Return when set, or after ``timeout`` seconds (None: no limit)."""
+        if self._flag:
+            return
+        w = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _settle, w) if timeout is not None else None
+        try:
+            await w
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _now_us() -> int:
+    """The wall clock (UTC) in whole microseconds: the resolution of ``ts``."""
+    return time.time_ns() // 1000
 
 
 @dataclass
@@ -306,8 +470,8 @@ class AuditTrail:
 
     def __init__(self, settings: AuditSettings, *, chain_id: str,
                  metrics: AuditMetrics | None = None) -> None:
-        if not chain_id or any(c in chain_id for c in "\n\r\0"):
-            raise ValueError("audit chain id must be a non-empty single-line string")
+        if not chain_id or any(c in chain_id for c in "\n\r\0") or not _utf8(chain_id):
+            raise ValueError("audit chain id must be a non-empty single-line UTF-8 string")
         if settings.file is None and settings.postgres_dsn is None:
             raise ValueError("audit needs a file or a postgres sink")
         self.settings = settings
@@ -327,7 +491,11 @@ class AuditTrail:
         self._seq = 0
         self._head = GENESIS
         self._since_cp = 0
-        self._last_cp_ts: datetime | None = None
+        self._last_cp_ts: int | None = None  # µs, like the queued records' ts
+        self._plans: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+        self._gauge_value: int | None = None  # what the queue gauge was last set to
+        self._ts_sec = -1  # the second _ts_prefix formats
+        self._ts_prefix = ""
         self._initialized = False
         self._cp_request = _CheckpointRequest()
         self._lost = 0
@@ -338,7 +506,7 @@ class AuditTrail:
         self._final_emitted = False
         self._closed = False
         self._close_deadline = math.inf
-        self._wake = asyncio.Event()
+        self._wake = _Wake()
         self._close_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -413,9 +581,26 @@ class AuditTrail:
         """
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        fut.add_done_callback(_consume)
-        body = self._body(fields)
-        item = _Item(body, datetime.now(timezone.utc), fut)
+        item: _Item | None = None
+        if type(fields) is dict:  # the fast path (see _encode_values)
+            keys = tuple(fields)
+            plan = self._plans.get(keys, False)
+            if plan is False:
+                plan = self._plan(keys)
+            if plan is not None:
+                if fields.get("kind") == CHECKPOINT:
+                    raise ValueError("audit kind 'checkpoint' is reserved")
+                try:
+                    item = (_encode_values(fields.values()), plan, _now_us(), fut, None)
+                except (_Slow, TypeError, ValueError):
+                    pass
+        if item is None:
+            item = (None, None, _now_us(), fut, self._body(fields))
+        if (self._available and self._strict and not self._closed and not self._final_emitted
+                and len(self._queue) + len(self._pending) < self.settings.max_backlog):
+            self._queue.append(item)  # the writer sets the gauge when it takes the group
+            self._wake.set()
+            return fut
         if self._closed or self._final_emitted:
             self._fail(fut, "audit trail closed")
             return fut
@@ -425,16 +610,37 @@ class AuditTrail:
             return fut
         if not self._available:
             self._fail(fut, f"audit sink unavailable: {self._last_error}")
-            item.future = None
-        elif not self._strict:
+            self._queue.append(item)
+            self._gauge()  # the writer is pausing: keep the gauge current meanwhile
+        else:  # batch durability: resolved at once
             fut.set_result(None)
-            item.future = None
-        self._queue.append(item)
+            self._queue.append(item)
         self._wake.set()
-        self._gauge()
         return fut
 
     # -- building records ---------------------------------------------------------------------
+    def _plan(self, keys: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The template for records with these keys (None: use the json.dumps path)."""
+        bad = RESERVED.intersection(keys)
+        if bad:
+            raise ValueError(f"audit fields may not set {sorted(bad)}")
+        plan = (_plan(keys, self.chain_id)
+                if all(type(k) is str and (k.isascii() or _utf8(k)) for k in keys) else None)
+        if len(self._plans) >= _PLANS_MAX:
+            self._plans.clear()
+        self._plans[keys] = plan
+        return plan
+
+    def _ts_text(self, us: int) -> str:
+        """:func:`format_ts` of a µs timestamp, formatting the date and time once a second."""
+        sec, frac = divmod(us, 1_000_000)
+        if sec != self._ts_sec:
+            t = time.gmtime(sec)
+            self._ts_prefix = "%04d-%02d-%02dT%02d:%02d:%02d." % (  # noqa: UP031
+                t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, t.tm_min, t.tm_sec)
+            self._ts_sec = sec
+        return "%s%06dZ" % (self._ts_prefix, frac)  # noqa: UP031
+
     def _body(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         bad = RESERVED.intersection(fields)
         if bad:
@@ -445,23 +651,23 @@ class AuditTrail:
         for k, v in fields.items():  # inline fast path: this runs once per statement
             t = type(v)
             if (t is str and v.isascii()) or v is None or t is int or t is bool:
-                body[k if type(k) is str else str(k)] = v
+                body[k if type(k) is str and k.isascii() else normalize(str(k))] = v
             else:
-                body[k if type(k) is str else str(k)] = normalize(v)
+                body[k if type(k) is str and k.isascii() else normalize(str(k))] = normalize(v)
         return body
 
-    def _append(self, body: dict[str, Any], ts: datetime, future: asyncio.Future[None] | None,
+    def _append(self, body: dict[str, Any], ts: int, future: asyncio.Future[None] | None,
                 checkpoint: bool) -> None:
-        rec: dict[str, Any] = {**body, "seq": self._seq, "ts": format_ts(ts),
+        rec: dict[str, Any] = {**body, "seq": self._seq, "ts": self._ts_text(ts),
                                "chain": self.chain_id, "prev": self._head}
         if checkpoint and self._key is not None:
             rec["sig"] = base64.b64encode(self._key.sign(checkpoint_message(rec))).decode()
         line = seal(rec)
-        self._pending.append(_Chained(rec, line, future, checkpoint))
+        self._pending.append((rec, line, future, checkpoint))
         self._seq += 1
         self._head = rec["hash"]
 
-    def _checkpoint(self, now: datetime, reason: str, **extra: Any) -> None:
+    def _checkpoint(self, now: int, reason: str, **extra: Any) -> None:
         # after a restart the records since the last checkpoint are not known: count null
         count = None if reason.startswith("resume") else self._since_cp
         body: dict[str, Any] = {"kind": CHECKPOINT, "reason": reason, "head": self._head,
@@ -473,12 +679,13 @@ class AuditTrail:
         self._since_cp = 0
         self._last_cp_ts = now
 
-    def _cp_due(self, now: datetime) -> bool:
+    def _cp_due(self, now: int) -> bool:
         if self._last_cp_ts is None:
             return True
-        return (now - self._last_cp_ts).total_seconds() >= self.settings.checkpoint_seconds
+        # the same arithmetic as timedelta.total_seconds() on the µs timestamps
+        return (now - self._last_cp_ts) / 10**6 >= self.settings.checkpoint_seconds
 
-    def _form(self, now: datetime) -> None:
+    def _form(self, now: int) -> None:
         """Chain what is queued, with the checkpoints the invariant requires (module doc)."""
         req = self._cp_request
         if self._lost:
@@ -490,17 +697,47 @@ class AuditTrail:
             extra = dict(req.extra)
             self._cp_request = _CheckpointRequest()
             self._checkpoint(now, ",".join(req.reasons), **extra)
-        limit = self.settings.max_backlog
-        n = 0
-        while self._queue and n < GROUP_MAX and len(self._pending) < limit:
-            item = self._queue.popleft()
-            if self._since_cp >= self.settings.checkpoint_every:
-                self._checkpoint(now, "count")
-            elif self._cp_due(now):
-                self._checkpoint(now, "interval")
-            self._append(item.body, item.ts, item.future, checkpoint=False)
-            self._since_cp += 1
-            n += 1
+        queue = self._queue
+        if queue:
+            every = self.settings.checkpoint_every
+            due = self._cp_due(now)  # false after any checkpoint stamped ``now``
+            limit, pending = self.settings.max_backlog, self._pending
+            popleft, append, sha256 = queue.popleft, pending.append, hashlib.sha256
+            chain_id, ts_text, with_record = self.chain_id, self._ts_text, self._pg is not None
+            for _ in range(min(len(queue), GROUP_MAX)):
+                if len(pending) >= limit:
+                    break
+                encs, plan, ts, fut, body = popleft()
+                if self._since_cp >= every:
+                    self._checkpoint(now, "count")
+                    due = False
+                elif due:
+                    self._checkpoint(now, "interval")
+                    due = False
+                try:
+                    if encs is None:
+                        self._append(body, ts, fut, checkpoint=False)
+                    else:  # the fast path: fill the plan's template (see _plan)
+                        seq, prev, ts = self._seq, self._head, ts_text(ts)
+                        encs += (_int_repr(seq), ts, prev)
+                        template, getter = plan
+                        out = template[:]
+                        out[1::2] = getter(encs)
+                        data = "".join(out).encode()
+                        digest = sha256(data).hexdigest()
+                        rec = {"chain": chain_id, "seq": seq, "ts": ts, "hash": digest} \
+                            if with_record else None
+                        line = data[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+                        append((rec, line, fut, False))
+                        self._seq = seq + 1
+                        self._head = digest
+                except Exception:  # noqa: BLE001 - e.g. an int json refuses: never wedge
+                    log.exception("audit record cannot be encoded; dropped, declared lost")
+                    self._lost += 1  # the next checkpoint declares it
+                    if fut is not None:
+                        self._fail(fut, "audit record cannot be encoded")
+                    continue
+                self._since_cp += 1
         if self._since_cp and self._cp_due(now):
             self._checkpoint(now, "interval")
         if self._closing and not self._queue and not self._final_emitted:
@@ -590,7 +827,9 @@ class AuditTrail:
                 self._set_failing("start", self._last_error)
                 await self._pause()
                 return False
-        self._form(datetime.now(timezone.utc))
+        self._form(_now_us())
+        if len(self._pending) > GAUGE_QUIET:  # a backlog: show it while it is written
+            self._gauge()
         if self._pending and not await self._flush():
             if self._closing and self._past_deadline():
                 return True
@@ -603,14 +842,14 @@ class AuditTrail:
             return True
         if self._wake.is_set() or self._cp_request.reasons or self._queue:
             return False
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self._next_timeout())
+        assert self._loop is not None
+        await self._wake.wait(self._loop, self._next_timeout())
         return False
 
     def _next_timeout(self) -> float | None:
         waits: list[float] = []
         if self._since_cp and self._last_cp_ts is not None:
-            age = (datetime.now(timezone.utc) - self._last_cp_ts).total_seconds()
+            age = (_now_us() - self._last_cp_ts) / 10**6
             waits.append(max(0.0, self.settings.checkpoint_seconds - age) + 0.001)
         if self._unsynced_since is not None:
             waits.append(max(0.0, BATCH_SYNC_SECONDS - (time.monotonic()
@@ -634,7 +873,7 @@ class AuditTrail:
             chunk = self._pending[start:total]
             try:
                 if isinstance(sink, FileSink):
-                    data = b"".join(c.line for c in chunk)
+                    data = b"".join([c[1] for c in chunk])
                     sync = self._strict and self.settings.fsync
                     if sync:  # the fsync may block: off the event loop
                         result = await self._io(sink.write, data, sync=True)
@@ -645,7 +884,7 @@ class AuditTrail:
                     if not sync and self._unsynced_since is None:
                         self._unsynced_since = time.monotonic()
                 else:
-                    await sink.write([c.record for c in chunk], [c.line for c in chunk])
+                    await sink.write([c[0] for c in chunk], [c[1] for c in chunk])
             except Exception as exc:  # noqa: BLE001 - any sink failure blocks (fail closed)
                 if not isinstance(exc, _SINK_ERRORS):
                     log.exception("audit sink %s failed unexpectedly", sink.name)
@@ -656,15 +895,16 @@ class AuditTrail:
         del self._pending[:total]
         self._written = {}
         written = 0
-        for c in done:
-            if not c.checkpoint:
+        for _rec, _line, fut, checkpoint in done:
+            if not checkpoint:
                 written += 1
-            if c.future is not None and not c.future.done():
-                c.future.set_result(None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
         if self._metrics is not None and written:
             self._metrics.records.inc(written)
         self._set_available()
-        self._gauge()
+        if self._gauge_value != 0 or self._queue:
+            self._gauge()
         return True
 
     async def _sync(self) -> None:
@@ -688,13 +928,11 @@ class AuditTrail:
                       self._last_error,
                       "blocked" if self.settings.on_failure == "block" else "allowed unaudited")
         for c in self._pending:
-            if c.future is not None:
-                self._fail(c.future, f"audit sink unavailable: {self._last_error}")
-                c.future = None
+            if c[2] is not None:
+                self._fail(c[2], f"audit sink unavailable: {self._last_error}")
         for item in self._queue:
-            if item.future is not None:
-                self._fail(item.future, f"audit sink unavailable: {self._last_error}")
-                item.future = None
+            if item[3] is not None:
+                self._fail(item[3], f"audit sink unavailable: {self._last_error}")
         self._gauge()
 
     def _set_available(self) -> None:
@@ -710,20 +948,22 @@ class AuditTrail:
     def _fail(self, fut: asyncio.Future[None], message: str) -> None:
         if not fut.done():
             fut.set_exception(AuditUnavailable(message))
+            fut.exception()  # retrieved: callers may legitimately ignore the future
             if self._metrics is not None:
                 self._metrics.failures.inc()
 
     def _fail_all(self, exc: AuditUnavailable) -> None:
         for c in self._pending:
-            if c.future is not None:
-                self._fail(c.future, str(exc))
+            if c[2] is not None:
+                self._fail(c[2], str(exc))
         for item in self._queue:
-            if item.future is not None:
-                self._fail(item.future, str(exc))
+            if item[3] is not None:
+                self._fail(item[3], str(exc))
 
     def _gauge(self) -> None:
         if self._metrics is not None:
-            self._metrics.queue.set(len(self._queue) + len(self._pending))
+            self._gauge_value = len(self._queue) + len(self._pending)
+            self._metrics.queue.set(self._gauge_value)
 
 
 def _dsn_password(dsn: str | None) -> str | None:

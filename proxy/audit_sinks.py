@@ -10,7 +10,10 @@ File sink (:class:`FileSink`) — blocking methods, called from the trail's sing
   lock lets several processes (workers, or replicas on a shared volume) append to ONE path
   without interleaving bytes mid-line, rotate it safely, and undo a failed partial write.
 * After taking the lock the sink compares the path's inode with its open file: if another
-  process rotated (or an operator moved) the file, it reopens the path and locks again.
+  process rotated (or an operator moved) the file, it reopens the path and locks again. That
+  ``stat`` of the path also gives the size, so a group costs ``flock``, ``stat``, ``write``,
+  ``flock`` (the check for a torn last line reads the file's last byte only when the file is
+  not exactly as this sink's own last write left it).
 * Rotation: when the file has reached ``rotate_bytes`` the writer holding the lock renames it to
   ``<stem>.<UTC yyyymmddThhmmss.ffffffZ><suffix>`` (``pgveil-audit.20261123T200102.123456Z.jsonl``)
   and starts a new file at the path. Chains simply continue: the first record of a chain in the
@@ -163,11 +166,17 @@ class FileSink:
 
     def __init__(self, path: Path | str, *, rotate_bytes: int, keep_files: int = 0) -> None:
         self.path = Path(path)
+        self._path = os.fspath(self.path)  # os.stat of a str skips __fspath__
+        self._plain = WriteResult(file=self.path.name)  # what most writes return
         self.rotate_bytes = rotate_bytes
         self.keep_files = keep_files
         self._fd: int | None = None
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the open file
         self._dirty: _Dirty | None = None
         self._rotate_retry_at = 0.0
+        # (st_dev, st_ino, size) right after our last successful write: the file ends with
+        # the newline of our own last line, so it cannot have a torn tail
+        self._end: tuple[int, int, int] | None = None
 
     # -- opening and locking ------------------------------------------------------------------
     def open(self) -> None:
@@ -182,6 +191,7 @@ class FileSink:
             os.close(fd)
             raise IsADirectoryError(errno.EISDIR, "audit file is a directory", str(self.path))
         self._fd = fd
+        self._ident = _ident(st)
         _fsync_dir(parent)
 
     def close(self) -> None:
@@ -190,24 +200,29 @@ class FileSink:
                 os.close(self._fd)
             finally:
                 self._fd = None
+                self._ident = None
 
-    def _lock_current(self) -> int:
-        """Lock the file currently at ``path`` (reopening after another process rotated it)."""
+    def _lock_current(self) -> tuple[int, os.stat_result]:
+        """Lock the file currently at ``path`` (reopening after another process rotated it).
+
+        Returns the descriptor and the ``stat`` of the path, which is then our open file (an
+        inode never changes under an open descriptor: ``open`` remembered it).
+        """
         for _ in range(100):
             self.open()
             fd = self._fd
             assert fd is not None
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                st = os.stat(self.path)
-                same = (st.st_dev, st.st_ino) == _ident(os.fstat(fd))
+                st = os.stat(self._path)
+                same = (st.st_dev, st.st_ino) == self._ident
             except FileNotFoundError:
                 same = False
             except OSError:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 raise
             if same:
-                return fd
+                return fd, st
             fcntl.flock(fd, fcntl.LOCK_UN)
             self.close()
         raise AuditSinkError(f"{self.path} keeps being replaced; cannot lock it")
@@ -232,9 +247,9 @@ class FileSink:
 
     def repair_tail(self) -> TornTail | None:
         """Terminate a torn last line with a newline (under the lock); report what it was."""
-        fd = self._lock_current()
+        fd, st = self._lock_current()
         try:
-            size = os.fstat(fd).st_size
+            size = st.st_size
             torn = self._torn_at(fd, size)
             if torn is not None:
                 _write_all(fd, b"\n")
@@ -259,11 +274,15 @@ class FileSink:
         On error the file is truncated back to its size before the write and the error is
         raised; the caller retries the same bytes later.
         """
-        fd = self._lock_current()
+        fd, st = self._lock_current()
         try:
-            st = os.fstat(fd)
-            size = self._undo_dirty(fd, st, st.st_size)
-            torn = self._torn_at(fd, size)
+            size = st.st_size
+            if self._dirty is not None:
+                size = self._undo_dirty(fd, st, size)
+            end, self._end = self._end, None  # set again only after a successful write
+            torn = None
+            if end != (st.st_dev, st.st_ino, size):
+                torn = self._torn_at(fd, size)
             if torn is not None:  # terminate it where it is, before a rotation moves it
                 _write_all(fd, b"\n")
                 size += 1
@@ -276,8 +295,7 @@ class FileSink:
                     self._rotate_retry_at = time.monotonic() + 60
                     log.error("cannot rotate audit file %s: %s", self.path, exc)
                 else:
-                    fd = self._lock_current()
-                    st = os.fstat(fd)
+                    fd, st = self._lock_current()
                     size = self._undo_dirty(fd, st, st.st_size)
             buf = data
             try:
@@ -291,6 +309,9 @@ class FileSink:
                     dev, ino = _ident(st)
                     self._dirty = _Dirty(dev, ino, size, buf)
                 raise
+            self._end = (st.st_dev, st.st_ino, size + len(buf))
+            if rotated_to is None and torn is None:
+                return self._plain
             return WriteResult(file=self.path.name, rotated_to=rotated_to, torn=torn)
         finally:
             if self._fd is not None:
@@ -351,7 +372,10 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+    n = os.write(fd, data)
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
     while view:
         n = os.write(fd, view)
         view = view[n:]

@@ -103,7 +103,9 @@ class Metrics:
 
     The per-statement metrics (``statements``, ``statement_duration``) are counted through
     :attr:`statement_counts` / :attr:`durations` and reach Prometheus on :meth:`flush` (before
-    every in-process scrape, and every ``FLUSH_SECONDS`` from the worker's loop).
+    every in-process scrape, and every ``FLUSH_SECONDS`` from the worker's loop); so do the
+    per-audit-record ones (``protected_rows``, ``blocked``, ``lookups``) through
+    :attr:`protected_row_counts` / :attr:`blocked_counts` / :attr:`lookup_counts`.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
@@ -153,11 +155,17 @@ class Metrics:
         self._policy_version: str | None = None
         self.statement_counts = BatchedCounter(self.statements)
         self.durations = BatchedHistogram(self.statement_duration, _STATEMENT_BUCKETS)
+        self.protected_row_counts = BatchedCounter(self.protected_rows)
+        self.blocked_counts = BatchedCounter(self.blocked)
+        self.lookup_counts = BatchedCounter(self.lookups)
 
     def flush(self) -> None:
         """Add what the hot path counted locally to the Prometheus values."""
         self.statement_counts.flush()
         self.durations.flush()
+        self.protected_row_counts.flush()
+        self.blocked_counts.flush()
+        self.lookup_counts.flush()
 
     async def flush_forever(self, interval: float = FLUSH_SECONDS) -> None:
         while True:

@@ -389,16 +389,24 @@ class Runtime:
                 "grant": grant.id, "rows": None, "duration_ms": None, "error": None})
 
     def submit_audit(self, fields: dict[str, Any]) -> asyncio.Future[None] | None:
+        # once per protected statement: the counters are batched (Metrics.flush adds them)
+        metrics = self.metrics
         role = fields.get("role", "")
         if fields.get("decision") == "blocked":
             reason = (fields.get("reasons") or ["policy"])[0]
-            self.metrics.blocked.labels(role, _reason_label(reason)).inc()
+            metrics.blocked_counts.inc((role, _reason_label(reason)))
         rows = fields.get("rows") or 0
         if rows:
+            counts = metrics.protected_row_counts.pending
             for table in fields.get("tables") or ():
-                self.metrics.protected_rows.labels(role, table).inc(rows)
-        for column in fields.get("lookups") or ():
-            self.metrics.lookups.labels(role, column).inc()
+                key = (role, table)
+                counts[key] = counts.get(key, 0) + rows
+        lookups = fields.get("lookups")
+        if lookups:
+            counts = metrics.lookup_counts.pending
+            for column in lookups:
+                key = (role, column)
+                counts[key] = counts.get(key, 0) + 1
         if self.audit is None:
             return None
         if self.config.audit.redact_literals:
@@ -603,6 +611,7 @@ def _redact_error(message: str) -> str:
     return re.sub(r"\d{4,}", "?", message)
 
 
+@functools.lru_cache(maxsize=1024)
 def _reason_label(reason: str) -> str:
     """Bounded label for pgveil_blocked_total: the reason's category, not its details."""
     low = reason.lower()
