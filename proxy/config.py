@@ -59,6 +59,10 @@ class UpstreamConfig(_Strict):
     tls: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     ca: Path | None = None
     connect_timeout: float = 10.0
+    # Run a rewritten SELECT that a client repeats with new literals (simple Query protocol)
+    # as a statement pgveil prepares on that connection once, with the literals as typed
+    # parameters: PostgreSQL then skips parsing and planning the larger rewritten text.
+    prepare_rewritten: bool = True
 
 
 class AuthConfig(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -44,12 +45,21 @@ class BatchedCounter:
         self.counter = counter
         self.pending: dict[tuple[str, ...], float] = {}
         self._children: dict[tuple[str, ...], Any] = {}
+        # label tuples counted once each (``record = events.append``); the list is never
+        # replaced, so a bound ``record`` stays valid
+        self.events: list[tuple[str, ...]] = []
+        self.record = self.events.append
 
     def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
         pending = self.pending
         pending[labels] = pending.get(labels, 0) + amount
 
     def flush(self) -> None:
+        if self.events:  # the hot path's one-per-statement increments
+            counted = collections.Counter(self.events)
+            self.events.clear()
+            for labels, amount in counted.items():
+                self.pending[labels] = self.pending.get(labels, 0) + amount
         pending, self.pending = self.pending, {}
         for labels, amount in pending.items():
             child = self._children.get(labels)
@@ -59,43 +69,39 @@ class BatchedCounter:
 
 
 class BatchedHistogram:
-    """Observations of a label-less Histogram, bucketed locally and added by :meth:`flush`."""
+    """Observations of a label-less Histogram, collected in a list on the hot path (one
+    ``append``) and bucketed into the Histogram by :meth:`flush`."""
 
     def __init__(self, histogram: Histogram, buckets: tuple[float, ...]):
         self.histogram = histogram
         self._bounds = list(buckets)  # the +Inf bucket is index len(buckets)
-        self._counts = [0] * (len(buckets) + 1)
-        self._sum = 0.0
-        self._n = 0
+        self._values: list[float] = []
+        self.observe = self._values.append  # the list is never replaced: safe to hand out
         # prometheus_client keeps non-cumulative per-bucket values and a sum; add to them in
         # bulk when they are there (all versions we support), else replay observations
         inner = getattr(histogram, "_buckets", None)
-        self._bulk = isinstance(inner, list) and len(inner) == len(self._counts) and \
+        self._bulk = isinstance(inner, list) and len(inner) == len(buckets) + 1 and \
             hasattr(histogram, "_sum")
 
-    def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self._bounds, value)] += 1
-        self._sum += value
-        self._n += 1
-
     def flush(self) -> None:
-        if not self._n:
+        if not self._values:
             return
-        counts, total = self._counts, self._sum
-        self._counts = [0] * len(counts)
-        self._sum = 0.0
-        self._n = 0
+        values = self._values.copy()
+        self._values.clear()
         h: Any = self.histogram
-        if self._bulk:
-            for i, c in enumerate(counts):
-                if c:
-                    h._buckets[i].inc(c)
-            h._sum.inc(total)
+        if not self._bulk:  # pragma: no cover - other prometheus_client layouts
+            for v in values:
+                h.observe(v)
             return
-        bounds = self._bounds + [float("inf")]
-        for i, c in enumerate(counts):  # pragma: no cover - other prometheus_client layouts
-            for _ in range(c):
-                h.observe(bounds[i] if i < len(self._bounds) else bounds[-2] * 2)
+        counts = [0] * (len(self._bounds) + 1)
+        where = bisect.bisect_left
+        bounds = self._bounds
+        for v in values:
+            counts[where(bounds, v)] += 1
+        for i, c in enumerate(counts):
+            if c:
+                h._buckets[i].inc(c)
+        h._sum.inc(sum(values))
 
 
 class Metrics:
@@ -158,6 +164,8 @@ class Metrics:
         self.protected_row_counts = BatchedCounter(self.protected_rows)
         self.blocked_counts = BatchedCounter(self.blocked)
         self.lookup_counts = BatchedCounter(self.lookups)
+        self.cache_counts = BatchedCounter(self.rewrite_cache)
+        self.rewrite_durations = BatchedHistogram(self.rewrite_duration, _FAST_BUCKETS)
 
     def flush(self) -> None:
         """Add what the hot path counted locally to the Prometheus values."""
@@ -166,6 +174,8 @@ class Metrics:
         self.protected_row_counts.flush()
         self.blocked_counts.flush()
         self.lookup_counts.flush()
+        self.cache_counts.flush()
+        self.rewrite_durations.flush()
 
     async def flush_forever(self, interval: float = FLUSH_SECONDS) -> None:
         while True:

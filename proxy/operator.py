@@ -75,7 +75,12 @@ class OperatorState:
     def __init__(self, base: OperatorView, control: Any, quota: Any,
                  rebuild: Callable[[str], OperatorView],
                  policy_view: Callable[[], tuple[str, OperatorView | None]] | None = None,
-                 policy_version: Callable[[], str] | None = None):
+                 policy_version: Callable[[], str] | None = None,
+                 epoch: list[int] | None = None):
+        # ``epoch[0]`` changes whenever the policy or a catalog changes (Runtime.epoch): until
+        # it does, ``policy_version`` need not be asked (``current`` runs per statement)
+        self._epoch = epoch
+        self._epoch_seen = -1
         self.base = base
         self.policy_view = policy_view
         self.policy_version = policy_version
@@ -88,8 +93,13 @@ class OperatorState:
         self.grant_id: str | None = None
 
     def current(self) -> OperatorView:
-        if self.policy_version is not None and self.policy_version() != self._policy_version:
-            self._follow_policy()
+        epoch = self._epoch
+        if epoch is None or epoch[0] != self._epoch_seen:
+            if epoch is not None:
+                self._epoch_seen = epoch[0]
+            if self.policy_version is not None and \
+                    self.policy_version() != self._policy_version:
+                self._follow_policy()
         control = self.control
         if control is None:
             return self._view

@@ -42,6 +42,8 @@ from rewriters.model import Action, Analysis, Catalog, LexSettings, OperatorView
 
 log = logging.getLogger("pgveil")
 
+_HIT, _MISS = ("hit",), ("miss",)
+
 
 # Changes whenever relations, views/rules, user functions or their bodies change.
 _CATALOG_FINGERPRINT = """
@@ -74,6 +76,9 @@ class Runtime:
         self.worker = worker
         self.cancel_dir = cancel_dir
         self.policy: Any = None
+        # bumps on every policy swap and catalog generation: sessions re-check their view
+        # only when it moved (OperatorState.current runs before every statement)
+        self.epoch = [0]
         self.policy_mtime: float | None = None
         self.analyzer = Analyzer()
         self.catalogs: dict[str, Catalog] = {}
@@ -141,6 +146,7 @@ class Runtime:
 
         policy = load_policy(self.config.policy)
         self.policy = policy
+        self.epoch[0] += 1
         self._views.clear()
         with contextlib.suppress(OSError):
             self.policy_mtime = os.stat(self.config.policy).st_mtime
@@ -195,6 +201,7 @@ class Runtime:
         if loaded is not None:
             self.catalogs[database] = loaded
             self._catalog_gen[database] = self._catalog_gen.get(database, 0) + 1
+            self.epoch[0] += 1
             self._catalog_loaded[database] = time.monotonic()
             self._views = {k: v for k, v in self._views.items() if k[-1] != database}
 
@@ -302,9 +309,8 @@ class Runtime:
         analyzer = self.analyzer
         role = view.role
         statements = metrics.statement_counts
-        cache_hit = metrics.rewrite_cache.labels(result="hit")
-        cache_miss = metrics.rewrite_cache.labels(result="miss")
-        rewrite_hist = metrics.rewrite_duration
+        cache_counts = metrics.cache_counts
+        rewrite_hist = metrics.rewrite_durations
 
         def analyze(sql: str, v: OperatorView, lx: LexSettings, **kw: Any) -> Analysis:
             analysis = analyzer.analyze(sql, v, lx, **kw)
@@ -315,14 +321,21 @@ class Runtime:
                 if st.kind == "ddl" and st.action is not Action.DENY:
                     self.invalidate_catalog(database)
             if touched:  # the fast path (nothing protected) is not a cache lookup
-                (cache_hit if analysis.cached else cache_miss).inc()
+                cache_counts.inc(_HIT if analysis.cached else _MISS)
                 rewrite_hist.observe(analysis.rewrite_seconds)
             return analysis
 
+        record = statements.record
+        keys: dict[str, dict[str, tuple[str, str, str]]] = {}
+
         def count_statement(decision: str, kind: str) -> None:
-            counts = statements.pending
-            key = (role, decision, kind)
-            counts[key] = counts.get(key, 0) + 1
+            by_kind = keys.get(decision)
+            if by_kind is None:
+                by_kind = keys[decision] = {}
+            key = by_kind.get(kind)
+            if key is None:
+                key = by_kind[kind] = (role, decision, kind)
+            record(key)
 
         login, ip, application = (identity.get("operator", view.login), client_ip,
                                   identity.get("application", ""))
@@ -330,7 +343,7 @@ class Runtime:
             view, self.control, self.control or self.local_quota,
             lambda role: self._rebuild_view(view, role, database),
             policy_view=lambda: self._current_policy_view(login, ip, application, database),
-            policy_version=lambda: self.view_version(database))
+            policy_version=lambda: self.view_version(database), epoch=self.epoch)
         if self.control is not None and view.limits.quota_seconds:
             self.spawn(self.control.refresh_quota(view.login, view.limits.quota_seconds))
         available = (lambda: self.audit.available) if self.audit is not None else (lambda: True)
@@ -341,7 +354,8 @@ class Runtime:
                        operator=operator, count_statement=count_statement,
                        observe_duration=metrics.durations.observe,
                        hold_protected=self.audit is not None and self.strict_audit,
-                       plain_kind=analyzer.plain_kind)
+                       plain_kind=analyzer.plain_kind,
+                       server_prepare=self.config.upstream.prepare_rewritten)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,
                              database: str) -> tuple[str, OperatorView | None]:
@@ -448,19 +462,27 @@ class Runtime:
         worker = pid >> 22
         if worker != self.worker and self.cancel_dir is not None:
             path = self.cancel_dir / f"worker-{worker}.sock"
-            with contextlib.suppress(OSError):
-                _, w = await asyncio.open_unix_connection(str(path))
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                r, w = await asyncio.open_unix_connection(str(path))
                 w.write(struct.pack("!IIII", 16, CANCEL_REQUEST, pid, key))
                 await w.drain()
+                # that worker closes once PostgreSQL has taken the cancel (see send_cancel)
+                await asyncio.wait_for(r.read(), self.config.upstream.connect_timeout)
                 w.close()
 
     async def send_cancel(self, backend: tuple[int, int]) -> None:
+        """Send a CancelRequest for ``backend`` and wait, as libpq's PQcancel does, until
+        PostgreSQL closes the connection, i.e. has signalled the backend. The client's own
+        cancel connection is closed only after that: a client that sends its next statement
+        as soon as its cancel call returns must not have that statement cancelled instead."""
         cfg = self.config.upstream
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(cfg.host, cfg.port), cfg.connect_timeout)
             writer.write(struct.pack("!IIII", 16, CANCEL_REQUEST, *backend))
             await writer.drain()
+            with contextlib.suppress(OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(reader.read(), cfg.connect_timeout)
             writer.close()
         except (OSError, asyncio.TimeoutError) as exc:
             log.warning("could not send cancel upstream: %s", exc)

@@ -178,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending: deque[Any] = deque()
         self._watched: set[asyncio.Future[None]] = set()
         self._last_activity = time.monotonic()
+        self._track_idle = runtime.config.listen.idle_timeout > 0  # the idle reaper's input
         self._counted = False
         self.over_capacity = False
 
@@ -209,9 +210,17 @@ class ClientConnection(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._startup())
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = time.monotonic()
+        if self._track_idle:
+            self._last_activity = time.monotonic()
         session = self.session
         if session is not None:
+            # hot path: one whole Query of a pass-through statement, forwarded as it came
+            if data[0] == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0] and \
+                    session.plain_query(data):
+                up = self.upstream
+                if up is not None and up.transport is not None:
+                    up.transport.write(data)
+                return
             try:
                 out = session.from_client(data)
             except Exception as exc:  # a malformed stream: end the session cleanly
@@ -260,7 +269,12 @@ class ClientConnection(asyncio.Protocol):
         if session is None:
             return
         try:
-            out = session.from_server(data)
+            # hot path: results of pass-through statements, forwarded as they came
+            skip = session.plain_response(data) if not self._pending else 0
+            if skip == len(data):
+                self.send_client(data)
+                return
+            out = session.from_server(data, skip)
         except Exception as exc:
             log.exception("error handling server data for %s", self.peer)
             self.rt.metrics.upstream_errors.inc()

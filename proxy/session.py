@@ -46,6 +46,7 @@ from rewriters.model import (
     Analysis,
     LexSettings,
     OperatorView,
+    ServerForm,
     StatementDecision,
 )
 
@@ -145,10 +146,26 @@ class _Slot:
     index: int = 0
     failed: bool = False
     started: float = 0.0  # query / sync slots: when the client's request went upstream
+    # a simple Query sent as Bind/Describe/Execute/Sync of a statement pgveil prepared
+    # upstream: its BindComplete is pgveil's, not the client's
+    converted: bool = False
+    # kind "hidden": pgveil's own Parse+Sync preparing ``prepare_key`` upstream (inside a
+    # savepoint when the client is in a transaction block); every message up to and
+    # including its last ReadyForQuery (``hidden_z`` of them) is pgveil's
+    prepare_key: tuple[str, tuple[int, ...]] | None = None
+    hidden_z: int = 1
 
 
 def _frame(type_byte: bytes, payload: bytes) -> bytes:
     return _HDR.pack(type_byte, len(payload) + 4) + payload
+
+
+_DESCRIBE_PORTAL = _frame(b"D", b"P\x00")
+_EXECUTE_ALL = _frame(b"E", b"\x00\x00\x00\x00\x00")
+_SYNC = _frame(b"S", b"")
+_SAVEPOINT = _frame(b"Q", b"SAVEPOINT pgveil_prepare\x00")
+_ROLLBACK_TO_SAVEPOINT = _frame(b"Q", b"ROLLBACK TO SAVEPOINT pgveil_prepare; "
+                                b"RELEASE SAVEPOINT pgveil_prepare\x00")
 
 
 def _cstr(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -197,6 +214,10 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 # ParseComplete, BindComplete, CloseComplete, NoData, ParameterDescription.
 _PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x41, 0x31, 0x32, 0x33, 0x6E, 0x74))
 _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
+_PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
+# Statements pgveil prepares upstream per connection (rewritten SELECT shapes), at most.
+MAX_SERVER_STATEMENTS = 64
+_PARAM_COUNT = struct.Struct("!H")
 
 
 class Session:
@@ -212,10 +233,20 @@ class Session:
                  count_statement: Callable[[str, str], None] | None = None,
                  observe_duration: Callable[[float], None] | None = None,
                  hold_protected: bool = False,
-                 plain_kind: Callable[[str, OperatorView], str | None] | None = None):
+                 plain_kind: Callable[[str, OperatorView], str | None] | None = None,
+                 server_prepare: bool = False):
+        # Run a repeated rewritten SELECT of a simple Query as a statement prepared upstream
+        # once per connection (PostgreSQL then neither parses nor plans the rewritten text
+        # again): shape key -> statement name, and shapes whose Parse failed here.
+        self.server_prepare = server_prepare
+        self._server_statements: dict[tuple[str, tuple[int, ...]], bytes] = {}
+        self._server_failed: set[tuple[str, tuple[int, ...]]] = set()
+        self._server_seq = 0
+        self._pending_prepare: dict[tuple[str, tuple[int, ...]], bytes] = {}
         # the hot path for pass-through traffic: the kind of a single statement that needs
         # neither rewriting nor bookkeeping, or None (then the full analysis decides)
         self._plain_kind = plain_kind if not audit_all else None
+        self._plain_miss: tuple[bytes, str, str | None] | None = None
         self.count_statement = count_statement
         self.observe_duration = observe_duration
         self.hold_protected = hold_protected
@@ -275,8 +306,12 @@ class Session:
     def _encode_sql(self, sql: str) -> bytes:
         return sql.encode(self.codec)
 
-    def _analyze_sql(self, raw: bytes) -> Analysis:
-        sql = self._decode_sql(raw)
+    def _analyze_sql(self, raw: bytes, decoded: str | None = None,
+                     sensitive: bool = False) -> Analysis:
+        """Analyse a statement text. ``decoded``: ``raw`` already decoded (and the view
+        refreshed) by the caller; ``sensitive``: the plain-kind check already found a
+        sensitive name in it, so the analyser's own fast path need not look again."""
+        sql = decoded if decoded is not None else self._decode_sql(raw)
         if sql is None:
             st = StatementDecision(
                 action=Action.FORWARD if self.view.unrestricted else Action.DENY,
@@ -284,12 +319,16 @@ class Session:
                 message=f"cannot decode the statement in client encoding "
                         f"{self.lex.client_encoding}; refusing what pgveil cannot read")
             return Analysis(sql="", statements=(st,))
-        if self.operator is not None:
+        if self.operator is not None and decoded is None:
             self.view = self.operator.current()
         self._source = sql
         try:
-            analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
-                                     cursors=self.cursors)
+            if sensitive:
+                analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                                         cursors=self.cursors, sensitive=True)
+            else:
+                analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                                         cursors=self.cursors)
         except Exception as exc:  # fail closed: a statement we could not analyse never runs
             log.exception("analysis failed; statement refused")
             st = StatementDecision(
@@ -494,10 +533,45 @@ class Session:
             self.count_statement("blocked", denied.kind)
         self._audit(out, run, "blocked", error=denied.message)
 
+    def plain_query(self, frame: bytes) -> bool:
+        """The shell's hot path: ``frame`` is exactly one complete Query message. True when
+        it is a single pass-through statement (counted and tracked here), which the caller
+        then forwards unchanged; False when :meth:`from_client` must handle it."""
+        plain = self._plain_kind
+        if plain is None or self._cbuf:
+            return False
+        try:
+            sql = frame[5:-1].decode(self.codec)
+        except (UnicodeDecodeError, LookupError):
+            return False
+        if self.operator is not None:
+            self.view = self.operator.current()
+        kind = plain(sql, self.view)
+        if not kind:
+            self._plain_miss = (frame, sql, kind)  # _on_query need not look again
+            return False
+        if self.count_statement is not None:
+            self.count_statement("allowed", kind)
+        self.state = ProtocolState.BUSY
+        self._slots.append(_Slot("query", started=self.clock()))
+        return True
+
+    def plain_response(self, data: bytes) -> int:
+        """The shell's hot path for server bytes: how many leading bytes of ``data`` answer
+        pass-through statements and were accounted for here (forward them unchanged). When
+        that is not all of ``data``, pass the rest to :meth:`from_server` with ``skip``."""
+        if self._sbuf or not self._slots or self._slots[0].runs:
+            return 0
+        return self._plain_prefix(data, len(data))
+
     def _on_query(self, frame: bytes, out: Output) -> None:
         raw = frame[5:-1]
         plain = self._plain_kind
-        if plain is not None:
+        miss = self._plain_miss
+        if miss is not None and miss[0] is frame:
+            self._plain_miss = None
+            analysis = self._analyze_sql(raw, miss[1], sensitive=miss[2] == "")
+        elif plain is not None:
             # Pass-through fast path: exactly what the common case at the end of this method
             # does for a fast-path analysis, without building one.
             try:
@@ -508,14 +582,18 @@ class Session:
                 if self.operator is not None:
                     self.view = self.operator.current()
                 kind = plain(sql, self.view)
-                if kind is not None:
+                if kind:
                     if self.count_statement is not None:
                         self.count_statement("allowed", kind)
                     self.state = ProtocolState.BUSY
                     self._slots.append(_Slot("query", started=self.clock()))
                     out.to_server.append(frame)
                     return
-        analysis = self._analyze_sql(raw)
+                analysis = self._analyze_sql(raw, sql, sensitive=kind == "")
+            else:
+                analysis = self._analyze_sql(raw)
+        else:
+            analysis = self._analyze_sql(raw)
         prefix: list[str] = []
         denied = analysis.denied or self._refresh_prepared(analysis, prefix)
         if prefix and denied is None:  # EXECUTE now reads the re-prepared statements' decisions
@@ -555,6 +633,8 @@ class Session:
             else:
                 out.to_server.append(frame)
             return
+        nothing_pending = not self._slots
+        tx_before = self.tx
         now = self.clock()
         single = len(analysis.statements) == 1
         source = self._source
@@ -577,10 +657,98 @@ class Session:
             text = source if single else (sources[i] if sources else st.sql)
             slot.runs.append(_StatementRun(st, now, counter_key=key, source=text))
         self._slots.append(slot)
+        form = analysis.server_form if self.server_prepare and single and not prefix else None
+        if form is not None and nothing_pending and self._send_prepared(form, slot, out):
+            return
         if analysis.changed:
             out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
         else:
             out.to_server.append(frame)
+        if form is not None and nothing_pending and tx_before is not TxStatus.FAILED and \
+                analysis.statements[0].kind == "select":
+            self._prepare_upstream(form, out, in_block=tx_before is TxStatus.IN_TRANSACTION)
+
+    # ------------------------------------------------------------------ server-side prepare
+    def _send_prepared(self, form: ServerForm, slot: _Slot, out: Output) -> bool:
+        """Send the simple Query whose analysis is ``form`` as Bind/Describe/Execute/Sync of
+        the statement prepared for its shape, when there is one. The client sees what the
+        Query would have produced: RowDescription, rows, CommandComplete, ReadyForQuery
+        (the BindComplete is dropped); errors and the transaction status are the same."""
+        name = self._server_statements.get((form.sql, form.types))
+        if name is None:
+            return False
+        try:
+            values = [v.encode(self.codec) for v in form.values]
+        except (UnicodeEncodeError, LookupError):
+            return False
+        body = [b"\x00", name, b"\x00\x00\x00", _PARAM_COUNT.pack(len(values))]
+        for v in values:
+            body.append(_U32.pack(len(v)))
+            body.append(v)
+        body.append(b"\x00\x00")
+        out.to_server.append(_frame(b"B", b"".join(body)) + _DESCRIBE_PORTAL + _EXECUTE_ALL
+                             + _SYNC)
+        slot.converted = True
+        return True
+
+    def _prepare_upstream(self, form: ServerForm, out: Output, in_block: bool) -> None:
+        """After a rewritten SELECT sent as text, prepare its shape upstream with a
+        Parse+Sync of pgveil's own: the next Query of this shape runs it. Outside a
+        transaction block the Parse runs in its own implicit transaction; inside one it is
+        wrapped in a savepoint that is always rolled back to and released, so a failed Parse
+        (a parameter type PostgreSQL cannot infer) cannot abort the client's transaction
+        (prepared statements are not transactional: a good one survives the rollback)."""
+        key = (form.sql, form.types)
+        if key in self._server_statements or key in self._server_failed or \
+                len(self._server_statements) >= MAX_SERVER_STATEMENTS:
+            return
+        try:
+            text = form.sql.encode(self.codec)
+        except (UnicodeEncodeError, LookupError):
+            self._server_failed.add(key)
+            return
+        self._server_seq += 1
+        name = f"pgveil_{self._server_seq}".encode()
+        types = b"".join(_U32.pack(t) for t in form.types)
+        parse = _frame(b"P", name + b"\x00" + text + b"\x00"
+                       + _PARAM_COUNT.pack(len(form.types)) + types) + _SYNC
+        if in_block:
+            out.to_server.append(_SAVEPOINT + parse + _ROLLBACK_TO_SAVEPOINT)
+            self._slots.append(_Slot("hidden", prepare_key=key, hidden_z=3))
+        else:
+            out.to_server.append(parse)
+            self._slots.append(_Slot("hidden", prepare_key=key))
+        self._pending_prepare[key] = name
+
+    def _hidden_message(self, mtype: int, frame: bytes) -> None:
+        """A response to pgveil's own Parse+Sync: nothing of it reaches the client."""
+        slot = self._slots[0]
+        key = slot.prepare_key
+        assert key is not None
+        if mtype == 0x31:  # ParseComplete
+            name = self._pending_prepare.pop(key, None)
+            if name is not None:
+                self._server_statements[key] = name
+        elif mtype == 0x45:  # ErrorResponse: this shape stays a text Query here
+            self._pending_prepare.pop(key, None)
+            self._server_failed.add(key)
+            fields = parse_error_fields(frame[5:])
+            log.debug("preparing a rewritten shape upstream failed (%s: %s); it is sent as "
+                      "text", fields.get("C"), fields.get("M"))
+        elif mtype == 0x5A:  # a ReadyForQuery of ours
+            status = _TX_BY_BYTE.get(frame[5]) if len(frame) == 6 else None
+            if status is not None:
+                self.tx = status
+            slot.hidden_z -= 1
+            if slot.hidden_z <= 0:
+                self._slots.popleft()
+                self.state = ProtocolState.BUSY if self._slots else ProtocolState.READY
+
+    def _forget_server_statements(self) -> None:
+        """The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL): ours
+        too. They are prepared again when their shapes come back."""
+        self._server_statements.clear()
+        self._pending_prepare.clear()
 
     def _refresh_prepared(self, analysis: Analysis, prefix: list[str]) -> StatementDecision | None:
         """For each EXECUTE of a SQL-level prepared statement decided under rules that have
@@ -699,8 +867,10 @@ class Session:
             out.to_server.append(frame)
 
     # ------------------------------------------------------------------ server side
-    def from_server(self, data: bytes) -> Output:
-        """Feed bytes PostgreSQL sent; returns what to send where (see from_client)."""
+    def from_server(self, data: bytes, skip: int = 0) -> Output:
+        """Feed bytes PostgreSQL sent; returns what to send where (see from_client).
+        ``skip``: leading bytes :meth:`plain_response` already accounted for (they are
+        forwarded with the rest)."""
         out = Output()
         if self._sbuf:
             self._sbuf += data
@@ -713,7 +883,10 @@ class Session:
         slots = self._slots
         to_client = out.to_client
         unpack = _U32.unpack_from
-        pos = self._plain_prefix(buf, n) if slots and not slots[0].runs else 0
+        if skip:
+            pos = skip
+        else:
+            pos = self._plain_prefix(buf, n) if slots and not slots[0].runs else 0
         if self.hold_protected:
             self._refresh_holding()
 
@@ -734,6 +907,14 @@ class Session:
             end = pos + 1 + unpack(buf, pos + 1)[0]
             if end > n:
                 break
+            if slots and slots[0].kind == "hidden":  # pgveil's own Parse+Sync
+                if pos > start:
+                    flush(buf[start:pos])
+                self._hidden_message(mtype, buf[pos:end])
+                start = pos = end
+                if self.hold_protected:
+                    self._refresh_holding()
+                continue
             if mtype == 0x44:  # DataRow: the hot path
                 if slots:
                     head = slots[0]
@@ -787,8 +968,9 @@ class Session:
                     start = end
                 if self.hold_protected:
                     self._refresh_holding()
-            elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)):
-                if not self._drop_server:
+            elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)) or (
+                    mtype == 0x32 and slots and slots[0].converted):
+                if not self._drop_server and mtype != 0x32:
                     self._swallow -= 1
                 if pos > start:
                     flush(buf[start:pos])
@@ -812,6 +994,8 @@ class Session:
                 self.state is not ProtocolState.BUSY:
             return 0
         head = slots[0]
+        if head.kind not in _PLAIN_SLOTS:
+            return 0
         unpack = _U32.unpack_from
         plain = _PLAIN_SERVER
         pos = 0
@@ -825,6 +1009,9 @@ class Session:
                 continue
             kind = head.kind
             if mtype == 0x43 or mtype == 0x73 or mtype == 0x49:  # C, s, I: completions
+                if mtype == 0x43 and buf[pos + 5] == 0x44 and self._server_statements and \
+                        buf[pos + 5:pos + 8] in (b"DIS", b"DEA"):
+                    self._forget_server_statements()  # DISCARD ALL / DEALLOCATE [ALL]
                 if kind == "execute":
                     slots.popleft()
                 elif kind != "query":
@@ -841,7 +1028,7 @@ class Session:
             else:
                 return pos
             pos = end
-            if not slots or slots[0].runs:
+            if not slots or slots[0].runs or slots[0].kind not in _PLAIN_SLOTS:
                 return pos
             head = slots[0]
         return pos
@@ -906,7 +1093,7 @@ class Session:
                     break
             if self._abort_after_cap:
                 self._abort_after_cap = False
-                if status == "T" and not self._slots:
+                if status == "T" and all(s.kind == "hidden" for s in self._slots):
                     # The capped statement completed before our cancel landed, so the server's
                     # transaction is still good while the client got an error: make PostgreSQL
                     # fail it too (its error is swallowed; its ReadyForQuery says 'E').
@@ -928,6 +1115,8 @@ class Session:
         if self._drop_server:
             return
         if mtype in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQueryResponse
+            if mtype == 0x43 and self._server_statements and frame[5:8] in (b"DIS", b"DEA"):
+                self._forget_server_statements()  # DISCARD ALL / DEALLOCATE [ALL]
             if run is not None and run.capped:
                 out.to_client.append(self._row_limit_error(run))
                 self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]
@@ -950,6 +1139,10 @@ class Session:
             return
         if mtype == 0x45:  # ErrorResponse
             fields = parse_error_fields(frame[5:])
+            if slot is not None and slot.converted and fields.get("C") in ("0A000", "26000"):
+                # "cached plan must not change result type" after DDL, or our statement is
+                # gone: prepare afresh next time
+                self._forget_server_statements()
             if run is not None and run.capped:
                 out.to_client.append(self._row_limit_error(run))
                 self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]

@@ -79,6 +79,10 @@ UNSAFE_ENCODINGS = frozenset({"SJIS", "SHIFTJIS2004", "BIG5", "GBK", "UHC", "GB1
 FAST_KINDS = frozenset({"select", "insert", "update", "delete", "merge", "transaction", "set",
                         "utility"})
 
+_ZERO_DIGITS = str.maketrans("123456789", "000000000")
+_UNKNOWN = object()
+PLAIN_MEMO_SIZE = 4096  # texts per view; cleared when full (literals of new shapes churn it)
+
 _LEAD_RE = re.compile(
     r"(?:[ \t\n\r\f\v]+|--[^\n\r]*|/\*(?:[^*/]|\*(?!/)|/(?!\*))*\*/|\()*([A-Za-z_]+)"
 )
@@ -180,13 +184,17 @@ class Analyzer:
         *,
         prepared: dict[str, StatementDecision] | None = None,
         cursors: dict[str, StatementDecision] | None = None,
+        sensitive: bool = False,
     ) -> Analysis:
-        """Decide what to do with ``sql`` (one simple-Query text or one Parse text)."""
+        """Decide what to do with ``sql`` (one simple-Query text or one Parse text).
+        ``sensitive``: :func:`plain_kind` already found a sensitive name (skip the fast path,
+        which would find it again)."""
         t0 = time.perf_counter()
         cv = self._views.get(view)
-        fast = fast_path(sql, cv, t0)
-        if fast is not None:
-            return fast
+        if not sensitive:
+            fast = fast_path(sql, cv, t0)
+            if fast is not None:
+                return fast
         if (len(sql) > MAX_STATEMENT_CHARS and not view.unrestricted
                 and cv.sensitive(sql.lower())):
             # Refused before lexing: analysing a megabyte on the event loop is a denial of
@@ -208,8 +216,22 @@ class Analyzer:
         return replace(analysis, rewrite_seconds=time.perf_counter() - t0)
 
     def plain_kind(self, sql: str, view: OperatorView) -> str | None:
-        """See :func:`plain_kind` (module level); None when a full analysis is needed."""
-        return plain_kind(sql, self._views.get(view))
+        """See :func:`plain_kind` (module level), memoised per view by the text with its
+        digits zeroed: ``aid = 12345`` and ``aid = 67890`` get one answer. That is the same
+        answer for every text of a key: the names and tokens it looks for hold no digit
+        (else there is no memo), and a digit for a digit keeps every identifier boundary."""
+        cv = self._views.get(view)
+        memo = cv.plain_memo
+        if memo is None:
+            return plain_kind(sql, cv)
+        key = sql.translate(_ZERO_DIGITS)
+        kind = memo.get(key, _UNKNOWN)
+        if kind is _UNKNOWN:
+            kind = plain_kind(sql, cv)
+            if len(memo) >= PLAIN_MEMO_SIZE:
+                memo.clear()
+            memo[key] = kind
+        return kind  # type: ignore[return-value]
 
     def analyze_uncached(
         self,
@@ -304,14 +326,16 @@ def _single_plain_kind(sql: str, lowered: str) -> str | None:
 
 def plain_kind(sql: str, cv: CompiledView) -> str | None:
     """The statement kind when ``sql`` is one statement that :func:`fast_path` forwards
-    untouched, else None (then call :meth:`Analyzer.analyze`).
+    untouched, else ``""`` when it mentions a sensitive name or token (``fast_path`` cannot
+    forward it either: call :meth:`Analyzer.analyze` with ``sensitive=True``), else None
+    (call :meth:`Analyzer.analyze`).
 
     The proxy's hot path for pass-through traffic: same answer as ``fast_path`` returning a
     single FORWARD decision, without building the Analysis objects.
     """
     lowered = sql.lower()
     if cv.sensitive(lowered):
-        return None
+        return ""
     semi = sql.find(";")
     if semi >= 0 and sql[semi:].strip(" \t\n\r\f\v;"):
         return None  # several statements (or text after the ``;``): the general path

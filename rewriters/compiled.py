@@ -202,6 +202,15 @@ class CompiledView:
     # of reading statement text back (current_query(), pg_stat_activity, EXPLAIN VERBOSE ...)
     # is denied.
     hash_secret: bool = False
+    # plain_kind answers by the text with every digit turned into 0 (see
+    # rewriters.analyze.plain_kind); None when a sensitive word holds a digit, where that
+    # would not be the same answer
+    plain_memo: dict[str, str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if not any(ch.isdigit() for w in self.bounded_words + self.risky_substrings
+                   for ch in w):
+            self.plain_memo = {}
 
     def sensitive(self, lowered: str) -> bool:
         """Does lower-cased text mention a protected or dependent name or a risky token?

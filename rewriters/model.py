@@ -179,18 +179,35 @@ class StatementDecision:
 
 
 @dataclass(frozen=True)
+class ServerForm:
+    """``Analysis.sql`` as a parameterised statement PostgreSQL can prepare once per
+    connection: ``sql`` with ``$1..$n`` where the client's literals were, ``types`` the
+    parameter type OIDs each literal has as a literal (0 = unknown, like a quoted string),
+    ``values`` their text-format values. Executing it with these values means what executing
+    ``Analysis.sql`` means, without PostgreSQL parsing and planning the rewritten text again."""
+
+    sql: str
+    types: tuple[int, ...]
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Analysis:
     """The result of analysing one SQL text (a simple Query may hold several statements).
 
     ``sql`` is what to send upstream when nothing is denied: the original text byte-for-byte when
     every statement is FORWARD. ``statements`` are in text order. ``cached`` says whether the
     decision came from the shape cache (for metrics); ``rewrite_seconds`` is the analysis time.
+    ``server_form``: for a single rewritten SELECT from the shape cache, the same statement as
+    a parameterised one the proxy may prepare upstream (None when that is not known to be
+    equivalent).
     """
 
     sql: str
     statements: tuple[StatementDecision, ...]
     cached: bool = False
     rewrite_seconds: float = 0.0
+    server_form: ServerForm | None = None
 
     @property
     def denied(self) -> StatementDecision | None:

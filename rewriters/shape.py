@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from rewriters.lexer import Tok, tokenize
-from rewriters.model import Action, Analysis, LexSettings, StatementDecision
+from rewriters.model import Action, Analysis, LexSettings, ServerForm, StatementDecision
 
 if TYPE_CHECKING:
     from rewriters.compiled import CompiledView
@@ -234,10 +234,54 @@ def _template_text(text: str, base: int, count: int) -> _Text | None:
     return _Text(tuple(parts), tuple(slots))
 
 
+_INT4_MAX = 2**31 - 1
+_INT8_MAX = 2**63 - 1
+_INT4, _INT8, _NUMERIC, _UNKNOWN = 23, 20, 1700, 0
+_WORD_BY = re.compile(r"(?<![A-Za-z0-9_$\x80-\U0010ffff])(?:by|distinct)(?![A-Za-z0-9_$\x80-\U0010ffff])",
+                      re.IGNORECASE)
+
+
+def literal_parameter(text: str) -> tuple[int, str]:
+    """(type OID, text-format value) of a literal the normalizer replaced, typed the way
+    PostgreSQL types the literal itself: an integer is int4 when it fits, else int8, else
+    numeric; a number with a point or an exponent is numeric; a quoted string is unknown
+    (resolved from its context, as the literal would be). Strings never hold a backslash here
+    (the normalizer refuses them), so undoubling quotes is all the decoding there is."""
+    if text[0] == "'":
+        return _UNKNOWN, text[1:-1].replace("''", "'")
+    if text.isdigit():
+        value = int(text)
+        return (_INT4 if value <= _INT4_MAX else _INT8 if value <= _INT8_MAX else _NUMERIC), text
+    return _NUMERIC, text
+
+
+def _server_sql(sql_t: _Text, sql: str, norm: Normalized) -> str | None:
+    """The template's text with ``$1..$n`` in the literals' places, or None when a parameter
+    could mean something else than the literal it replaces: an integer that is a whole item
+    after a comma in a statement with ORDER/GROUP/PARTITION BY or DISTINCT (``GROUP BY a, 2``
+    names the second output column; ``$1`` there is a constant)."""
+    if _WORD_BY.search(sql) is not None:
+        for text, (start, _end) in zip(norm.literals, norm.spans, strict=True):
+            if text[0] == "'":
+                continue
+            j = start - 1
+            while j >= 0 and sql[j] in _WS:
+                j -= 1
+            if j >= 0 and sql[j] == ",":
+                return None
+    out = [sql_t.parts[0]]
+    for slot, part in zip(sql_t.slots, sql_t.parts[1:], strict=True):
+        out.append(f"${slot + 1}")
+        out.append(part)
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Template:
     sql: _Text
     statements: tuple[tuple[StatementDecision, _Text], ...]
+    # the parameterised form of a single rewritten SELECT (see ServerForm), else None
+    server_sql: str | None = None
 
     def instantiate(self, literals: tuple[str, ...], started: float | None = None) -> Analysis:
         """The cached decision with these literals spliced back in; ``started`` (a
@@ -249,7 +293,13 @@ class Template:
             decisions = tuple(fast_copy(d, sql=t.fill(literals)) for d, t in self.statements)
         sql = self.sql.fill(literals)
         took = time.perf_counter() - started if started is not None else 0.0
-        return fast_copy(_CACHED, sql=sql, statements=decisions, rewrite_seconds=took)
+        if self.server_sql is None:
+            return fast_copy(_CACHED, sql=sql, statements=decisions, rewrite_seconds=took)
+        params = [literal_parameter(text) for text in literals]
+        form = ServerForm(self.server_sql, tuple(p[0] for p in params),
+                          tuple(p[1] for p in params))
+        return fast_copy(_CACHED, sql=sql, statements=decisions, rewrite_seconds=took,
+                         server_form=form)
 
 
 def fast_copy(obj: _T, **changes: object) -> _T:
@@ -347,6 +397,12 @@ class ShapeCache:
         if template is None or not _same(template.instantiate(norm.literals), fresh):
             self._store(miss.key, _UNCACHEABLE)
             return fresh
+        if len(template.statements) == 1 and template.statements[0][0].kind == "select" \
+                and template.statements[0][0].action is Action.REWRITE \
+                and "$" not in sql:  # a client's own $n would bind to our parameters
+            server_sql = _server_sql(template.sql, sql, norm)
+            if server_sql is not None:
+                template = Template(template.sql, template.statements, server_sql)
         self._store(miss.key, template)
         return fresh
 
