@@ -355,6 +355,7 @@ class Runtime:
                        observe_duration=metrics.durations.observe,
                        hold_protected=self.audit is not None and self.strict_audit,
                        plain_kind=analyzer.plain_kind,
+                       plain_memoizable=analyzer.plain_memoizable,
                        server_prepare=self.config.upstream.prepare_rewritten)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,

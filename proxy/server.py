@@ -135,7 +135,20 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.relaying:
-            self.client.from_server(data)
+            client = self.client
+            session = client.session
+            if session is not None and not client._pending:
+                # hot path: results of pass-through statements, forwarded as they came
+                try:
+                    skip = session.plain_response(data)
+                except Exception:  # noqa: BLE001 - the general path reports it
+                    skip = 0
+                if skip == len(data):
+                    client.send_client(data)
+                    return
+                client.from_server(data, skip)
+            else:
+                client.from_server(data)
         else:
             self.reader.feed(data)
 
@@ -264,16 +277,13 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.resume_reading()
 
     # ----------------------------------------------------------- relay
-    def from_server(self, data: bytes) -> None:
+    def from_server(self, data: bytes, skip: int = 0) -> None:
+        """Server bytes through the session (``skip``: leading bytes the hot path in
+        UpstreamProtocol.data_received already accounted for)."""
         session = self.session
         if session is None:
             return
         try:
-            # hot path: results of pass-through statements, forwarded as they came
-            skip = session.plain_response(data) if not self._pending else 0
-            if skip == len(data):
-                self.send_client(data)
-                return
             out = session.from_server(data, skip)
         except Exception as exc:
             log.exception("error handling server data for %s", self.peer)

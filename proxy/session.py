@@ -215,6 +215,10 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 _PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x41, 0x31, 0x32, 0x33, 0x6E, 0x74))
 _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
 _PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
+_ZERO_DIGIT_BYTES = bytes.maketrans(b"123456789", b"000000000")
+PLAIN_MEMO_SIZE = 1024  # plain Query texts remembered per session (digits zeroed)
+_DECISION_NAMES = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten",
+                   Action.DENY: "blocked"}
 # Statements pgveil prepares upstream per connection (rewritten SELECT shapes), at most.
 MAX_SERVER_STATEMENTS = 64
 _PARAM_COUNT = struct.Struct("!H")
@@ -234,7 +238,8 @@ class Session:
                  observe_duration: Callable[[float], None] | None = None,
                  hold_protected: bool = False,
                  plain_kind: Callable[[str, OperatorView], str | None] | None = None,
-                 server_prepare: bool = False):
+                 server_prepare: bool = False,
+                 plain_memoizable: Callable[[OperatorView], bool] | None = None):
         # Run a repeated rewritten SELECT of a simple Query as a statement prepared upstream
         # once per connection (PostgreSQL then neither parses nor plans the rewritten text
         # again): shape key -> statement name, and shapes whose Parse failed here.
@@ -247,6 +252,10 @@ class Session:
         # neither rewriting nor bookkeeping, or None (then the full analysis decides)
         self._plain_kind = plain_kind if not audit_all else None
         self._plain_miss: tuple[bytes, str, str | None] | None = None
+        self._plain_memo: dict[bytes, str] | None = None  # plain texts only
+        self._plain_memoizable = plain_memoizable  # may this view's answers be memoised so
+        self._plain_memo_view: OperatorView | None = None
+        self._audit_lists: dict[int, tuple[Any, ...]] = {}
         self.count_statement = count_statement
         self.observe_duration = observe_duration
         self.hold_protected = hold_protected
@@ -393,17 +402,28 @@ class Session:
         if not (d.protected or self.audit_all):
             return
         fields = dict(self.identity)
-        reasons = list(d.reasons) + [f"lookup {c}" for c in d.lookups
-                                     if f"lookup {c}" not in d.reasons]
+        # the list fields of a decision, built once: cache hits and prepared statements share
+        # their decision's tuples, so identity finds them (the entry keeps the tuples alive)
+        memo = self._audit_lists.get(id(d.reasons))
+        if memo is None or memo[0] is not d.reasons or memo[1] is not d.lookups or \
+                memo[2] is not d.tables or memo[3] is not d.columns:
+            reasons = list(d.reasons) + [f"lookup {c}" for c in d.lookups
+                                         if f"lookup {c}" not in d.reasons]
+            memo = (d.reasons, d.lookups, d.tables, d.columns, reasons, list(d.tables),
+                    list(d.columns), list(d.lookups))
+            if len(self._audit_lists) >= 256:
+                self._audit_lists.clear()
+            self._audit_lists[id(d.reasons)] = memo
+        reasons = memo[4]
         if run.capped:
-            reasons.insert(0, f"row limit {d.row_limit} exceeded")
+            reasons = [f"row limit {d.row_limit} exceeded", *reasons]
         fields.update(
             role=self.view.role,  # a role=… grant changes it for the statements it covers
             kind=d.kind, statement=run.source or d.sql,
-            tables=list(d.tables), columns=list(d.columns), decision=decision_name,
+            tables=memo[5], columns=memo[6], decision=decision_name,
             reasons=reasons,
             grant=self.operator.grant_id if self.operator is not None else None,
-            rows=run.rows, lookups=list(d.lookups),
+            rows=run.rows, lookups=memo[7],
             duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
         event = AuditEvent(fields)
         run.event = event
@@ -413,8 +433,7 @@ class Session:
 
     @staticmethod
     def _decision_name(d: StatementDecision) -> str:
-        return {Action.FORWARD: "allowed", Action.REWRITE: "rewritten",
-                Action.DENY: "blocked"}[d.action]
+        return _DECISION_NAMES[d.action]
 
     # ------------------------------------------------------------------ client side
     def from_client(self, data: bytes) -> Output:
@@ -540,16 +559,31 @@ class Session:
         plain = self._plain_kind
         if plain is None or self._cbuf:
             return False
-        try:
-            sql = frame[5:-1].decode(self.codec)
-        except (UnicodeDecodeError, LookupError):
-            return False
         if self.operator is not None:
             self.view = self.operator.current()
-        kind = plain(sql, self.view)
-        if not kind:
-            self._plain_miss = (frame, sql, kind)  # _on_query need not look again
-            return False
+        # memo by the raw text with digits zeroed (see Analyzer.plain_kind), per view: in
+        # UTF-8 a digit byte is only ever a digit
+        memo = self._plain_memo
+        if memo is not None and self._plain_memo_view is self.view:
+            key = frame.translate(_ZERO_DIGIT_BYTES)
+            kind = memo.get(key)
+        else:
+            key, kind = None, None
+        if kind is None:
+            try:
+                sql = frame[5:-1].decode(self.codec)
+            except (UnicodeDecodeError, LookupError):
+                return False
+            kind = plain(sql, self.view)
+            if not kind:
+                self._plain_miss = (frame, sql, kind)  # _on_query need not look again
+                return False
+            if self.codec == "utf-8" and self._plain_memoizable is not None:
+                if self._plain_memo_view is not self.view or len(memo or ()) >= PLAIN_MEMO_SIZE:
+                    memo = self._plain_memo = {} if self._plain_memoizable(self.view) else None
+                    self._plain_memo_view = self.view
+                if memo is not None:
+                    memo[key if key is not None else frame.translate(_ZERO_DIGIT_BYTES)] = kind
         if self.count_statement is not None:
             self.count_statement("allowed", kind)
         self.state = ProtocolState.BUSY

@@ -215,6 +215,10 @@ class Analyzer:
             analysis = full_analysis(sql, ctx)
         return replace(analysis, rewrite_seconds=time.perf_counter() - t0)
 
+    def plain_memoizable(self, view: OperatorView) -> bool:
+        """May ``plain_kind`` answers for ``view`` be memoised by digit-zeroed text?"""
+        return self._views.get(view).plain_memo is not None
+
     def plain_kind(self, sql: str, view: OperatorView) -> str | None:
         """See :func:`plain_kind` (module level), memoised per view by the text with its
         digits zeroed: ``aid = 12345`` and ``aid = 67890`` get one answer. That is the same
