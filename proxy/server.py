@@ -144,7 +144,9 @@ class UpstreamProtocol(asyncio.Protocol):
                 except Exception:  # noqa: BLE001 - the general path reports it
                     skip = 0
                 if skip == len(data):
-                    client.send_client(data)
+                    transport = client.transport
+                    if transport is not None and not transport.is_closing():
+                        transport.write(data)
                     return
                 client.from_server(data, skip)
             else:
