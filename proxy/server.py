@@ -230,8 +230,10 @@ class ClientConnection(asyncio.Protocol):
         session = self.session
         if session is not None:
             # hot path: one whole Query of a pass-through statement, forwarded as it came
-            if data[0] == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0] and \
-                    session.plain_query(data):
+            first = data[0]
+            if (first == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0]
+                    and session.plain_query(data)) or \
+                    (first == 0x42 and len(data) >= 20 and session.plain_batch(data)):
                 up = self.upstream
                 if up is not None and up.transport is not None:
                     up.transport.write(data)

@@ -590,6 +590,47 @@ class Session:
         self._slots.append(_Slot("query", started=self.clock()))
         return True
 
+    def plain_batch(self, data: bytes) -> bool:
+        """The shell's hot path for the extended protocol: ``data`` is exactly Bind,
+        [Describe,] Execute, Sync of one portal of a statement with no decision to track
+        (pass-through, parsed under the rules in force). True when it is, with the slots
+        the general path would have made; the caller forwards ``data`` unchanged."""
+        if self._cbuf or self._plain_kind is None:
+            return False
+        n = len(data)
+        unpack = _U32.unpack_from
+        end_b = 1 + unpack(data, 1)[0]
+        if end_b < 12 or end_b > n:
+            return False
+        pos = end_b
+        if pos + 5 <= n and data[pos] == 0x44:  # Describe
+            pos += 1 + unpack(data, pos + 1)[0]
+        if pos + 5 > n or data[pos] != 0x45:
+            return False
+        end_e = pos + 1 + unpack(data, pos + 1)[0]
+        if end_e + 5 != n or data[end_e] != 0x53 or unpack(data, end_e + 1)[0] != 4:
+            return False
+        zero = data.find(b"\x00", 5, end_b)
+        if zero < 0:
+            return False
+        portal = data[5:zero]
+        stmt_end = data.find(b"\x00", zero + 1, end_b)
+        if stmt_end < 0 or data.find(b"\x00", pos + 5, end_e) != pos + 5 + len(portal) or \
+                data[pos + 5:pos + 5 + len(portal)] != portal:
+            return False  # Execute of another portal
+        stmt = data[zero + 1:stmt_end]
+        if stmt in self._statements:
+            return False
+        parsed = self._parsed.get(stmt)
+        if parsed is not None and self.operator is not None and \
+                self.operator.current().policy_version != parsed[2]:
+            return False  # re-decided by the general path
+        self._portals.pop(portal, None)
+        self._slots.append(_Slot("execute"))
+        self._slots.append(_Slot("sync", started=self.clock()))
+        self.state = ProtocolState.BUSY
+        return True
+
     def plain_response(self, data: bytes) -> int:
         """The shell's hot path for server bytes: how many leading bytes of ``data`` answer
         pass-through statements and were accounted for here (forward them unchanged). When
@@ -1174,9 +1215,17 @@ class Session:
         if mtype == 0x45:  # ErrorResponse
             fields = parse_error_fields(frame[5:])
             if slot is not None and slot.converted and fields.get("C") in ("0A000", "26000"):
-                # "cached plan must not change result type" after DDL, or our statement is
-                # gone: prepare afresh next time
+                # "cached plan must not change result type" after DDL: prepare afresh next
+                # time. Our statement is gone (26000): something between pgveil and
+                # PostgreSQL does not keep session state (a transaction-pooling PgBouncer):
+                # stop preparing on this connection.
                 self._forget_server_statements()
+                if fields.get("C") == "26000":
+                    self.server_prepare = False
+                    log.warning("a statement pgveil prepared upstream disappeared; sending "
+                                "rewritten statements as text on this connection (is a "
+                                "transaction-pooling proxy between pgveil and PostgreSQL? "
+                                "set upstream.prepare_rewritten: false)")
             if run is not None and run.capped:
                 out.to_client.append(self._row_limit_error(run))
                 self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]

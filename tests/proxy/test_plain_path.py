@@ -20,6 +20,9 @@ def make(memoizable: bool = True) -> tuple[Session, list[str]]:
         return "" if "customers" in sql else "select"
 
     def analyze(sql: str, view: OperatorView, lex: LexSettings, **kw: object) -> Analysis:
+        if "customers" not in sql:
+            return Analysis(sql=sql, statements=(StatementDecision(Action.FORWARD, sql,
+                                                                   "select"),))
         st = StatementDecision(Action.REWRITE, "SELECT masked", "select",
                                tables=("public.customers",))
         return Analysis(sql="SELECT masked", statements=(st,))
@@ -90,3 +93,53 @@ def test_no_memo_when_a_sensitive_name_holds_a_digit() -> None:
     assert not analyzer.plain_memoizable(view)
     assert analyzer.plain_kind("select * from t2", view) == "select"
     assert analyzer.plain_kind("select * from t1", view) == ""
+
+
+def _bind(portal: bytes, stmt: bytes, *params: bytes) -> bytes:
+    body = portal + b"\x00" + stmt + b"\x00" + b"\x00\x00" + len(params).to_bytes(2, "big")
+    for p in params:
+        body += len(p).to_bytes(4, "big") + p
+    return frame(b"B", body + b"\x00\x00")
+
+
+def _batch(stmt: bytes = b"s1", portal: bytes = b"", describe: bool = True,
+           exec_portal: bytes | None = None) -> bytes:
+    out = _bind(portal, stmt, b"42")
+    if describe:
+        out += frame(b"D", b"P" + portal + b"\x00")
+    out += frame(b"E", (portal if exec_portal is None else exec_portal) + b"\x00\x00\x00\x00\x00")
+    return out + frame(b"S", b"")
+
+
+def _parsed(s: Session, sql: str, name: bytes = b"s1") -> None:
+    s.from_client(frame(b"P", name + b"\x00" + sql.encode() + b"\x00\x00\x00") + frame(b"S", b""))
+    s.from_server(frame(b"1", b"") + rfq())
+
+
+def test_pass_through_bind_execute_sync_is_tracked_like_the_general_path() -> None:
+    fast, _ = make()
+    slow, _ = make()
+    for s in (fast, slow):
+        _parsed(s, "select 1")
+    for describe in (True, False):
+        data = _batch(describe=describe)
+        assert fast.plain_batch(data)
+        out = slow.from_client(data)
+        assert b"".join(out.to_server) == data
+        assert [x.kind for x in fast._slots] == [x.kind for x in slow._slots] == \
+            ["execute", "sync"]
+        back = frame(b"2", b"") + ROW_DESC + data_row(b"1") + complete("SELECT 1") + rfq()
+        assert fast.plain_response(back) == len(back)
+        assert b"".join(slow.from_server(back).to_client) == back
+        assert not fast._slots and not slow._slots and fast.tx is slow.tx is TxStatus.IDLE
+
+
+def test_batches_needing_the_general_path_are_refused() -> None:
+    s, _ = make()
+    _parsed(s, "select phone from customers where id = $1")  # protected: has a decision
+    assert not s.plain_batch(_batch())
+    _parsed(s, "select 1", b"s2")
+    assert not s.plain_batch(_batch(b"s2", exec_portal=b"other"))  # Execute of another portal
+    assert not s.plain_batch(_batch(b"s2")[:-5])  # no Sync: a pipeline continues
+    assert not s.plain_batch(_batch(b"s2") + frame(b"S", b""))  # more than one batch
+    assert s.plain_batch(_batch(b"s2"))

@@ -209,3 +209,18 @@ def test_positional_integers_are_never_parameters() -> None:
     assert _template_form("select * from customers where id in (3, 6) order by name, 1") \
         is None
     assert _template_form("select * from customers where id in (3, 6)") is not None
+
+
+def test_a_vanished_statement_stops_preparing_on_the_connection() -> None:
+    """A transaction-pooling proxy upstream loses session state: one error, then text."""
+    s = make()
+    prepared(s)
+    s.from_client(q("select * from customers where id = 42"))
+    err = frame(b"E", b"SERROR\x00VERROR\x00C26000\x00Mprepared statement \"pgveil_1\" does "
+                b"not exist\x00\x00")
+    s.from_server(err + rfq())
+    for n in (43, 44):
+        up = messages(b"".join(s.from_client(q(f"select * from customers where id = {n}"))
+                               .to_server))
+        assert [t for t, _ in up] == [b"Q"]
+        s.from_server(RESULT)
