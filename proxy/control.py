@@ -495,7 +495,9 @@ class ControlStore:
         # grants
         self._grants: dict[str, Grant] = {}
         self._by_login: dict[str, tuple[Grant, ...]] = {}
-        self._generation = 0
+        # bumps whenever the grant set changes: a cache of per-login decisions keys on it
+        # (a plain attribute: sessions read it before every statement)
+        self.generation = 0
         self._callbacks: list[GrantCallback] = []
         self._seen: dict[tuple[str, GrantEventKind], float] = {}  # dedupe: (id, kind) -> expiry
         self._expiry_handle: asyncio.TimerHandle | None = None
@@ -595,11 +597,6 @@ class ControlStore:
             return grants
         return tuple(g for g in grants if g.expires_ts > t)
 
-    @property
-    def generation(self) -> int:
-        """Bumps whenever the grant set changes: a cache of per-login decisions keys on it."""
-        return self._generation
-
     def on_grant_event(self, callback: GrantCallback) -> None:
         """Call ``callback(GrantEvent)`` in the event loop on every created/revoked/expired."""
         self._callbacks.append(callback)
@@ -659,7 +656,7 @@ class ControlStore:
         for g in sorted(self._grants.values(), key=lambda g: (g.created_at, g.id)):
             by_login.setdefault(g.login, []).append(g)
         self._by_login = {k: tuple(v) for k, v in by_login.items()}
-        self._generation += 1
+        self.generation += 1
         self._schedule_expiry()
 
     def _fire(self, event: GrantEvent) -> None:

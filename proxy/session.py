@@ -631,14 +631,6 @@ class Session:
         self.state = ProtocolState.BUSY
         return True
 
-    def plain_response(self, data: bytes) -> int:
-        """The shell's hot path for server bytes: how many leading bytes of ``data`` answer
-        pass-through statements and were accounted for here (forward them unchanged). When
-        that is not all of ``data``, pass the rest to :meth:`from_server` with ``skip``."""
-        if self._sbuf or not self._slots or self._slots[0].runs:
-            return 0
-        return self._plain_prefix(data, len(data))
-
     def _on_query(self, frame: bytes, out: Output) -> None:
         raw = frame[5:-1]
         plain = self._plain_kind
@@ -961,7 +953,7 @@ class Session:
         if skip:
             pos = skip
         else:
-            pos = self._plain_prefix(buf, n) if slots and not slots[0].runs else 0
+            pos = self.plain_response(buf)
         if self.hold_protected:
             self._refresh_holding()
 
@@ -1057,20 +1049,22 @@ class Session:
             self._sbuf += buf[pos:]
         return out
 
-    def _plain_prefix(self, buf: bytes, n: int) -> int:
-        """Consume the leading frames of ``buf`` that answer statements without runs
-        (pass-through: nothing to count, hold or attribute) and return where the general loop
-        of :meth:`from_server` must continue. The frames stay in ``buf`` and are forwarded
-        unchanged; only the slot bookkeeping that ``_server_message`` would do is done here.
-        Anything unusual (an error, ParameterStatus, COPY, a slot with runs, pgveil's own
-        injected statements) stops it, and the general path takes over at that frame."""
+    def plain_response(self, buf: bytes) -> int:
+        """The hot path for server bytes (the shell's, and the start of :meth:`from_server`):
+        consume the leading frames of ``buf`` that answer statements without runs
+        (pass-through: nothing to count, hold or attribute) and return how many bytes that
+        was. Those frames are forwarded unchanged; only the slot bookkeeping that
+        ``_server_message`` would do is done here. Anything unusual (an error,
+        ParameterStatus, COPY, a slot with runs, pgveil's own injected statements) stops it:
+        the rest goes to :meth:`from_server` with ``skip``."""
         slots = self._slots
-        if self._drop_server or self._swallow or self._abort_after_cap or \
-                self.state is not ProtocolState.BUSY:
+        if self._sbuf or not slots or self._drop_server or self._swallow or \
+                self._abort_after_cap or self.state is not ProtocolState.BUSY:
             return 0
         head = slots[0]
-        if head.kind not in _PLAIN_SLOTS:
+        if head.runs or head.kind not in _PLAIN_SLOTS:
             return 0
+        n = len(buf)
         unpack = _U32.unpack_from
         plain = _PLAIN_SERVER
         pos = 0
