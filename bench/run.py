@@ -132,6 +132,7 @@ class Sample:
     latency_ms: float | None
     failed: int = 0
     error: str = ""
+    cpu_us: float | None = None  # pgveil's CPU (all its processes) per transaction
 
 
 @dataclass
@@ -141,6 +142,28 @@ class Endpoint:
     target: Target
     port: int
     stop: Callable[[], None] = field(repr=False)
+    pid: int | None = None  # pgveil: its serve process (workers are its children)
+
+
+def process_tree_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` and its children (pgveil's workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    found = False
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:  # fields[1]: the parent pid
+            total += (int(fields[11]) + int(fields[12])) / tick
+            found = True
+    return total if found else None
 
 
 # --------------------------------------------------------------------------- cleanup
@@ -324,7 +347,7 @@ def start_pgveil(
     proc = PgveilProcess(pg, overrides, policy_path=bench_policy(work))
     cleanup.push("pgveil", proc.cleanup)
     proc.start()
-    return Endpoint(Target.PGVEIL, proc.port, proc.stop)
+    return Endpoint(Target.PGVEIL, proc.port, proc.stop, pid=proc.pid)
 
 
 # --------------------------------------------------------------------------- running pgbench
@@ -335,6 +358,7 @@ _TPS_RE = re.compile(
 )
 _LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _FAILED_RE = re.compile(r"^number of failed transactions: (\d+)", re.M)
+_DONE_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 
 
 def run_pgbench(
@@ -368,9 +392,15 @@ def run_pgbench(
         wl.db,
     ]
     env = clean_env({"PGPASSWORD": password_for(wl.login), "PGSSLMODE": "disable"})
+    cpu_before = process_tree_cpu(endpoint.pid) if endpoint.pid else None
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=env, timeout=seconds + 120, check=False
     )
+    cpu_after = process_tree_cpu(endpoint.pid) if endpoint.pid else None
+    done = _DONE_RE.search(proc.stdout)
+    cpu_us = None
+    if cpu_before is not None and cpu_after is not None and done and int(done.group(1)):
+        cpu_us = (cpu_after - cpu_before) * 1e6 / int(done.group(1))
     tps = _TPS_RE.search(proc.stdout)
     lat = _LAT_RE.search(proc.stdout)
     failed = _FAILED_RE.search(proc.stdout)
@@ -385,6 +415,7 @@ def run_pgbench(
         latency_ms=float(lat.group(1)) if lat and not error else None,
         failed=int(failed.group(1)) if failed else 0,
         error=error,
+        cpu_us=cpu_us if not error else None,
     )
 
 
@@ -445,6 +476,9 @@ def render_table(
     if "pgbouncer" in names and "direct" in names:
         ratio_cols.append(("pgbouncer", "direct"))
     header += [f"{a}/{b}" for a, b in ratio_cols]
+    with_cpu = "pgveil" in names
+    if with_cpu:
+        header.append("pgveil cpu µs/txn")
 
     rows = []
     for case in cases:
@@ -457,6 +491,9 @@ def render_table(
         for a, b in ratio_cols:
             ratio = _median(_ratios(mine, a, b))
             row.append(f"{ratio:.2f}" if ratio else "n/a")
+        if with_cpu:
+            cpu = _median([s.cpu_us for s in mine if s.target == "pgveil"])
+            row.append(f"{cpu:.0f}" if cpu else "n/a")
         rows.append(row)
 
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -619,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         for note in notes:
             print(f"note: {note}")
-    print("\nratios are TPS ratios (1.00 = same throughput; 0.80 = 20% fewer transactions/s)")
+    print("\nratios are TPS ratios (1.00 = same throughput; 0.80 = 20% fewer transactions/s);"
+          "\npgveil cpu: CPU time of pgveil's processes per transaction (user + system)")
     if args.json:
         args.json.write_text(
             json.dumps(
