@@ -219,8 +219,11 @@ _ZERO_DIGIT_BYTES = bytes.maketrans(b"123456789", b"000000000")
 PLAIN_MEMO_SIZE = 1024  # plain Query texts remembered per session (digits zeroed)
 _DECISION_NAMES = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten",
                    Action.DENY: "blocked"}
-# Statements pgveil prepares upstream per connection (rewritten SELECT shapes), at most.
+# Statements pgveil prepares upstream per connection (rewritten SELECT shapes), at most, and
+# their names' prefix (rewriters.analyze denies EXECUTE of such a name a client did not prepare;
+# a Bind of one is denied here).
 MAX_SERVER_STATEMENTS = 64
+SERVER_STATEMENT_PREFIX = b"pgveil_"
 _PARAM_COUNT = struct.Struct("!H")
 
 
@@ -487,6 +490,17 @@ class Session:
             portal, pos = _cstr(payload, 0)
             stmt, _ = _cstr(payload, pos)
             parsed = self._parsed.get(stmt)
+            if parsed is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
+                # one of pgveil's own statements (upstream.prepare_rewritten): running it
+                # directly would skip the row cap and the audit record
+                denied = StatementDecision(
+                    action=Action.DENY, sql="", kind="execute",
+                    reasons=("pgveil's own prepared statement",),
+                    message=f"prepared statement {stmt.decode('latin-1')} belongs to pgveil; "
+                            "clients cannot bind it")
+                self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
+                self._send_raise(denied, out)
+                return
             if parsed is not None and self.operator is not None and \
                     self.operator.current().policy_version != parsed[2]:
                 # the policy was reloaded or a grant changed since this statement was parsed:
@@ -619,7 +633,7 @@ class Session:
                 data[pos + 5:pos + 5 + len(portal)] != portal:
             return False  # Execute of another portal
         stmt = data[zero + 1:stmt_end]
-        if stmt in self._statements:
+        if stmt in self._statements or stmt.startswith(SERVER_STATEMENT_PREFIX):
             return False
         parsed = self._parsed.get(stmt)
         if parsed is not None and self.operator is not None and \
@@ -775,7 +789,7 @@ class Session:
             self._server_failed.add(key)
             return
         self._server_seq += 1
-        name = f"pgveil_{self._server_seq}".encode()
+        name = SERVER_STATEMENT_PREFIX + str(self._server_seq).encode()
         types = b"".join(_U32.pack(t) for t in form.types)
         parse = _frame(b"P", name + b"\x00" + text + b"\x00"
                        + _PARAM_COUNT.pack(len(form.types)) + types) + _SYNC

@@ -80,6 +80,8 @@ FAST_KINDS = frozenset({"select", "insert", "update", "delete", "merge", "transa
                         "utility"})
 
 _ZERO_DIGITS = str.maketrans("123456789", "000000000")
+# Names of the statements the proxy prepares upstream itself (proxy.session).
+PROXY_STATEMENT_PREFIX = "pgveil_"
 _UNKNOWN = object()
 PLAIN_MEMO_SIZE = 4096  # texts per view; cleared when full (literals of new shapes churn it)
 
@@ -610,6 +612,11 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
     if kind == "execute":
         name = str(pst.node.get("name", ""))
         base = ctx.prepared.get(name)
+        if base is None and name.startswith(PROXY_STATEMENT_PREFIX):
+            # pgveil's own statements (proxy.session, upstream.prepare_rewritten) are rewritten
+            # texts: run by name they would skip the row cap and the audit record
+            raise Denied(f"prepared statement {name} belongs to pgveil; clients cannot "
+                         "execute it")
         core = Core("execute", prepared=name)
         if base is not None:
             if base.action is Action.DENY:

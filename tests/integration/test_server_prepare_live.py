@@ -124,3 +124,31 @@ def test_discard_all_is_survived(pgveil) -> None:
         assert cur.fetchone()[0] == 1  # prepared again after the DISCARD
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("attempt", [
+    "execute pgveil_1('SZ01', 100000)",
+    "explain analyze execute pgveil_1('SZ01', 100000)",
+    "create temp table t_steal as execute pgveil_1('SZ01', 100000)",
+    'execute "pgveil_1"(\'SZ01\', 100000)',
+])
+def test_clients_cannot_run_pgveil_statements(pgveil, attempt: str) -> None:
+    """pgveil's own statements are rewritten texts: run by name they would skip the row cap
+    (max_rows 50 for a teller) and the audit record. A client can neither EXECUTE them."""
+    conn = psycopg2.connect(pgveil.dsn("teller_sz01"))
+    try:
+        conn.autocommit = True
+        cur = conn.cursor()
+        for _ in range(3):  # prepares pgveil_1 for this shape on this connection
+            with pytest.raises(psycopg2.Error, match="row limit"):
+                cur.execute("select id from customers where branch_id = 'SZ01' and id < 3000")
+        cur.execute("select name from pg_prepared_statements")
+        assert ("pgveil_1",) in cur.fetchall()
+        with pytest.raises(psycopg2.Error) as err:
+            cur.execute(attempt)
+            rows = cur.fetchall() if cur.description else []
+            assert len(rows) <= 50, f"{len(rows)} rows past the teller's cap"
+        assert err.value.pgcode == "42501"
+        cur.execute("select 1")
+    finally:
+        conn.close()

@@ -224,3 +224,16 @@ def test_a_vanished_statement_stops_preparing_on_the_connection() -> None:
                                .to_server))
         assert [t for t, _ in up] == [b"Q"]
         s.from_server(RESULT)
+
+
+def test_a_client_bind_of_a_pgveil_statement_is_denied() -> None:
+    s = make()
+    prepared(s)
+    bind = frame(b"B", b"\x00pgveil_1\x00\x00\x00\x00\x01\x00\x00\x00\x0299\x00\x00")
+    batch = bind + frame(b"E", b"\x00\x00\x00\x00\x00") + frame(b"S", b"")
+    assert not s.plain_batch(batch)
+    out = s.from_client(batch)
+    sent = b"".join(out.to_server)
+    assert b"RAISE EXCEPTION" in sent and b"42501" in sent and b"belongs to pgveil" in sent
+    # the client's Bind never reaches the server: only the unnamed raise is bound
+    assert not any(t == b"B" and body.startswith(b"\x00pgveil_1") for t, body in messages(sent))
