@@ -79,8 +79,8 @@ class OperatorState:
                  epoch: list[int] | None = None):
         # ``epoch[0]`` changes whenever the policy or a catalog changes (Runtime.epoch): until
         # it does, ``policy_version`` need not be asked (``current`` runs per statement)
-        self._epoch = epoch
-        self._epoch_seen = -1
+        self.epoch_ref = epoch
+        self.epoch_seen = -1
         self.base = base
         self.policy_view = policy_view
         self.policy_version = policy_version
@@ -88,15 +88,23 @@ class OperatorState:
         self.control = control  # ControlStore or None
         self.quota = quota  # ControlStore or LocalQuota
         self.rebuild = rebuild
-        self._generation = -1
+        self.generation_seen = -1
         self._view = base
         self.grant_id: str | None = None
 
+    def stale(self) -> bool:
+        """Whether :meth:`current` could return another view than last time (inline in hot
+        paths as ``epoch_ref[0] != epoch_seen or control.generation != generation_seen``)."""
+        epoch = self.epoch_ref
+        control = self.control
+        return epoch is None or epoch[0] != self.epoch_seen or (
+            control is not None and control.generation != self.generation_seen)
+
     def current(self) -> OperatorView:
-        epoch = self._epoch
-        if epoch is None or epoch[0] != self._epoch_seen:
+        epoch = self.epoch_ref
+        if epoch is None or epoch[0] != self.epoch_seen:
             if epoch is not None:
-                self._epoch_seen = epoch[0]
+                self.epoch_seen = epoch[0]
             if self.policy_version is not None and \
                     self.policy_version() != self._policy_version:
                 self._follow_policy()
@@ -104,9 +112,9 @@ class OperatorState:
         if control is None:
             return self._view
         generation = control.generation  # bumps on grant create/revoke/expiry
-        if generation == self._generation:
+        if generation == self.generation_seen:
             return self._view
-        self._generation = generation
+        self.generation_seen = generation
         grants = control.grants_for(self.base.login)
         if not grants:
             self._view, self.grant_id = self.base, None
@@ -127,7 +135,7 @@ class OperatorState:
         if view is not None:
             self.base = view
             self._view = view
-            self._generation = -1  # re-apply grants on the new base
+            self.generation_seen = -1  # re-apply grants on the new base
 
     def quota_exceeded(self, view: OperatorView) -> str | None:
         limits = view.limits

@@ -356,6 +356,8 @@ class Runtime:
                        hold_protected=self.audit is not None and self.strict_audit,
                        plain_kind=analyzer.plain_kind,
                        plain_memoizable=analyzer.plain_memoizable,
+                       statement_key=lambda decision, kind: (role, decision, kind),
+                       record_statement=record,
                        server_prepare=self.config.upstream.prepare_rewritten)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,

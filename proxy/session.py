@@ -242,7 +242,14 @@ class Session:
                  hold_protected: bool = False,
                  plain_kind: Callable[[str, OperatorView], str | None] | None = None,
                  server_prepare: bool = False,
-                 plain_memoizable: Callable[[OperatorView], bool] | None = None):
+                 plain_memoizable: Callable[[OperatorView], bool] | None = None,
+                 statement_key: Callable[[str, str], tuple[str, ...]] | None = None,
+                 record_statement: Callable[[tuple[str, ...]], None] | None = None):
+        # the hot path's way to count a statement: record(statement_key(decision, kind)) is
+        # what count_statement(decision, kind) does, with the key built once per kind
+        self._statement_key = statement_key
+        self._record_statement = record_statement if statement_key is not None else None
+        self._allowed_keys: dict[str, tuple[str, ...]] = {}
         # Run a repeated rewritten SELECT of a simple Query as a statement prepared upstream
         # once per connection (PostgreSQL then neither parses nor plans the rewritten text
         # again): shape key -> statement name, and shapes whose Parse failed here.
@@ -573,8 +580,13 @@ class Session:
         plain = self._plain_kind
         if plain is None or self._cbuf:
             return False
-        if self.operator is not None:
-            self.view = self.operator.current()
+        op = self.operator
+        if op is not None:
+            # OperatorState.stale(), inlined: this runs for every pass-through statement
+            epoch, control = op.epoch_ref, op.control
+            if epoch is None or epoch[0] != op.epoch_seen or (
+                    control is not None and control.generation != op.generation_seen):
+                self.view = op.current()
         # memo by the raw text with digits zeroed (see Analyzer.plain_kind), per view: in
         # UTF-8 a digit byte is only ever a digit
         memo = self._plain_memo
@@ -598,7 +610,13 @@ class Session:
                     self._plain_memo_view = self.view
                 if memo is not None:
                     memo[key if key is not None else frame.translate(_ZERO_DIGIT_BYTES)] = kind
-        if self.count_statement is not None:
+        record = self._record_statement
+        if record is not None:  # count_statement("allowed", kind) without its call
+            counted = self._allowed_keys.get(kind)
+            if counted is None:
+                counted = self._allowed_keys[kind] = self._statement_key("allowed", kind)
+            record(counted)
+        elif self.count_statement is not None:
             self.count_statement("allowed", kind)
         self.state = ProtocolState.BUSY
         self._slots.append(_Slot("query", started=self.clock()))
