@@ -665,32 +665,15 @@ class Session:
 
     def _on_query(self, frame: bytes, out: Output) -> None:
         raw = frame[5:-1]
-        plain = self._plain_kind
-        miss = self._plain_miss
-        if miss is not None and miss[0] is frame:
+        if self._plain_miss is None or self._plain_miss[0] is not frame:
+            # the pass-through hot path, unless the shell already asked it about this frame
             self._plain_miss = None
+            if self.plain_query(frame):
+                out.to_server.append(frame)
+                return
+        miss, self._plain_miss = self._plain_miss, None
+        if miss is not None and miss[0] is frame:
             analysis = self._analyze_sql(raw, miss[1], sensitive=miss[2] == "")
-        elif plain is not None:
-            # Pass-through fast path: exactly what the common case at the end of this method
-            # does for a fast-path analysis, without building one.
-            try:
-                sql = raw.decode(self.codec)
-            except (UnicodeDecodeError, LookupError):
-                sql = None
-            if sql is not None:
-                if self.operator is not None:
-                    self.view = self.operator.current()
-                kind = plain(sql, self.view)
-                if kind:
-                    if self.count_statement is not None:
-                        self.count_statement("allowed", kind)
-                    self.state = ProtocolState.BUSY
-                    self._slots.append(_Slot("query", started=self.clock()))
-                    out.to_server.append(frame)
-                    return
-                analysis = self._analyze_sql(raw, sql, sensitive=kind == "")
-            else:
-                analysis = self._analyze_sql(raw)
         else:
             analysis = self._analyze_sql(raw)
         prefix: list[str] = []
