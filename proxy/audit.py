@@ -358,13 +358,15 @@ def _encode_values(values: Iterable[Any]) -> list[str]:
     return out
 
 
-def _plan(keys: tuple[str, ...], chain_id: str) -> tuple[list[str], Callable[[list[str]], tuple[str, ...]]]:
+def _plan(keys: tuple[str, ...], chain_id: str
+          ) -> tuple[list[str], Callable[[list[str]], tuple[str, ...]], list[int]]:
     """The canonical line of a statement record with these keys, as a template.
 
-    Returns (template, getter): ``template`` alternates constant text and slots (the odd
-    positions); ``getter`` picks the slot values, in sorted key order, from the list of the
-    fields' encodings (in the fields' order) followed by seq, ts and prev. The chain id and
-    the nulls of absent RECORD_FIELDS are constant text.
+    Returns (template, getter, slots): ``template`` alternates constant text and slots (the
+    odd positions); ``getter`` picks the slot values, in sorted key order, from the list of
+    the fields' encodings (in the fields' order) followed by seq, ts and prev; ``slots`` are
+    the positions it picks. The chain id and the nulls of absent RECORD_FIELDS are constant
+    text.
     """
     n = len(keys)
     position = {k: i for i, k in enumerate(keys)}
@@ -385,11 +387,65 @@ def _plan(keys: tuple[str, ...], chain_id: str) -> tuple[list[str], Callable[[li
         else:
             text += "null"
     template.append(text + "}")
-    return template, itemgetter(*slots)  # >= 3 slots: the getter always returns a tuple
+    return template, itemgetter(*slots), slots  # >= 3 slots: the getter returns a tuple
+
+
+# The fields of a RecordForm's record that vary per statement, in the canonical (sorted) order
+# the form's pieces alternate with; seq, ts and prev are the writer's.
+_FORM_VARYING = ("duration_ms", "prev", "rows", "seq", "ts")
+
+
+class RecordForm:
+    """A statement record with every field fixed except ``rows`` and ``duration_ms`` (and the
+    writer's ``seq``, ``ts`` and ``prev``): the encoded text around those five values,
+    ``pieces[0] duration pieces[1] prev pieces[2] rows pieces[3] seq pieces[4] ts pieces[5]``.
+
+    Statements of one prepared statement or one cached shape share their identity, statement
+    text (redacted), tables, columns, decision and reasons; encoding those once per shape
+    instead of once per record is what keeps the audit record of a repeated lookup cheap. The
+    bytes are exactly the canonical JSON the dict path produces (tested)."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: tuple[str, ...]):
+        self.pieces = pieces
+
+
+def _record_form(fields: Mapping[str, Any], chain_id: str) -> RecordForm | None:
+    """The form of records with these fields plus ``rows`` and ``duration_ms``; None when a
+    value needs the json.dumps path."""
+    if type(fields) is not dict or "rows" in fields or "duration_ms" in fields:
+        return None
+    keys = (*fields, "rows", "duration_ms")
+    if not all(type(k) is str and (k.isascii() or _utf8(k)) for k in keys):
+        return None
+    try:
+        encs = _encode_values(fields.values())
+    except (_Slow, TypeError, ValueError):
+        return None
+    template, _getter, slots = _plan(keys, chain_id)
+    n = len(fields)
+    varying = {n: "rows", n + 1: "duration_ms", n + 2: "seq", n + 3: "ts", n + 4: "prev"}
+    pieces: list[str] = []
+    order: list[str] = []
+    text = template[0]
+    for i, position in enumerate(slots):
+        name = varying.get(position)
+        if name is None:
+            text += encs[position] + template[2 * i + 2]
+        else:
+            pieces.append(text)
+            order.append(name)
+            text = template[2 * i + 2]
+    pieces.append(text)
+    if tuple(order) != _FORM_VARYING:  # pragma: no cover - sorted key names guarantee it
+        return None
+    return RecordForm(tuple(pieces))
 
 
 # The queue holds (encs, plan, ts, future, body) tuples: a fast-path record has its fields'
-# encodings and plan (body None), a json.dumps-path one its normalized body (encs None); ts is
+# encodings and plan (body None), a form record the encodings of its duration_ms and rows and
+# its RecordForm as plan, a json.dumps-path one its normalized body (encs None); ts is
 # in µs since the epoch (UTC wall clock). The pending list holds (record, line, future,
 # checkpoint) tuples; ``record`` is the full record for checkpoints and json.dumps-path records
 # and, for fast-path records, only what the PostgreSQL sink reads (chain, seq, ts, hash) -- or
@@ -512,6 +568,9 @@ class AuditTrail:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._unsynced_since: float | None = None
+        self._flush_soon = False  # an inline write is scheduled (see _schedule)
+        self._timer_armed = False  # the writer task waits with a timeout
+        self._io_busy = 0  # calls running in the I/O thread
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -596,10 +655,34 @@ class AuditTrail:
                     pass
         if item is None:
             item = (None, None, _now_us(), fut, self._body(fields))
+        return self._admit(item, fut)
+
+    def prepare(self, fields: Mapping[str, Any]) -> RecordForm | None:
+        """The :class:`RecordForm` of statement records with these fields (as for
+        :meth:`record`, without ``rows`` and ``duration_ms``), for :meth:`record_form`; None
+        when these fields need the general path."""
+        bad = RESERVED.intersection(fields)
+        if bad:
+            raise ValueError(f"audit fields may not set {sorted(bad)}")
+        if fields.get("kind") == CHECKPOINT:
+            raise ValueError("audit kind 'checkpoint' is reserved")
+        return _record_form(fields, self.chain_id)
+
+    def record_form(self, form: RecordForm, rows: int, duration_ms: float
+                    ) -> asyncio.Future[None]:
+        """:meth:`record` of ``form``'s fields with these ``rows`` and ``duration_ms`` (an
+        int and a finite float), without encoding the fixed fields again."""
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        return self._admit(((_float_repr(duration_ms), _int_repr(rows)), form, _now_us(), fut,
+                            None), fut)
+
+    def _admit(self, item: _Item, fut: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Queue a record (or fail its future) according to durability and availability."""
         if (self._available and self._strict and not self._closed and not self._final_emitted
                 and len(self._queue) + len(self._pending) < self.settings.max_backlog):
             self._queue.append(item)  # the writer sets the gauge when it takes the group
-            self._wake.set()
+            self._schedule()
             return fut
         if self._closed or self._final_emitted:
             self._fail(fut, "audit trail closed")
@@ -615,8 +698,74 @@ class AuditTrail:
         else:  # batch durability: resolved at once
             fut.set_result(None)
             self._queue.append(item)
+            self._schedule()
+            return fut
         self._wake.set()
         return fut
+
+    # -- the inline writer ----------------------------------------------------------------------
+    # With only a file sink and no fsync per group, writing a group is one write() that does
+    # not block: it is done in a callback on the event loop right after the I/O callbacks that
+    # queued the records (call_soon), not by waking the writer task, which would cost a task
+    # step per group (much more than the write). The task still does everything else: start,
+    # retries and failures, the timed checkpoints and fsyncs, PostgreSQL sinks, closing.
+    def _inline_ready(self) -> bool:
+        return (self._initialized and self._available and not self._closing
+                and self._pg is None and self._file is not None and not self._io_busy
+                and not (self._strict and self.settings.fsync))
+
+    def _schedule(self) -> None:
+        """Have what is queued written soon: inline when possible, else by the task."""
+        if self._flush_soon:
+            return
+        if self._inline_ready():
+            self._flush_soon = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_inline)
+        else:
+            self._wake.set()
+
+    def _flush_inline(self) -> None:
+        self._flush_soon = False
+        if not self._queue:
+            return
+        if not self._inline_ready():
+            self._wake.set()
+            return
+        try:
+            self._form(_now_us())
+            if self._pending and not self._flush_file():
+                self._wake.set()  # failing: the task retries
+                return
+        except Exception as exc:  # noqa: BLE001 - as in _run: a bug must block, not hang
+            log.exception("audit writer error")
+            self._set_failing("writer", _describe(exc))
+            self._wake.set()
+            return
+        if not self._timer_armed:  # the task must start timing the checkpoint and fsync
+            self._wake.set()
+
+    def _flush_file(self) -> bool:
+        """:meth:`_flush` with only the file sink and no fsync per group, synchronously."""
+        total = len(self._pending)
+        sink = self._file
+        assert sink is not None
+        if self._written.get(sink.name, 0) < total:
+            data = b"".join([c[1] for c in self._pending[self._written.get(sink.name, 0):total]])
+            try:
+                result = sink.write(data, sync=False)
+            except Exception as exc:  # noqa: BLE001 - any sink failure blocks (fail closed)
+                if not isinstance(exc, _SINK_ERRORS):
+                    log.exception("audit sink %s failed unexpectedly", sink.name)
+                self._set_failing(sink.name, _describe(exc))
+                return False
+            if result.torn is not None:
+                self._ack_torn(result.torn)
+            if self._unsynced_since is None:
+                self._unsynced_since = time.monotonic()
+            self._written[sink.name] = total
+        self._resolve(total)
+        return True
 
     # -- building records ---------------------------------------------------------------------
     def _plan(self, keys: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -624,7 +773,7 @@ class AuditTrail:
         bad = RESERVED.intersection(keys)
         if bad:
             raise ValueError(f"audit fields may not set {sorted(bad)}")
-        plan = (_plan(keys, self.chain_id)
+        plan = (_plan(keys, self.chain_id)[:2]
                 if all(type(k) is str and (k.isascii() or _utf8(k)) for k in keys) else None)
         if len(self._plans) >= _PLANS_MAX:
             self._plans.clear()
@@ -717,6 +866,18 @@ class AuditTrail:
                 try:
                     if encs is None:
                         self._append(body, ts, fut, checkpoint=False)
+                    elif type(plan) is RecordForm:  # encs: (duration_ms, rows) encoded
+                        seq, prev, ts = self._seq, self._head, ts_text(ts)
+                        p = plan.pieces
+                        data = "".join((p[0], encs[0], p[1], prev, p[2], encs[1], p[3],
+                                        _int_repr(seq), p[4], ts, p[5])).encode()
+                        digest = sha256(data).hexdigest()
+                        rec = {"chain": chain_id, "seq": seq, "ts": ts, "hash": digest} \
+                            if with_record else None
+                        line = data[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
+                        append((rec, line, fut, False))
+                        self._seq = seq + 1
+                        self._head = digest
                     else:  # the fast path: fill the plan's template (see _plan)
                         seq, prev, ts = self._seq, self._head, ts_text(ts)
                         encs += (_int_repr(seq), ts, prev)
@@ -746,8 +907,13 @@ class AuditTrail:
 
     # -- the writer ---------------------------------------------------------------------------
     async def _io(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn`` in the I/O thread; meanwhile nothing is written inline (the sink is busy)."""
         assert self._loop is not None
-        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        self._io_busy += 1
+        try:
+            return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        finally:
+            self._io_busy -= 1
 
     async def _initialize(self) -> bool:
         """Open the sinks and find where this chain left off; False (retry) on I/O errors."""
@@ -843,7 +1009,10 @@ class AuditTrail:
         if self._wake.is_set() or self._cp_request.reasons or self._queue:
             return False
         assert self._loop is not None
-        await self._wake.wait(self._loop, self._next_timeout())
+        timeout = self._next_timeout()
+        self._timer_armed = timeout is not None
+        await self._wake.wait(self._loop, timeout)
+        self._timer_armed = False
         return False
 
     def _next_timeout(self) -> float | None:
@@ -891,6 +1060,11 @@ class AuditTrail:
                 self._set_failing(sink.name, _describe(exc))
                 return False
             self._written[sink.name] = total
+        self._resolve(total)
+        return True
+
+    def _resolve(self, total: int) -> None:
+        """The first ``total`` pending records are in every sink: resolve their futures."""
         done = self._pending[:total]
         del self._pending[:total]
         self._written = {}
@@ -905,7 +1079,6 @@ class AuditTrail:
         self._set_available()
         if self._gauge_value != 0 or self._queue:
             self._gauge()
-        return True
 
     async def _sync(self) -> None:
         self._unsynced_since = None
@@ -986,5 +1159,5 @@ def _describe(exc: BaseException) -> str:
 
 
 __all__ = ["AuditMetrics", "AuditSettings", "AuditTrail", "AuditUnavailable", "CHECKPOINT",
-           "GENESIS", "canonical", "checkpoint_message", "normalize", "parse_ts", "record_hash",
+           "GENESIS", "RecordForm", "canonical", "checkpoint_message", "normalize", "parse_ts", "record_hash",
            "seal"]

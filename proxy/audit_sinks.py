@@ -263,6 +263,8 @@ class FileSink:
         """Whether the next write will rotate (a hint for the trail's "rotate" checkpoint)."""
         if self._fd is None or time.monotonic() < self._rotate_retry_at:
             return False
+        if self._end is not None:  # where our last write ended: no fstat per group (another
+            return self._end[2] >= self.rotate_bytes  # writer's lines only make it later)
         try:
             return os.fstat(self._fd).st_size >= self.rotate_bytes
         except OSError:

@@ -328,6 +328,10 @@ class Runtime:
         record = statements.record
         keys: dict[str, dict[str, tuple[str, str, str]]] = {}
 
+        def memo_hit(seconds: float) -> None:  # a protected statement from the session memo
+            cache_counts.inc(_HIT)
+            rewrite_hist.observe(seconds)
+
         def count_statement(decision: str, kind: str) -> None:
             by_kind = keys.get(decision)
             if by_kind is None:
@@ -358,7 +362,8 @@ class Runtime:
                        plain_memoizable=analyzer.plain_memoizable,
                        statement_key=lambda decision, kind: (role, decision, kind),
                        record_statement=record,
-                       server_prepare=self.config.upstream.prepare_rewritten)
+                       server_prepare=self.config.upstream.prepare_rewritten,
+                       audit_form=self.audit_form, on_memo_hit=memo_hit)
 
     def _current_policy_view(self, login: str, ip: str | None, application: str,
                              database: str) -> tuple[str, OperatorView | None]:
@@ -432,6 +437,48 @@ class Runtime:
                 fields["error"] = _redact_error(fields["error"])
         try:
             return self.audit.record(fields)
+        except Exception as exc:  # the trail counts its own failures
+            log.error("audit record failed: %s", exc)
+            return None
+
+    def audit_form(self, fields: dict[str, Any]) -> AuditForm | None:
+        """The fixed part of a protected statement's audit record and metrics (``fields`` as
+        for :meth:`submit_audit`, without rows, duration_ms and error), for
+        :meth:`submit_form`; None when the general path must be used: literals are not
+        redacted (the statement text then differs from call to call), the decision is a
+        block, or the trail cannot encode these fields in advance."""
+        if fields.get("decision") == "blocked" or (
+                self.audit is not None and not self.config.audit.redact_literals):
+            return None
+        role = fields.get("role", "")
+        record = None
+        if self.audit is not None:
+            fields = dict(fields, statement=_redact(fields.get("statement") or ""))
+            try:
+                record = self.audit.prepare(fields)
+            except ValueError:
+                return None
+            if record is None:
+                return None
+        return AuditForm(record, tuple((role, t) for t in fields.get("tables") or ()),
+                         tuple((role, c) for c in fields.get("lookups") or ()))
+
+    def submit_form(self, form: AuditForm, rows: int, duration_ms: float
+                    ) -> asyncio.Future[None] | None:
+        """:meth:`submit_audit` for a statement whose record is ``form`` with these values."""
+        metrics = self.metrics
+        if rows:
+            counts = metrics.protected_row_counts.pending
+            for key in form.row_keys:
+                counts[key] = counts.get(key, 0) + rows
+        if form.lookup_keys:
+            counts = metrics.lookup_counts.pending
+            for key in form.lookup_keys:
+                counts[key] = counts.get(key, 0) + 1
+        if form.record is None or self.audit is None:
+            return None
+        try:
+            return self.audit.record_form(form.record, rows, duration_ms)
         except Exception as exc:  # the trail counts its own failures
             log.error("audit record failed: %s", exc)
             return None
@@ -620,6 +667,16 @@ def _cert_der(path: Path) -> bytes | None:
 
 
 @functools.lru_cache(maxsize=4096)
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuditForm:
+    """What :meth:`Runtime.submit_form` needs of one protected statement shape: its audit
+    record with rows and duration left open, and its metric label tuples."""
+
+    record: Any  # proxy.audit.RecordForm, or None without an audit trail
+    row_keys: tuple[tuple[str, str], ...]  # (role, table) of pgveil_protected_rows_total
+    lookup_keys: tuple[tuple[str, str], ...]  # (role, column) of the lookup counter
+
+
 def _redact(sql: str) -> str:
     """Literals out of the audited statement; cached because prepared statements repeat."""
     from rewriters.shape import redact_literals

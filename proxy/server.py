@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.session import HeldResult, Output, Session, error_message
+from proxy.session import WITHHELD_RESULT, AuditEvent, HeldResult, Output, Session, error_message
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -137,20 +137,29 @@ class UpstreamProtocol(asyncio.Protocol):
         if self.relaying:
             client = self.client
             session = client.session
-            if session is not None and not client._pending:
-                # hot path: results of pass-through statements, forwarded as they came
-                try:
-                    skip = session.plain_response(data)
-                except Exception:  # noqa: BLE001 - the general path reports it
-                    skip = 0
-                if skip == len(data):
-                    transport = client.transport
-                    if transport is not None and not transport.is_closing():
-                        transport.write(data)
-                    return
-                client.from_server(data, skip)
-            else:
-                client.from_server(data)
+            skip = 0
+            if session is not None:
+                if not client._pending:
+                    # hot path: results of pass-through statements, forwarded as they came
+                    try:
+                        skip = session.plain_response(data)
+                    except Exception:  # noqa: BLE001 - the general path reports it
+                        skip = 0
+                    if skip == len(data):
+                        transport = client.transport
+                        if transport is not None and not transport.is_closing():
+                            transport.write(data)
+                        return
+                if not skip:
+                    # hot path: the whole result of one protected SELECT
+                    try:
+                        done = session.protected_response(data)
+                    except Exception:  # noqa: BLE001 - the general path reports it
+                        done = None
+                    if done is not None:
+                        client.protected_result(*done)
+                        return
+            client.from_server(data, skip)
         else:
             self.reader.feed(data)
 
@@ -231,9 +240,14 @@ class ClientConnection(asyncio.Protocol):
         if session is not None:
             # hot path: one whole Query of a pass-through statement, forwarded as it came
             first = data[0]
-            if (first == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0]
-                    and session.plain_query(data)) or \
-                    (first == 0x42 and len(data) >= 20 and session.plain_batch(data)):
+            if first == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0]:
+                sent = session.fast_query(data)
+                if sent is not None:
+                    up = self.upstream
+                    if up is not None and up.transport is not None:
+                        up.transport.write(sent)
+                    return
+            elif first == 0x42 and len(data) >= 20 and session.fast_batch(data):
                 up = self.upstream
                 if up is not None and up.transport is not None:
                     up.transport.write(data)
@@ -296,6 +310,20 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self._perform(out)
+
+    def protected_result(self, data: bytes, form: Any, rows: int, duration_ms: float) -> None:
+        """Session.protected_response's result: submit its audit record and send ``data``,
+        with strict durability only once the record is written (like a HeldResult)."""
+        future = self.rt.submit_form(form, rows, duration_ms)
+        if future is None or not self.rt.strict_audit:
+            if self._pending:
+                self._pending.append(data)
+                self._release()
+            else:
+                self.send_client(data)
+            return
+        self._pending.append(HeldResult([data], WITHHELD_RESULT, AuditEvent({}, future, held=True)))
+        self._release()
 
     def _perform(self, out: Output) -> None:
         up = self.upstream

@@ -135,6 +135,26 @@ class _StatementRun:
     held_bytes: int = 0
     done: bool = False
     event: AuditEvent | None = None
+    form: Any = None  # its audit form, when the hot path made the run (see _form_for)
+
+
+@dataclass(slots=True)
+class _ProtectedQuery:
+    """A simple Query text whose rewritten SELECT runs as one of pgveil's prepared statements:
+    the memo entry that lets a repeat with other literals skip decoding and analysis.
+
+    Valid for texts with the same bytes outside the literals' spans (``original`` is the text
+    it was made from; a same-key text differs only in digits, and those must all lie inside
+    the spans), under the same view, while ``name`` is still prepared for ``key``."""
+
+    view: OperatorView
+    original: bytes
+    spans: tuple[tuple[int, int, bool], ...]  # byte offsets in the frame; True: a '…' string
+    key: tuple[str, tuple[int, ...]]  # the server statement's (text, parameter types)
+    name: bytes
+    bind_head: bytes  # Bind after its length: portal, statement, formats, parameter count
+    decision: StatementDecision
+    form: Any  # the audit form of its runs
 
 
 @dataclass(slots=True)
@@ -215,6 +235,12 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 _PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x41, 0x31, 0x32, 0x33, 0x6E, 0x74))
 _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
 _PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
+# What may precede the rows of a protected SELECT in protected_response: ParseComplete,
+# BindComplete, RowDescription, NoData, ParameterDescription (extended); RowDescription (a
+# simple Query run as pgveil's prepared statement, after the BindComplete it drops).
+_EXECUTE_PRELUDE = frozenset((0x31, 0x32, 0x54, 0x6E, 0x74))
+_QUERY_PRELUDE = frozenset((0x54,))
+_BIND_COMPLETE = b"2\x00\x00\x00\x04"
 _ZERO_DIGIT_BYTES = bytes.maketrans(b"123456789", b"000000000")
 PLAIN_MEMO_SIZE = 1024  # plain Query texts remembered per session (digits zeroed)
 _DECISION_NAMES = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten",
@@ -244,7 +270,9 @@ class Session:
                  server_prepare: bool = False,
                  plain_memoizable: Callable[[OperatorView], bool] | None = None,
                  statement_key: Callable[[str, str], tuple[str, ...]] | None = None,
-                 record_statement: Callable[[tuple[str, ...]], None] | None = None):
+                 record_statement: Callable[[tuple[str, ...]], None] | None = None,
+                 audit_form: Callable[[dict[str, Any]], Any] | None = None,
+                 on_memo_hit: Callable[[float], None] | None = None):
         # the hot path's way to count a statement: record(statement_key(decision, kind)) is
         # what count_statement(decision, kind) does, with the key built once per kind
         self._statement_key = statement_key
@@ -266,6 +294,14 @@ class Session:
         self._plain_memoizable = plain_memoizable  # may this view's answers be memoised so
         self._plain_memo_view: OperatorView | None = None
         self._audit_lists: dict[int, tuple[Any, ...]] = {}
+        # The protected hot path (see protected_response): the fixed part of a statement's
+        # audit record and metrics, made by the shell's ``audit_form``, per decision and text;
+        # and repeated rewritten SELECTs of simple Queries run as pgveil's prepared statements,
+        # by raw text with digits zeroed (see _memo_protected).
+        self._audit_form = audit_form
+        self._forms: dict[tuple[int, str, str], tuple[Any, ...]] = {}
+        self._protected_memo: dict[bytes, _ProtectedQuery] = {}
+        self._on_memo_hit = on_memo_hit
         self.count_statement = count_statement
         self.observe_duration = observe_duration
         self.hold_protected = hold_protected
@@ -379,10 +415,14 @@ class Session:
         protected = [s for s in analysis.statements if s.protected]
         if not protected:
             return None
+        return self._live_gate(protected[0])
+
+    def _live_gate(self, first: StatementDecision) -> StatementDecision | None:
+        """The checks of a protected statement that depend on time and live state (hours,
+        quota, audit availability), made each time it runs; ``first``: its decision."""
         limits = self.view.limits
         if limits.hours is not None and not _within_hours(limits.hours, limits.timezone,
                                                           self.now()):
-            first = protected[0]
             return StatementDecision(
                 action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
                 columns=first.columns,
@@ -393,12 +433,10 @@ class Session:
         if self.operator is not None:
             exhausted = self.operator.quota_exceeded(self.view)
             if exhausted is not None:
-                first = protected[0]
                 return StatementDecision(
                     action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
                     columns=first.columns, reasons=("quota exhausted",), message=exhausted)
         if not self.audit_available():
-            first = protected[0]
             return StatementDecision(
                 action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
                 columns=first.columns, reasons=("audit unavailable",),
@@ -411,6 +449,18 @@ class Session:
         d = run.decision
         if not (d.protected or self.audit_all):
             return
+        fields = self._audit_fields(run, decision_name)
+        fields.update(rows=run.rows, duration_ms=round((self.clock() - run.started) * 1000, 3),
+                      error=error)
+        event = AuditEvent(fields)
+        run.event = event
+        out.audit.append(event)
+        if d.protected and run.rows and self.operator is not None:
+            self.operator.add_rows(run.rows)
+
+    def _audit_fields(self, run: _StatementRun, decision_name: str) -> dict[str, Any]:
+        """A statement's audit fields except rows, duration_ms and error."""
+        d = run.decision
         fields = dict(self.identity)
         # the list fields of a decision, built once: cache hits and prepared statements share
         # their decision's tuples, so identity finds them (the entry keeps the tuples alive)
@@ -433,13 +483,27 @@ class Session:
             tables=memo[5], columns=memo[6], decision=decision_name,
             reasons=reasons,
             grant=self.operator.grant_id if self.operator is not None else None,
-            rows=run.rows, lookups=memo[7],
-            duration_ms=round((self.clock() - run.started) * 1000, 3), error=error)
-        event = AuditEvent(fields)
-        run.event = event
-        out.audit.append(event)
-        if d.protected and run.rows and self.operator is not None:
-            self.operator.add_rows(run.rows)
+            lookups=memo[7])
+        return fields
+
+    def _form_for(self, run: _StatementRun, decision_name: str) -> Any | None:
+        """The shell's audit form of this run's record (see Runtime.audit_form), made once
+        per decision, statement text and view; None: use the general path."""
+        make = self._audit_form
+        if make is None or run.capped:
+            return None
+        d = run.decision
+        grant = self.operator.grant_id if self.operator is not None else None
+        key = (id(d.reasons), run.source, decision_name)
+        hit = self._forms.get(key)
+        if hit is not None and hit[0] is d.reasons and hit[1] is self.view and hit[2] == grant \
+                and hit[3] is d.tables and hit[4] is d.columns and hit[5] is d.lookups:
+            return hit[6]
+        form = make(self._audit_fields(run, decision_name))
+        if len(self._forms) >= 256:
+            self._forms.clear()
+        self._forms[key] = (d.reasons, self.view, grant, d.tables, d.columns, d.lookups, form)
+        return form
 
     @staticmethod
     def _decision_name(d: StatementDecision) -> str:
@@ -515,6 +579,17 @@ class Session:
                 if not self._reprepare(stmt, parsed, out):
                     return
             decision = self._statements.get(stmt)
+            if decision is not None and decision[0].protected:
+                # each run of a prepared statement meets the hours, the quota and the audit
+                if self.operator is not None:
+                    self.view = self.operator.current()
+                denied = self._live_gate(decision[0])
+                if denied is not None:
+                    self._portals.pop(portal, None)
+                    self._source = decision[1]  # the audit record's statement
+                    self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
+                    self._send_raise(denied, out)
+                    return
             if decision is not None:
                 self._portals[portal] = decision
                 self._counts.pop(("portal", portal.decode("latin-1")), None)
@@ -573,13 +648,15 @@ class Session:
             self.count_statement("blocked", denied.kind)
         self._audit(out, run, "blocked", error=denied.message)
 
-    def plain_query(self, frame: bytes) -> bool:
-        """The shell's hot path: ``frame`` is exactly one complete Query message. True when
-        it is a single pass-through statement (counted and tracked here), which the caller
-        then forwards unchanged; False when :meth:`from_client` must handle it."""
+    def fast_query(self, frame: bytes) -> bytes | None:
+        """The shell's hot path: ``frame`` is exactly one complete Query message. Returns what
+        to send upstream for it, with its slot tracked here: ``frame`` itself for a single
+        pass-through statement, or Bind/Describe/Execute/Sync of pgveil's prepared statement
+        for a repeat of a memoised protected SELECT (:class:`_ProtectedQuery`). None when
+        :meth:`from_client` must handle it."""
         plain = self._plain_kind
-        if plain is None or self._cbuf:
-            return False
+        if self._cbuf:
+            return None
         op = self.operator
         if op is not None:
             # OperatorState.stale(), inlined: this runs for every pass-through statement
@@ -596,14 +673,23 @@ class Session:
         else:
             key, kind = None, None
         if kind is None:
+            protected = self._protected_memo
+            if protected:
+                if key is None:
+                    key = frame.translate(_ZERO_DIGIT_BYTES)
+                entry = protected.get(key)
+                if entry is not None:
+                    return self._run_protected(frame, entry, key)
+            if plain is None:
+                return None
             try:
                 sql = frame[5:-1].decode(self.codec)
             except (UnicodeDecodeError, LookupError):
-                return False
+                return None
             kind = plain(sql, self.view)
             if not kind:
                 self._plain_miss = (frame, sql, kind)  # _on_query need not look again
-                return False
+                return None
             if self.codec == "utf-8" and self._plain_memoizable is not None:
                 if self._plain_memo_view is not self.view or len(memo or ()) >= PLAIN_MEMO_SIZE:
                     memo = self._plain_memo = {} if self._plain_memoizable(self.view) else None
@@ -620,13 +706,91 @@ class Session:
             self.count_statement("allowed", kind)
         self.state = ProtocolState.BUSY
         self._slots.append(_Slot("query", started=self.clock()))
-        return True
+        return frame
 
-    def plain_batch(self, data: bytes) -> bool:
+    def _run_protected(self, frame: bytes, entry: _ProtectedQuery, key: bytes) -> bytes | None:
+        """A memo hit of :meth:`fast_query`: the Bind batch that runs ``entry``'s prepared
+        statement with ``frame``'s literals, or None (the general path decides) when the entry
+        does not hold for this text or something live (hours, quota, audit) must be checked."""
+        started = time.perf_counter()
+        view = self.view
+        if entry.view is not view or self._slots:
+            return None
+        original = entry.original
+        prev = 0
+        for a, b, _ in entry.spans:  # outside the literals: the very bytes of the original
+            if frame[prev:a] != original[prev:a]:
+                return None
+            prev = b
+        if frame[prev:] != original[prev:]:
+            return None
+        if self._server_statements.get(entry.key) != entry.name:
+            del self._protected_memo[key]  # DISCARD / DEALLOCATE: prepared again by the
+            return None  # general path, and memoised again after that
+        limits = view.limits
+        if limits.hours is not None or not self.audit_available() or (
+                limits.quota_rows is not None and self.operator is not None
+                and self.operator.quota_exceeded(view) is not None):
+            return None  # _policy_gate decides (and explains a denial)
+        parts = [entry.bind_head]
+        for a, b, quoted in entry.spans:
+            value = frame[a + 1:b - 1].replace(b"\'\'", b"\'") if quoted else frame[a:b]
+            parts.append(_U32.pack(len(value)))
+            parts.append(value)
+        parts.append(b"\x00\x00")  # results in text format
+        body = b"".join(parts)
+        now = self.clock()
+        run = _StatementRun(entry.decision, now, source=frame[5:-1].decode("ascii"),
+                            form=entry.form)
+        self._slots.append(_Slot("query", runs=[run], started=now, converted=True))
+        self.state = ProtocolState.BUSY
+        if self._on_memo_hit is not None:
+            self._on_memo_hit(time.perf_counter() - started)
+        return _HDR.pack(b"B", len(body) + 4) + body + _DESCRIBE_PORTAL + _EXECUTE_ALL + _SYNC
+
+    def _memo_protected(self, frame: bytes, form: ServerForm, run: _StatementRun) -> None:
+        """Remember a simple Query just sent as pgveil's prepared statement (``run`` its only
+        statement) so that a repeat with other literals of the same lengths skips analysis.
+        Only for ASCII UTF-8 texts (byte and character offsets agree), literals whose type
+        cannot change with their digits (a quoted string, a point number, an integer of at
+        most 9 digits: always int4), SELECTs without cursor or PREPARE bookkeeping, views
+        whose sensitive names hold no digit, and records whose text the shell redacts."""
+        d = run.decision
+        name = self._server_statements.get((form.sql, form.types))
+        if name is None or self._audit_form is None or self.codec != "utf-8" or \
+                d.kind != "select" or d.action is not Action.REWRITE or d.cursor or \
+                d.prepared or len(form.spans) != len(form.types) or not frame.isascii() or \
+                self._plain_memoizable is None or not self._plain_memoizable(self.view):
+            return
+        spans: list[tuple[int, int, bool]] = []
+        for (a, b), oid in zip(form.spans, form.types, strict=True):
+            a, b = a + 5, b + 5
+            literal = frame[a:b]
+            if literal[:1] == b"'":
+                ok = oid == 0
+            elif literal.isdigit():
+                ok = oid == 23 and len(literal) <= 9
+            else:
+                ok = oid == 1700
+            if not ok:
+                return
+            spans.append((a, b, literal[:1] == b"'"))
+        audit_form = self._audit_form(self._audit_fields(run, self._decision_name(d)))
+        if audit_form is None:
+            return
+        memo = self._protected_memo
+        if len(memo) >= PLAIN_MEMO_SIZE:
+            memo.clear()
+        memo[frame.translate(_ZERO_DIGIT_BYTES)] = _ProtectedQuery(
+            self.view, frame, tuple(spans), (form.sql, form.types), name,
+            b"\x00" + name + b"\x00\x00\x00" + _PARAM_COUNT.pack(len(spans)), d, audit_form)
+
+    def fast_batch(self, data: bytes) -> bool:
         """The shell's hot path for the extended protocol: ``data`` is exactly Bind,
-        [Describe,] Execute, Sync of one portal of a statement with no decision to track
-        (pass-through, parsed under the rules in force). True when it is, with the slots
-        the general path would have made; the caller forwards ``data`` unchanged."""
+        [Describe,] Execute, Sync of one portal of a statement parsed under the rules in
+        force, either with no decision to track (pass-through) or a protected SELECT whose
+        live checks (hours, quota, audit) cannot refuse it now. True when it is, with the
+        slots the general path would have made; the caller forwards ``data`` unchanged."""
         if self._cbuf or self._plain_kind is None:
             return False
         n = len(data)
@@ -651,14 +815,31 @@ class Session:
                 data[pos + 5:pos + 5 + len(portal)] != portal:
             return False  # Execute of another portal
         stmt = data[zero + 1:stmt_end]
-        if stmt in self._statements or stmt.startswith(SERVER_STATEMENT_PREFIX):
+        entry = self._statements.get(stmt)
+        if entry is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
             return False
         parsed = self._parsed.get(stmt)
-        if parsed is not None and self.operator is not None and \
-                self.operator.current().policy_version != parsed[2]:
+        op = self.operator
+        view = op.current() if op is not None else self.view
+        if parsed is not None and op is not None and view.policy_version != parsed[2]:
             return False  # re-decided by the general path
-        self._portals.pop(portal, None)
-        self._slots.append(_Slot("execute"))
+        if entry is None:
+            self._portals.pop(portal, None)
+            self._slots.append(_Slot("execute"))
+        else:
+            d = entry[0]
+            limits = view.limits
+            if d.kind != "select" or not d.protected or d.cursor or d.prepared or \
+                    self._audit_form is None or limits.hours is not None or \
+                    not self.audit_available() or (
+                        limits.quota_rows is not None and op is not None
+                        and op.quota_exceeded(view) is not None):
+                return False
+            name = portal.decode("latin-1")
+            self._portals[portal] = entry
+            self._counts.pop(("portal", name), None)
+            self._slots.append(_Slot("execute", runs=[_StatementRun(
+                d, self.clock(), counter_key=("portal", name), source=entry[1])]))
         self._slots.append(_Slot("sync", started=self.clock()))
         self.state = ProtocolState.BUSY
         return True
@@ -666,10 +847,11 @@ class Session:
     def _on_query(self, frame: bytes, out: Output) -> None:
         raw = frame[5:-1]
         if self._plain_miss is None or self._plain_miss[0] is not frame:
-            # the pass-through hot path, unless the shell already asked it about this frame
+            # the hot path, unless the shell already asked it about this frame
             self._plain_miss = None
-            if self.plain_query(frame):
-                out.to_server.append(frame)
+            sent = self.fast_query(frame)
+            if sent is not None:
+                out.to_server.append(sent)
                 return
         miss, self._plain_miss = self._plain_miss, None
         if miss is not None and miss[0] is frame:
@@ -741,6 +923,7 @@ class Session:
         self._slots.append(slot)
         form = analysis.server_form if self.server_prepare and single and not prefix else None
         if form is not None and nothing_pending and self._send_prepared(form, slot, out):
+            self._memo_protected(frame, form, slot.runs[0])
             return
         if analysis.changed:
             out.to_server.append(_frame(b"Q", self._encode_sql(analysis.sql) + b"\x00"))
@@ -1038,7 +1221,7 @@ class Session:
                     del to_client[mark:]
                     if holding.event is not None:
                         holding.event.held = True
-                    to_client.append(HeldResult(holding.held + emitted, _WITHHELD,  # type: ignore[arg-type]
+                    to_client.append(HeldResult(holding.held + emitted, WITHHELD_RESULT,  # type: ignore[arg-type]
                                                 holding.event))
                     holding.held = None
                     start = end
@@ -1116,6 +1299,91 @@ class Session:
                 return pos
             head = slots[0]
         return pos
+
+    def protected_response(self, buf: bytes) -> tuple[bytes, Any, int, float] | None:
+        """The hot path for the whole result of one protected SELECT: ``buf`` holds every
+        message answering the head slot -- a simple Query pgveil ran as its prepared statement
+        (:meth:`fast_query`), or an Execute and its Sync -- up to and including the final
+        ReadyForQuery, with nothing unusual in it (no error, notice, parameter change or row
+        beyond the cap). Returns (the bytes for the client, the audit form, rows, duration in
+        ms) after the bookkeeping the general path would do; the shell submits the record and
+        holds the bytes until it is durable. None: nothing was touched, use from_server."""
+        slots = self._slots
+        if self._sbuf or self._drop_server or self._swallow or self._abort_after_cap or \
+                not slots:
+            return None
+        head = slots[0]
+        runs = head.runs
+        if len(runs) != 1 or head.index:
+            return None
+        run = runs[0]
+        form = run.form
+        kind = head.kind
+        if kind == "execute":
+            if len(slots) != 2 or slots[1].kind != "sync":
+                return None
+            prelude = _EXECUTE_PRELUDE
+        elif kind == "query" and head.converted and form is not None and len(slots) == 1:
+            prelude = _QUERY_PRELUDE
+        else:
+            return None
+        if run.rows or run.held or run.held_bytes or run.denied or run.hidden or run.done:
+            return None
+        d = run.decision
+        n = len(buf)
+        if not d.protected or n < 11 or buf[n - 6] != 0x5A or \
+                buf[n - 5:n - 1] != b"\x00\x00\x00\x05":
+            return None
+        tx = _TX_BY_BYTE.get(buf[n - 1])
+        if tx is None:
+            return None
+        start = 0
+        if head.converted:  # pgveil's BindComplete, not the client's
+            if buf[:5] != _BIND_COMPLETE:
+                return None
+            start = 5
+        last = n - 6
+        unpack = _U32.unpack_from
+        pos, rows, mtype = start, 0, 0
+        while pos < last:
+            mtype = buf[pos]
+            end = pos + 1 + unpack(buf, pos + 1)[0]
+            if mtype == 0x44:
+                rows += 1
+            elif mtype == 0x43:  # CommandComplete: the last message before ReadyForQuery
+                if end != last:
+                    return None
+            elif mtype not in prelude:
+                return None
+            pos = end
+        if pos != last or mtype != 0x43:
+            return None
+        limit = d.row_limit
+        if limit is not None and rows + (self._counts.get(run.counter_key, 0)
+                                         if run.counter_key is not None else 0) > limit:
+            return None  # the general path caps it
+        name = _DECISION_NAMES[d.action]
+        if form is None:
+            form = self._form_for(run, name)
+            if form is None:
+                return None
+        now = self.clock()
+        run.rows, run.done, run.held = rows, True, None
+        if self._holding is run:
+            self._holding = None
+        if run.counter_key is not None:
+            self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + rows
+        if rows and self.operator is not None:
+            self.operator.add_rows(rows)
+        if self.count_statement is not None:
+            self.count_statement(name, d.kind)
+        self.tx = tx
+        slots.popleft()
+        started = slots.popleft().started if kind == "execute" else head.started
+        if started and self.observe_duration is not None:
+            self.observe_duration(now - started)
+        self.state = ProtocolState.READY
+        return (buf[start:] if start else buf), form, rows, round((now - run.started) * 1000, 3)
 
     def _refresh_holding(self) -> None:
         """Which run's output is being held (strict durability): the current run of the head
@@ -1329,7 +1597,7 @@ class ProtocolViolation(Exception):
 
 _HIDDEN = StatementDecision(action=Action.FORWARD, sql="", kind="utility")
 HOLD_LIMIT = 16 * 1024 * 1024  # bytes of one statement's result held for strict durability
-_WITHHELD = error_response(
+WITHHELD_RESULT = error_response(
     "ERROR", DENY_SQLSTATE, "result withheld: its audit record could not be written",
     hint="audit.durability: strict releases no result without its record; the audit sink is "
          "failing (see pgveil's log and pgveil_audit_failures_total)")

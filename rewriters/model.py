@@ -189,6 +189,8 @@ class ServerForm:
     sql: str
     types: tuple[int, ...]
     values: tuple[str, ...]
+    # where each literal is in the analysed text, as (start, end) character offsets
+    spans: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

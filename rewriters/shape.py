@@ -283,9 +283,11 @@ class Template:
     # the parameterised form of a single rewritten SELECT (see ServerForm), else None
     server_sql: str | None = None
 
-    def instantiate(self, literals: tuple[str, ...], started: float | None = None) -> Analysis:
+    def instantiate(self, literals: tuple[str, ...], started: float | None = None,
+                    spans: tuple[tuple[int, int], ...] = ()) -> Analysis:
         """The cached decision with these literals spliced back in; ``started`` (a
-        ``perf_counter`` value) sets ``rewrite_seconds``."""
+        ``perf_counter`` value) sets ``rewrite_seconds``; ``spans`` (where the literals are in
+        the statement's text) go into the server form."""
         if len(self.statements) == 1:
             d, t = self.statements[0]
             decisions: tuple[StatementDecision, ...] = (fast_copy(d, sql=t.fill(literals)),)
@@ -297,7 +299,7 @@ class Template:
             return fast_copy(_CACHED, sql=sql, statements=decisions, rewrite_seconds=took)
         params = [literal_parameter(text) for text in literals]
         form = ServerForm(self.server_sql, tuple(p[0] for p in params),
-                          tuple(p[1] for p in params))
+                          tuple(p[1] for p in params), spans)
         return fast_copy(_CACHED, sql=sql, statements=decisions, rewrite_seconds=took,
                          server_form=form)
 
@@ -365,7 +367,7 @@ class ShapeCache:
             self._entries.move_to_end(key)
             self.hits += 1
             assert isinstance(entry, Template)
-            return entry.instantiate(norm.literals, started)
+            return entry.instantiate(norm.literals, started, norm.spans)
         self.misses += 1
         return Miss(key, norm)
 

@@ -36,7 +36,7 @@ def test_digits_do_not_make_a_new_decision() -> None:
     s, calls = make()
     for n in (1, 22, 333, 9):
         frame = q(f"select abalance from pgbench_accounts where aid = {n}")
-        assert s.plain_query(frame)
+        assert s.fast_query(frame) is frame
         assert s.plain_response(ROW_DESC + data_row(b"0") + complete("SELECT 1") + rfq()) > 0
     assert len(calls) == 3  # 1 and 9 share a key ("0"), 22 and 333 have their own
     assert s.tx is TxStatus.IDLE and not s.busy
@@ -45,17 +45,17 @@ def test_digits_do_not_make_a_new_decision() -> None:
 def test_a_new_view_decides_again() -> None:
     s, calls = make()
     frame = q("select 1")
-    assert s.plain_query(frame)
+    assert s.fast_query(frame) is frame
     s.plain_response(complete("SELECT 1") + rfq())
     s.view = dataclasses.replace(VIEW, policy_version="t2")  # a grant or a reload
-    assert s.plain_query(frame)
+    assert s.fast_query(frame) is frame
     assert len(calls) == 2
 
 
 def test_without_a_memo_every_text_is_decided() -> None:
     s, calls = make(memoizable=False)
     for _ in range(3):
-        assert s.plain_query(q("select 1"))
+        assert s.fast_query(q("select 1")) is not None
         s.plain_response(complete("SELECT 1") + rfq())
     assert len(calls) == 3
 
@@ -63,7 +63,7 @@ def test_without_a_memo_every_text_is_decided() -> None:
 def test_sensitive_text_goes_to_the_full_analysis_once() -> None:
     s, calls = make()
     frame = q("select phone from customers where id = 3")
-    assert not s.plain_query(frame)
+    assert s.fast_query(frame) is None
     out = s.from_client(frame)
     assert b"SELECT masked" in b"".join(out.to_server)
     assert len(calls) == 1  # from_client reused the plain check's answer
@@ -71,7 +71,7 @@ def test_sensitive_text_goes_to_the_full_analysis_once() -> None:
 
 def test_plain_response_stops_at_what_needs_the_general_path() -> None:
     s, _ = make()
-    assert s.plain_query(q("set x = 1"))
+    assert s.fast_query(q("set x = 1")) is not None
     status = frame(b"S", b"x\x001\x00")
     data = complete("SET") + status + rfq()
     # ParameterStatus is tracked by the general path: the prefix stops in front of it
@@ -123,7 +123,7 @@ def test_pass_through_bind_execute_sync_is_tracked_like_the_general_path() -> No
         _parsed(s, "select 1")
     for describe in (True, False):
         data = _batch(describe=describe)
-        assert fast.plain_batch(data)
+        assert fast.fast_batch(data)
         out = slow.from_client(data)
         assert b"".join(out.to_server) == data
         assert [x.kind for x in fast._slots] == [x.kind for x in slow._slots] == \
@@ -137,9 +137,9 @@ def test_pass_through_bind_execute_sync_is_tracked_like_the_general_path() -> No
 def test_batches_needing_the_general_path_are_refused() -> None:
     s, _ = make()
     _parsed(s, "select phone from customers where id = $1")  # protected: has a decision
-    assert not s.plain_batch(_batch())
+    assert not s.fast_batch(_batch())
     _parsed(s, "select 1", b"s2")
-    assert not s.plain_batch(_batch(b"s2", exec_portal=b"other"))  # Execute of another portal
-    assert not s.plain_batch(_batch(b"s2")[:-5])  # no Sync: a pipeline continues
-    assert not s.plain_batch(_batch(b"s2") + frame(b"S", b""))  # more than one batch
-    assert s.plain_batch(_batch(b"s2"))
+    assert not s.fast_batch(_batch(b"s2", exec_portal=b"other"))  # Execute of another portal
+    assert not s.fast_batch(_batch(b"s2")[:-5])  # no Sync: a pipeline continues
+    assert not s.fast_batch(_batch(b"s2") + frame(b"S", b""))  # more than one batch
+    assert s.fast_batch(_batch(b"s2"))

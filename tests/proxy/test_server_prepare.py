@@ -231,7 +231,7 @@ def test_a_client_bind_of_a_pgveil_statement_is_denied() -> None:
     prepared(s)
     bind = frame(b"B", b"\x00pgveil_1\x00\x00\x00\x00\x01\x00\x00\x00\x0299\x00\x00")
     batch = bind + frame(b"E", b"\x00\x00\x00\x00\x00") + frame(b"S", b"")
-    assert not s.plain_batch(batch)
+    assert not s.fast_batch(batch)
     out = s.from_client(batch)
     sent = b"".join(out.to_server)
     assert b"RAISE EXCEPTION" in sent and b"42501" in sent and b"belongs to pgveil" in sent
