@@ -668,12 +668,17 @@ class AuditTrail:
             raise ValueError("audit kind 'checkpoint' is reserved")
         return _record_form(fields, self.chain_id)
 
-    def record_form(self, form: RecordForm, rows: int, duration_ms: float
-                    ) -> asyncio.Future[None]:
+    def record_form(self, form: RecordForm, rows: int, duration_ms: float,
+                    completion: Any = None) -> Any:
         """:meth:`record` of ``form``'s fields with these ``rows`` and ``duration_ms`` (an
-        int and a finite float), without encoding the fixed fields again."""
-        loop = self._loop or asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
+        int and a finite float), without encoding the fixed fields again. ``completion``:
+        resolved instead of a new future -- anything with a Future's ``done``,
+        ``set_result``, ``set_exception`` and ``exception``, called on the loop's thread
+        (it is returned)."""
+        if completion is None:
+            loop = self._loop or asyncio.get_running_loop()
+            completion = loop.create_future()
+        fut = completion
         return self._admit(((_float_repr(duration_ms), _int_repr(rows)), form, _now_us(), fut,
                             None), fut)
 

@@ -328,9 +328,11 @@ class Runtime:
         record = statements.record
         keys: dict[str, dict[str, tuple[str, str, str]]] = {}
 
+        count_hit, observe_rewrite = cache_counts.record, rewrite_hist.observe
+
         def memo_hit(seconds: float) -> None:  # a protected statement from the session memo
-            cache_counts.inc(_HIT)
-            rewrite_hist.observe(seconds)
+            count_hit(_HIT)
+            observe_rewrite(seconds)
 
         def count_statement(decision: str, kind: str) -> None:
             by_kind = keys.get(decision)
@@ -463,9 +465,11 @@ class Runtime:
         return AuditForm(record, tuple((role, t) for t in fields.get("tables") or ()),
                          tuple((role, c) for c in fields.get("lookups") or ()))
 
-    def submit_form(self, form: AuditForm, rows: int, duration_ms: float
-                    ) -> asyncio.Future[None] | None:
-        """:meth:`submit_audit` for a statement whose record is ``form`` with these values."""
+    def submit_form(self, form: AuditForm, rows: int, duration_ms: float,
+                    completion: Any = None) -> Any:
+        """:meth:`submit_audit` for a statement whose record is ``form`` with these values.
+        ``completion``: resolved like the returned future would be (see AuditTrail.record_form);
+        returns it (or a new future), or None without an audit trail."""
         metrics = self.metrics
         if rows:
             counts = metrics.protected_row_counts.pending
@@ -478,7 +482,7 @@ class Runtime:
         if form.record is None or self.audit is None:
             return None
         try:
-            return self.audit.record_form(form.record, rows, duration_ms)
+            return self.audit.record_form(form.record, rows, duration_ms, completion)
         except Exception as exc:  # the trail counts its own failures
             log.error("audit record failed: %s", exc)
             return None

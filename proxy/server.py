@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.session import WITHHELD_RESULT, AuditEvent, HeldResult, Output, Session, error_message
+from proxy.session import WITHHELD_RESULT, HeldResult, Output, Session, error_message
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -119,6 +119,42 @@ def build_startup(params: dict[str, str]) -> bytes:
     body = b"".join(k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items())
     body = struct.pack("!I", PROTOCOL_3) + body + b"\x00"
     return struct.pack("!I", len(body) + 4) + body
+
+
+class _HeldBytes:
+    """A protected result held until its audit record is written (strict durability), and
+    the completion the audit trail resolves for that record: the trail calls ``set_result``
+    (written) or ``set_exception`` (it cannot be) -- the part of the Future interface it uses
+    -- and the connection sends what it holds at once, without a Future and its callback
+    round through the event loop."""
+
+    __slots__ = ("conn", "data", "error", "state")
+    WAITING, WRITTEN, FAILED = 0, 1, 2
+
+    def __init__(self, data: bytes, conn: ClientConnection):
+        self.data = data
+        self.conn = conn
+        self.state = self.WAITING
+        self.error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.state != self.WAITING
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return self.error
+
+    def set_result(self, _result: object) -> None:
+        if not self.state:
+            self.state = self.WRITTEN
+            self.conn._release()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.state:
+            self.state, self.error = self.FAILED, exc
+            self.conn._release()
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -313,17 +349,21 @@ class ClientConnection(asyncio.Protocol):
 
     def protected_result(self, data: bytes, form: Any, rows: int, duration_ms: float) -> None:
         """Session.protected_response's result: submit its audit record and send ``data``,
-        with strict durability only once the record is written (like a HeldResult)."""
-        future = self.rt.submit_form(form, rows, duration_ms)
-        if future is None or not self.rt.strict_audit:
+        with strict durability only once the record is written."""
+        if not self.rt.strict_audit:
+            self.rt.submit_form(form, rows, duration_ms)
             if self._pending:
                 self._pending.append(data)
                 self._release()
             else:
                 self.send_client(data)
             return
-        self._pending.append(HeldResult([data], WITHHELD_RESULT, AuditEvent({}, future, held=True)))
-        self._release()
+        held = _HeldBytes(data, self)
+        if self.rt.submit_form(form, rows, duration_ms, held) is None:
+            held.state = _HeldBytes.WRITTEN  # no trail: nothing to wait for
+        self._pending.append(held)
+        if held.state or len(self._pending) > 1:
+            self._release()
 
     def _perform(self, out: Output) -> None:
         up = self.upstream
@@ -367,8 +407,17 @@ class ClientConnection(asyncio.Protocol):
         batch: list[bytes] = []
         while pending:
             item = pending[0]
-            if isinstance(item, bytes):
+            kind = type(item)
+            if kind is bytes:
                 batch.append(item)
+            elif kind is _HeldBytes:
+                if not item.state:
+                    break  # released by the trail (item.set_result / set_exception)
+                if item.state == _HeldBytes.WRITTEN or \
+                        self.rt.config.audit.on_failure == "allow":
+                    batch.append(item.data)
+                else:
+                    batch.append(WITHHELD_RESULT)
             else:
                 fut = item.event.future if isinstance(item, HeldResult) and item.event \
                     else getattr(item, "future", None)

@@ -278,6 +278,7 @@ class Session:
         self._statement_key = statement_key
         self._record_statement = record_statement if statement_key is not None else None
         self._allowed_keys: dict[str, tuple[str, ...]] = {}
+        self._run_keys: dict[tuple[str, str], tuple[str, ...]] = {}
         # Run a repeated rewritten SELECT of a simple Query as a statement prepared upstream
         # once per connection (PostgreSQL then neither parses nor plans the rewritten text
         # again): shape key -> statement name, and shapes whose Parse failed here.
@@ -1375,7 +1376,13 @@ class Session:
             self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + rows
         if rows and self.operator is not None:
             self.operator.add_rows(rows)
-        if self.count_statement is not None:
+        record = self._record_statement
+        if record is not None:  # count_statement(name, kind) without its call
+            counted = self._run_keys.get((name, d.kind))
+            if counted is None:
+                counted = self._run_keys[(name, d.kind)] = self._statement_key(name, d.kind)
+            record(counted)
+        elif self.count_statement is not None:
             self.count_statement(name, d.kind)
         self.tx = tx
         slots.popleft()
