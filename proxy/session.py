@@ -150,9 +150,10 @@ class _ProtectedQuery:
     view: OperatorView
     original: bytes
     spans: tuple[tuple[int, int, bool], ...]  # byte offsets in the frame; True: a '…' string
-    key: tuple[str, tuple[int, ...]]  # the server statement's (text, parameter types)
-    name: bytes
-    bind_head: bytes  # Bind after its length: portal, statement, formats, parameter count
+    # the Bind/Describe/Execute/Sync to send is pieces[0] value[0] pieces[1] … pieces[n]: a
+    # text of this key has the same length and the same literal lengths, so every byte but
+    # the values' is known in advance
+    pieces: tuple[bytes, ...]
     decision: StatementDecision
     form: Any  # the audit form of its runs
 
@@ -235,6 +236,8 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 _PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x41, 0x31, 0x32, 0x33, 0x6E, 0x74))
 _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
 _PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
+_REWRITE = Action.REWRITE
+_BUSY, _READY = ProtocolState.BUSY, ProtocolState.READY  # module constants: cheaper to load
 # What may precede the rows of a protected SELECT in protected_response: ParseComplete,
 # BindComplete, RowDescription, NoData, ParameterDescription (extended); RowDescription (a
 # simple Query run as pgveil's prepared statement, after the BindComplete it drops).
@@ -680,7 +683,7 @@ class Session:
                     key = frame.translate(_ZERO_DIGIT_BYTES)
                 entry = protected.get(key)
                 if entry is not None:
-                    return self._run_protected(frame, entry, key)
+                    return self._run_protected(frame, entry)
             if plain is None:
                 return None
             try:
@@ -705,49 +708,56 @@ class Session:
             record(counted)
         elif self.count_statement is not None:
             self.count_statement("allowed", kind)
-        self.state = ProtocolState.BUSY
+        self.state = _BUSY
         self._slots.append(_Slot("query", started=self.clock()))
         return frame
 
-    def _run_protected(self, frame: bytes, entry: _ProtectedQuery, key: bytes) -> bytes | None:
+    def _run_protected(self, frame: bytes, entry: _ProtectedQuery) -> bytes | None:
         """A memo hit of :meth:`fast_query`: the Bind batch that runs ``entry``'s prepared
         statement with ``frame``'s literals, or None (the general path decides) when the entry
-        does not hold for this text or something live (hours, quota, audit) must be checked."""
+        does not hold for this text or something live (hours, quota, audit) must be checked.
+        (The memo is emptied whenever the server forgets pgveil's statements.)"""
         started = time.perf_counter()
         view = self.view
         if entry.view is not view or self._slots:
             return None
         original = entry.original
-        prev = 0
-        for a, b, _ in entry.spans:  # outside the literals: the very bytes of the original
-            if frame[prev:a] != original[prev:a]:
+        spans = entry.spans
+        if len(spans) == 1:  # the common lookup: one literal
+            a, b, quoted = spans[0]
+            if frame[:a] != original[:a] or frame[b:] != original[b:]:
+                return None  # outside the literals: the very bytes of the original only
+            value = frame[a + 1:b - 1].replace(b"\'\'", b"\'") if quoted else frame[a:b]
+            pieces = entry.pieces
+            sent = pieces[0] + value + pieces[1]
+        else:
+            prev = 0
+            for a, b, _ in spans:
+                if frame[prev:a] != original[prev:a]:
+                    return None
+                prev = b
+            if frame[prev:] != original[prev:]:
                 return None
-            prev = b
-        if frame[prev:] != original[prev:]:
-            return None
-        if self._server_statements.get(entry.key) != entry.name:
-            del self._protected_memo[key]  # DISCARD / DEALLOCATE: prepared again by the
-            return None  # general path, and memoised again after that
+            parts = []
+            for (a, b, quoted), piece in zip(spans, entry.pieces, strict=False):
+                parts.append(piece)
+                parts.append(frame[a + 1:b - 1].replace(b"\'\'", b"\'") if quoted
+                             else frame[a:b])
+            parts.append(entry.pieces[-1])
+            sent = b"".join(parts)
         limits = view.limits
         if limits.hours is not None or not self.audit_available() or (
                 limits.quota_rows is not None and self.operator is not None
                 and self.operator.quota_exceeded(view) is not None):
             return None  # _policy_gate decides (and explains a denial)
-        parts = [entry.bind_head]
-        for a, b, quoted in entry.spans:
-            value = frame[a + 1:b - 1].replace(b"\'\'", b"\'") if quoted else frame[a:b]
-            parts.append(_U32.pack(len(value)))
-            parts.append(value)
-        parts.append(b"\x00\x00")  # results in text format
-        body = b"".join(parts)
         now = self.clock()
         run = _StatementRun(entry.decision, now, source=frame[5:-1].decode("ascii"),
                             form=entry.form)
         self._slots.append(_Slot("query", runs=[run], started=now, converted=True))
-        self.state = ProtocolState.BUSY
+        self.state = _BUSY
         if self._on_memo_hit is not None:
             self._on_memo_hit(time.perf_counter() - started)
-        return _HDR.pack(b"B", len(body) + 4) + body + _DESCRIBE_PORTAL + _EXECUTE_ALL + _SYNC
+        return sent
 
     def _memo_protected(self, frame: bytes, form: ServerForm, run: _StatementRun) -> None:
         """Remember a simple Query just sent as pgveil's prepared statement (``run`` its only
@@ -764,10 +774,12 @@ class Session:
                 self._plain_memoizable is None or not self._plain_memoizable(self.view):
             return
         spans: list[tuple[int, int, bool]] = []
+        values: list[bytes] = []
         for (a, b), oid in zip(form.spans, form.types, strict=True):
             a, b = a + 5, b + 5
             literal = frame[a:b]
-            if literal[:1] == b"'":
+            quoted = literal[:1] == b"'"
+            if quoted:
                 ok = oid == 0
             elif literal.isdigit():
                 ok = oid == 23 and len(literal) <= 9
@@ -775,16 +787,25 @@ class Session:
                 ok = oid == 1700
             if not ok:
                 return
-            spans.append((a, b, literal[:1] == b"'"))
+            spans.append((a, b, quoted))
+            values.append(literal[1:-1].replace(b"''", b"'") if quoted else literal)
         audit_form = self._audit_form(self._audit_fields(run, self._decision_name(d)))
         if audit_form is None:
             return
+        # the Bind around the values: every length in it is the same for a text of this key
+        body = [b"\x00" + name + b"\x00\x00\x00" + _PARAM_COUNT.pack(len(values))]
+        for v in values:
+            body[-1] += _U32.pack(len(v))
+            body.append(b"")
+        body[-1] += b"\x00\x00"  # results in text format
+        length = sum(len(p) for p in body) + sum(len(v) for v in values) + 4
+        pieces = [b"B" + _U32.pack(length) + body[0], *body[1:]]
+        pieces[-1] += _DESCRIBE_PORTAL + _EXECUTE_ALL + _SYNC
         memo = self._protected_memo
         if len(memo) >= PLAIN_MEMO_SIZE:
             memo.clear()
         memo[frame.translate(_ZERO_DIGIT_BYTES)] = _ProtectedQuery(
-            self.view, frame, tuple(spans), (form.sql, form.types), name,
-            b"\x00" + name + b"\x00\x00\x00" + _PARAM_COUNT.pack(len(spans)), d, audit_form)
+            self.view, frame, tuple(spans), tuple(pieces), d, audit_form)
 
     def fast_batch(self, data: bytes) -> bool:
         """The shell's hot path for the extended protocol: ``data`` is exactly Bind,
@@ -842,7 +863,7 @@ class Session:
             self._slots.append(_Slot("execute", runs=[_StatementRun(
                 d, self.clock(), counter_key=("portal", name), source=entry[1])]))
         self._slots.append(_Slot("sync", started=self.clock()))
-        self.state = ProtocolState.BUSY
+        self.state = _BUSY
         return True
 
     def _on_query(self, frame: bytes, out: Output) -> None:
@@ -1015,6 +1036,7 @@ class Session:
         too. They are prepared again when their shapes come back."""
         self._server_statements.clear()
         self._pending_prepare.clear()
+        self._protected_memo.clear()  # its entries run those statements
 
     def _refresh_prepared(self, analysis: Analysis, prefix: list[str]) -> StatementDecision | None:
         """For each EXECUTE of a SQL-level prepared statement decided under rules that have
@@ -1258,7 +1280,7 @@ class Session:
         the rest goes to :meth:`from_server` with ``skip``."""
         slots = self._slots
         if self._sbuf or not slots or self._drop_server or self._swallow or \
-                self._abort_after_cap or self.state is not ProtocolState.BUSY:
+                self._abort_after_cap or self.state is not _BUSY:
             return 0
         head = slots[0]
         if head.runs or head.kind not in _PLAIN_SLOTS:
@@ -1292,7 +1314,7 @@ class Session:
                 slots.popleft()
                 if head.started and self.observe_duration is not None:
                     self.observe_duration(self.clock() - head.started)
-                self.state = ProtocolState.BUSY if slots else ProtocolState.READY
+                self.state = _BUSY if slots else _READY
             else:
                 return pos
             pos = end
@@ -1332,7 +1354,7 @@ class Session:
             return None
         d = run.decision
         n = len(buf)
-        if not d.protected or n < 11 or buf[n - 6] != 0x5A or \
+        if not d.tables or n < 11 or buf[n - 6] != 0x5A or \
                 buf[n - 5:n - 1] != b"\x00\x00\x00\x05":
             return None
         tx = _TX_BY_BYTE.get(buf[n - 1])
@@ -1363,7 +1385,7 @@ class Session:
         if limit is not None and rows + (self._counts.get(run.counter_key, 0)
                                          if run.counter_key is not None else 0) > limit:
             return None  # the general path caps it
-        name = _DECISION_NAMES[d.action]
+        name = "rewritten" if d.action is _REWRITE else "allowed"
         if form is None:
             form = self._form_for(run, name)
             if form is None:
@@ -1389,7 +1411,7 @@ class Session:
         started = slots.popleft().started if kind == "execute" else head.started
         if started and self.observe_duration is not None:
             self.observe_duration(now - started)
-        self.state = ProtocolState.READY
+        self.state = _READY
         return (buf[start:] if start else buf), form, rows, round((now - run.started) * 1000, 3)
 
     def _refresh_holding(self) -> None:
