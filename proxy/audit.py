@@ -15,6 +15,13 @@ Data flow::
 * Group commit: the writer drains everything queued (up to 4096 records), chains it, writes it
   with one ``write()`` + one ``fsync`` in its own I/O thread, then resolves all the futures.
   While the disk is busy the next group accumulates, so throughput grows with concurrency.
+  With only a file sink and no fsync per group the write cannot block, and a group is chained
+  and written on the event loop right after the I/O callbacks that queued it (``_schedule``)
+  instead of by the task; the task keeps everything else (start, retries, timed checkpoints and
+  fsyncs, the PostgreSQL sink, closing).
+* The hot path's records come as a :class:`RecordForm` (every field encoded once per statement
+  shape) plus rows and duration, and their "future" may be any object with a Future's
+  ``done``/``set_result``/``set_exception``/``exception`` (the shell's held result itself).
 * Chain: every record carries ``seq`` (0, 1, 2, … per chain), ``chain`` (the writer's id: one
   chain per worker process, so workers and replicas sharing a file or a table never contend for
   a head), ``prev`` (the previous record's ``hash``; the first record of a chain has 64 zeros)

@@ -249,3 +249,42 @@ async def test_a_record_json_refuses_is_dropped_and_declared_lost(tmp_path: Path
     assert [r["rows"] for r in recs if r["kind"] == "select"] == [1]
     assert any(r.get("lost") == 1 for r in recs if r["kind"] == "checkpoint")
     assert verify_paths([log], None, closed=True).ok
+
+
+async def test_record_forms_write_the_reference_bytes(tmp_path: Path) -> None:
+    """A RecordForm (fields encoded once per shape) plus rows and duration gives exactly the
+    line record() gives for the same fields, in the same chain, interleaved with dict records
+    and checkpoints; random field values that need the slow encoder get no form."""
+    rng = random.Random(11)
+    log = tmp_path / "a.jsonl"
+    chain_id = "host:1:0"
+    trail = AuditTrail(AuditSettings(file=log, checkpoint_every=50), chain_id=chain_id)
+    await trail.start()
+    expected: list[dict[str, Any]] = []
+    futs = []
+    formless = 0
+    for i in range(600):
+        fields = statement_like(rng, f"s{i % 5}") if i % 3 else rand_fields(rng)
+        rows, duration = fields.pop("rows", None), fields.pop("duration_ms", None)
+        fields.pop("error", None)
+        if not isinstance(rows, int) or isinstance(rows, bool):
+            rows = rng.choice([0, 1, 37])
+        if not isinstance(duration, float) or not math.isfinite(duration):
+            duration = round(rng.random() * 5, 3)
+        reserved = audit.RESERVED.intersection(fields) or fields.get("kind") == "checkpoint"
+        form = None if reserved else trail.prepare(fields)
+        full = {**fields, "rows": rows, "duration_ms": duration}
+        if reserved:
+            continue
+        expected.append(trail._body(full))
+        if form is None:
+            formless += 1
+            futs.append(trail.record(full))
+        else:
+            futs.append(trail.record_form(form, rows, duration))
+    for fut in futs:
+        await fut
+    await trail.close()
+    assert _check(log, chain_id, expected) == len(expected)
+    assert formless and formless < len(expected) // 2
+    assert verify_paths([log], None, closed=True).ok
