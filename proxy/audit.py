@@ -685,9 +685,16 @@ class AuditTrail:
         if completion is None:
             loop = self._loop or asyncio.get_running_loop()
             completion = loop.create_future()
-        fut = completion
-        return self._admit(((_float_repr(duration_ms), _int_repr(rows)), form, _now_us(), fut,
-                            None), fut)
+        item = ((_float_repr(duration_ms), _int_repr(rows)), form, time.time_ns() // 1000,
+                completion, None)
+        if self._available and self._strict and not self._closed and \
+                not self._final_emitted and \
+                len(self._queue) + len(self._pending) < self.settings.max_backlog:
+            self._queue.append(item)  # _admit's common case, inline: once per statement
+            if not self._flush_soon:
+                self._schedule()
+            return completion
+        return self._admit(item, completion)
 
     def _admit(self, item: _Item, fut: asyncio.Future[None]) -> asyncio.Future[None]:
         """Queue a record (or fail its future) according to durability and availability."""
