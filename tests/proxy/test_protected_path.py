@@ -206,3 +206,29 @@ def test_bind_meets_the_quota_each_time() -> None:
     assert bind not in sent and b"quota of 10 protected rows" in sent  # raised by PostgreSQL
     assert out.audit and out.audit[0].fields["decision"] == "blocked"
     assert out.audit[0].fields["statement"] == "SELECT * FROM customers WHERE id = $1"
+
+
+def test_a_new_view_or_forgotten_statements_end_the_memo() -> None:
+    s, _ = make()
+    warm(s)
+    s.view = dataclasses.replace(s.view, policy_version="reloaded")  # a reload or a grant
+    assert s.fast_query(q("SELECT * FROM customers WHERE id = 9")) is None
+    s2, _ = make()
+    warm(s2)
+    s2._forget_server_statements()  # DISCARD ALL / DEALLOCATE ALL seen
+    assert not s2._protected_memo
+    assert s2.fast_query(q("SELECT * FROM customers WHERE id = 9")) is None
+
+
+def test_the_general_path_audits_a_memo_hit_it_takes_over() -> None:
+    s, _ = make()
+    warm(s)
+    assert s.fast_query(q("SELECT * FROM customers WHERE id = 9")) is not None
+    err = frame(b"E", b"SERROR\x00VERROR\x00C57014\x00Mcanceling statement\x00\x00")
+    back = BIND_COMPLETE + err + rfq()
+    assert s.protected_response(back) is None
+    out = s.from_server(back)
+    fields = out.audit[0].fields
+    assert fields["statement"] == "SELECT * FROM customers WHERE id = 9"
+    assert fields["decision"] == "failed" and fields["error"].startswith("57014")
+    assert not s._slots and s.tx is TxStatus.IDLE
