@@ -282,17 +282,20 @@ class ClientConnection(asyncio.Protocol):
         if session is not None:
             # hot path: one whole Query of a pass-through statement, forwarded as it came
             first = data[0]
-            if first == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0]:
-                sent = session.fast_query(data)
-                if sent is not None:
-                    up = self.upstream
-                    if up is not None and up.transport is not None:
-                        up.transport.write(sent)
-                    return
-            elif first == 0x42 and len(data) >= 20 and session.fast_batch(data):
+            try:
+                if first == 0x51 and len(data) == 1 + _I32.unpack_from(data, 1)[0]:
+                    sent = session.fast_query(data)
+                elif first == 0x42 and len(data) >= 20 and session.fast_batch(data):
+                    sent = data
+                else:
+                    sent = None
+            except Exception:  # a bug in a hot path: the general path decides (and reports)
+                log.exception("hot path failed for %s; using the general path", self.peer)
+                sent = None
+            if sent is not None:
                 up = self.upstream
                 if up is not None and up.transport is not None:
-                    up.transport.write(data)
+                    up.transport.write(sent)
                 return
             try:
                 out = session.from_client(data)
