@@ -685,16 +685,8 @@ class AuditTrail:
         if completion is None:
             loop = self._loop or asyncio.get_running_loop()
             completion = loop.create_future()
-        item = ((_float_repr(duration_ms), _int_repr(rows)), form, time.time_ns() // 1000,
-                completion, None)
-        if self._available and self._strict and not self._closed and \
-                not self._final_emitted and \
-                len(self._queue) + len(self._pending) < self.settings.max_backlog:
-            self._queue.append(item)  # _admit's common case, inline: once per statement
-            if not self._flush_soon:
-                self._schedule()
-            return completion
-        return self._admit(item, completion)
+        return self._admit(((_float_repr(duration_ms), _int_repr(rows)), form, _now_us(),
+                            completion, None), completion)
 
     def _admit(self, item: _Item, fut: asyncio.Future[None]) -> asyncio.Future[None]:
         """Queue a record (or fail its future) according to durability and availability."""
@@ -885,25 +877,18 @@ class AuditTrail:
                 try:
                     if encs is None:
                         self._append(body, ts, fut, checkpoint=False)
-                    elif type(plan) is RecordForm:  # encs: (duration_ms, rows) encoded
+                    else:
                         seq, prev, ts = self._seq, self._head, ts_text(ts)
-                        p = plan.pieces
-                        data = "".join((p[0], encs[0], p[1], prev, p[2], encs[1], p[3],
-                                        _int_repr(seq), p[4], ts, p[5])).encode()
-                        digest = sha256(data).hexdigest()
-                        rec = {"chain": chain_id, "seq": seq, "ts": ts, "hash": digest} \
-                            if with_record else None
-                        line = data[:-1] + b',"hash":"' + digest.encode() + b'"}\n'
-                        append((rec, line, fut, False))
-                        self._seq = seq + 1
-                        self._head = digest
-                    else:  # the fast path: fill the plan's template (see _plan)
-                        seq, prev, ts = self._seq, self._head, ts_text(ts)
-                        encs += (_int_repr(seq), ts, prev)
-                        template, getter = plan
-                        out = template[:]
-                        out[1::2] = getter(encs)
-                        data = "".join(out).encode()
+                        if type(plan) is RecordForm:  # encs: (duration_ms, rows) encoded
+                            p = plan.pieces
+                            data = "".join((p[0], encs[0], p[1], prev, p[2], encs[1], p[3],
+                                            _int_repr(seq), p[4], ts, p[5])).encode()
+                        else:  # fill the plan's template (see _plan)
+                            encs += (_int_repr(seq), ts, prev)
+                            template, getter = plan
+                            out = template[:]
+                            out[1::2] = getter(encs)
+                            data = "".join(out).encode()
                         digest = sha256(data).hexdigest()
                         rec = {"chain": chain_id, "seq": seq, "ts": ts, "hash": digest} \
                             if with_record else None

@@ -149,13 +149,7 @@ class _HeldBytes:
     def set_result(self, _result: object) -> None:
         if not self.state:
             self.state = self.WRITTEN
-            conn = self.conn
-            pending = conn._pending
-            if len(pending) == 1 and pending[0] is self:  # the common case: nothing queued
-                pending.popleft()
-                conn.send_client(self.data)
-            else:
-                conn._release()
+            self.conn._release()
 
     def set_exception(self, exc: BaseException) -> None:
         if not self.state:

@@ -56,6 +56,15 @@ def messages(data: bytes) -> list[tuple[bytes, bytes]]:
 RESULT = ROW_DESC + data_row(b"7") + complete("SELECT 1") + rfq()
 
 
+def assert_sent_as_text(s: Session, *ids: int) -> None:
+    """Each lookup goes upstream as the client's text Query (not pgveil's statement)."""
+    for n in ids:
+        up = messages(b"".join(s.from_client(q(f"select * from customers where id = {n}"))
+                               .to_server))
+        assert [t for t, _ in up] == [b"Q"]
+        s.from_server(RESULT)
+
+
 def prepared(s: Session) -> None:
     """First query: sent as text, followed by pgveil's own Parse+Sync."""
     up = messages(b"".join(s.from_client(q("select * from customers where id = 3")).to_server))
@@ -132,11 +141,7 @@ def test_failed_prepare_is_invisible_and_not_retried() -> None:
     err = frame(b"E", b"SERROR\x00VERROR\x00C42P18\x00Mcould not determine data type\x00\x00")
     back = s.from_server(RESULT + err + rfq())
     assert b"".join(back.to_client) == RESULT
-    for _ in range(2):
-        up = messages(b"".join(s.from_client(q("select * from customers where id = 4"))
-                               .to_server))
-        assert [t for t, _ in up] == [b"Q"]
-        s.from_server(RESULT)
+    assert_sent_as_text(s, 4, 4)
 
 
 def test_discard_all_forgets_prepared_statements() -> None:
@@ -219,11 +224,7 @@ def test_a_vanished_statement_stops_preparing_on_the_connection() -> None:
     err = frame(b"E", b"SERROR\x00VERROR\x00C26000\x00Mprepared statement \"pgveil_1\" does "
                 b"not exist\x00\x00")
     s.from_server(err + rfq())
-    for n in (43, 44):
-        up = messages(b"".join(s.from_client(q(f"select * from customers where id = {n}"))
-                               .to_server))
-        assert [t for t, _ in up] == [b"Q"]
-        s.from_server(RESULT)
+    assert_sent_as_text(s, 43, 44)
 
 
 def test_a_client_bind_of_a_pgveil_statement_is_denied() -> None:
