@@ -70,6 +70,7 @@ class Target(enum.Enum):
     DIRECT = "direct"
     PGBOUNCER = "pgbouncer"
     PGVEIL = "pgveil"
+    RELAY = "relay"  # bench/relay.py: the floor of any Python asyncio proxy (opt-in)
 
 
 class Protocol(enum.Enum):
@@ -350,6 +351,25 @@ def start_pgveil(
     return Endpoint(Target.PGVEIL, proc.port, proc.stop, pid=proc.pid)
 
 
+def start_relay(pg: PostgresCluster, cleanup: Cleanup) -> Endpoint:
+    """bench/relay.py in front of PostgreSQL: what forwarding alone costs in Python + uvloop."""
+    port = pick_free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve().parent / "relay.py"), str(port),
+         str(pg.port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def stop() -> None:
+        _stop_process(proc)
+
+    cleanup.push("relay", stop)
+    if not wait_for_port("127.0.0.1", port, 15):
+        raise RuntimeError("bench/relay.py did not listen within 15 s")
+    return Endpoint(Target.RELAY, port, stop, pid=proc.pid)
+
+
 # --------------------------------------------------------------------------- running pgbench
 
 _TPS_RE = re.compile(
@@ -475,10 +495,11 @@ def render_table(
         ratio_cols.append(("pgveil", "pgbouncer"))
     if "pgbouncer" in names and "direct" in names:
         ratio_cols.append(("pgbouncer", "direct"))
+    if "relay" in names and "pgbouncer" in names:
+        ratio_cols.append(("relay", "pgbouncer"))
     header += [f"{a}/{b}" for a, b in ratio_cols]
-    with_cpu = "pgveil" in names
-    if with_cpu:
-        header.append("pgveil cpu µs/txn")
+    cpu_cols = [n for n in ("relay", "pgveil") if n in names]
+    header += [f"{n} cpu µs/txn" for n in cpu_cols]
 
     rows = []
     for case in cases:
@@ -491,8 +512,8 @@ def render_table(
         for a, b in ratio_cols:
             ratio = _median(_ratios(mine, a, b))
             row.append(f"{ratio:.2f}" if ratio else "n/a")
-        if with_cpu:
-            cpu = _median([s.cpu_us for s in mine if s.target == "pgveil"])
+        for name in cpu_cols:
+            cpu = _median([s.cpu_us for s in mine if s.target == name])
             row.append(f"{cpu:.0f}" if cpu else "n/a")
         rows.append(row)
 
@@ -531,7 +552,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="direct,pgbouncer,pgveil",
-        help="comma-separated subset of direct,pgbouncer,pgveil",
+        help="comma-separated subset of direct,pgbouncer,pgveil,relay (relay: bench/relay.py, "
+        "a bare Python relay, the floor of any asyncio proxy)",
     )
     parser.add_argument(
         "--audit",
@@ -595,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 endpoints[Target.PGBOUNCER] = start_pgbouncer(
                     pg, bouncer_bin, args.clients + 4, cleanup
                 )
+            if Target.RELAY in targets:
+                endpoints[Target.RELAY] = start_relay(pg, cleanup)
             if Target.PGVEIL in targets:
                 try:
                     endpoints[Target.PGVEIL] = start_pgveil(
@@ -657,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for note in notes:
             print(f"note: {note}")
     print("\nratios are TPS ratios (1.00 = same throughput; 0.80 = 20% fewer transactions/s);"
-          "\npgveil cpu: CPU time of pgveil's processes per transaction (user + system)")
+          "\ncpu: CPU time of the proxy's processes per transaction (user + system)")
     if args.json:
         args.json.write_text(
             json.dumps(
