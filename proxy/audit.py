@@ -16,8 +16,8 @@ Data flow::
   with one ``write()`` + one ``fsync`` in its own I/O thread, then resolves all the futures.
   While the disk is busy the next group accumulates, so throughput grows with concurrency.
   With only a file sink and no fsync per group the write cannot block, and a group is chained
-  and written on the event loop right after the I/O callbacks that queued it (``_schedule``)
-  instead of by the task; the task keeps everything else (start, retries, timed checkpoints and
+  and written on the event loop a few loop passes after the I/O callbacks that queued it, so
+  that the results arriving meanwhile join it (``_schedule``), instead of by the task; the task keeps everything else (start, retries, timed checkpoints and
   fsyncs, the PostgreSQL sink, closing).
 * The hot path's records come as a :class:`RecordForm` (every field encoded once per statement
   shape) plus rows and duration, and their "future" may be any object with a Future's
@@ -111,6 +111,9 @@ RECORD_FIELDS = ("session", "operator", "role", "client", "application", "databa
                  "duration_ms", "error")
 RESERVED = frozenset({"seq", "ts", "chain", "prev", "hash"})
 GROUP_MAX = 4096
+# The inline writer writes a group on this many passes of the event loop after its first record
+# was queued (see _schedule).
+FLUSH_PASSES = 3
 # The queue gauge is set when a group of more than this many records is taken, when a write
 # completes (unless it stays 0) and during an outage; not per record, as a Gauge.set costs more
 # than a tenth of what a record costs.
@@ -726,15 +729,31 @@ class AuditTrail:
                 and not (self._strict and self.settings.fsync))
 
     def _schedule(self) -> None:
-        """Have what is queued written soon: inline when possible, else by the task."""
+        """Have what is queued written soon: inline when possible, else by the task.
+
+        Inline, the group is written :data:`FLUSH_PASSES` passes of the event loop later, not
+        on the next one: under load each pass delivers only a few results, and the ones that
+        arrive during the extra passes join the group, which shares the per-group costs (the
+        file lock, the write, the callbacks) among more records -- measured with 8 pgbench
+        clients: 8 to 13 µs less CPU per masked lookup than with one pass, the same with five.
+        When the loop is idle the extra passes cost microseconds: a loop with callbacks ready
+        polls for I/O without waiting.
+        """
         if self._flush_soon:
             return
         if self._inline_ready():
             self._flush_soon = True
             assert self._loop is not None
-            self._loop.call_soon(self._flush_inline)
+            self._loop.call_soon(self._flush_pass, FLUSH_PASSES - 1)
         else:
             self._wake.set()
+
+    def _flush_pass(self, passes_left: int) -> None:
+        if passes_left > 0:
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_pass, passes_left - 1)
+        else:
+            self._flush_inline()
 
     def _flush_inline(self) -> None:
         self._flush_soon = False

@@ -383,6 +383,34 @@ async def test_group_commit_throughput(tmp_path: Path, monkeypatch: pytest.Monke
     assert len(statements(log)) == 10_000
 
 
+async def test_records_of_the_next_loop_pass_join_the_group(tmp_path: Path) -> None:
+    """The inline writer waits one more pass of the event loop, so results that arrive in the
+    meantime share the group's single write; a lone record is still written at once."""
+    log = tmp_path / "a.jsonl"
+    trail = AuditTrail(AuditSettings(file=log), chain_id="h")
+    await trail.start()
+    await wait_for(lambda: log.exists() and records(log) != [])  # the start checkpoint
+    assert trail._file is not None
+    sink, real_write, groups = trail._file, trail._file.write, []
+
+    def counting_write(data: bytes, *, sync: bool) -> Any:
+        groups.append(data.count(b"\n"))
+        return real_write(data, sync=sync)
+
+    sink.write = counting_write  # type: ignore[method-assign]
+    first = trail.record(fields(1))
+    await asyncio.sleep(0)  # a pass of the loop later, another result arrives
+    second = trail.record(fields(2))
+    assert not first.done() and not second.done()
+    await asyncio.gather(first, second)
+    assert groups == [2]
+    t0 = time.perf_counter()
+    await trail.record(fields(3))  # idle loop: the extra pass costs next to nothing
+    assert time.perf_counter() - t0 < 0.5 and groups == [2, 1]
+    await trail.close()
+    assert [r["statement"][-7:] for r in statements(log)] == ["/* 1 */", "/* 2 */", "/* 3 */"]
+
+
 async def test_unreachable_postgres_sink_is_unavailable(tmp_path: Path) -> None:
     trail = AuditTrail(AuditSettings(postgres_dsn="postgresql://x:s3cret@127.0.0.1:1/audit"),
                        chain_id="h")
