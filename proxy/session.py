@@ -381,12 +381,17 @@ class Session:
         if self.operator is not None and decoded is None:
             self.view = self.operator.current()
         self._source = sql
+        lex = self.lex
+        if self.state is not ProtocolState.READY or self._slots:
+            # A statement sent earlier has not reached its ReadyForQuery (PostgreSQL reports
+            # changed settings only then): it may have changed how the server lexes this text.
+            lex = LexSettings(lex.standard_conforming_strings, lex.client_encoding, True)
         try:
             if sensitive:
-                analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                analysis = self._analyze(sql, self.view, lex, prepared=self.prepared,
                                          cursors=self.cursors, sensitive=True)
             else:
-                analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                analysis = self._analyze(sql, self.view, lex, prepared=self.prepared,
                                          cursors=self.cursors)
         except Exception as exc:  # fail closed: a statement we could not analyse never runs
             log.exception("analysis failed; statement refused")

@@ -535,6 +535,13 @@ def _lexical_guard(text: str, tokens: list, m: _Mentions, ctx: _Ctx) -> str | No
     if not ctx.lex.standard_conforming_strings and "\\" in text:
         return (f"cannot analyse statement that references {m.names}: backslashes with "
                 "standard_conforming_strings off")
+    if ctx.lex.unsettled and "\\" in text:
+        # An earlier statement still in flight may have turned standard_conforming_strings off
+        # or switched to a client encoding whose multibyte characters swallow a backslash
+        # (GBK 0xAD 0x5C): only a backslash can make such text lex differently.
+        return (f"cannot analyse statement that references {m.names}: backslashes in a "
+                "statement sent before the server answered the previous one (it may change "
+                "standard_conforming_strings or client_encoding)")
     if normalized_encoding(ctx.lex.client_encoding) in UNSAFE_ENCODINGS and not text.isascii():
         return (f"cannot analyse statement that references {m.names}: non-ASCII text in client "
                 f"encoding {ctx.lex.client_encoding}")
