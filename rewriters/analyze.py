@@ -302,7 +302,8 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
         text = sql[span.start : span.end]
         sig = significant(tokenize(text))
         kind = leading_kind(sig)
-        if kind not in FAST_KINDS or (sig and sig[0].keyword in ("prepare", "truncate")):
+        if kind not in FAST_KINDS or (sig and sig[0].keyword in ("prepare", "truncate",
+                                                                 "deallocate")):
             return None
         if kind == "select" and _INTO_RE.search(text.lower()):
             return None
@@ -320,8 +321,10 @@ def _single_plain_kind(sql: str, lowered: str) -> str | None:
     if m is None:
         return None
     kw = m.group(1).lower()
-    if kw == "with" or kw == "prepare" or kw == "truncate":
-        return None  # TRUNCATE ... CASCADE reaches tables it does not name
+    if kw == "with" or kw == "prepare" or kw == "truncate" or kw == "deallocate":
+        # TRUNCATE ... CASCADE reaches tables it does not name; PREPARE / DEALLOCATE change
+        # which decision an EXECUTE inherits (the session settles them on the server's answer)
+        return None
     kind = KEYWORD_KIND.get(kw, "other")
     if kind not in FAST_KINDS:
         return None

@@ -336,6 +336,79 @@ DML_ORACLES = [
 ]
 
 
+# A failed PREPARE / DEALLOCATE must not change which decision an EXECUTE inherits: PostgreSQL
+# keeps the old (rewritten, protected) statement, pgveil used to record the new one.
+NAME_REUSE = [
+    case("prepare-twice-explain-analyze", [
+        "prepare sec_h_p1(int) as select id from customers where id = $1",
+        "prepare sec_h_p1 as select 1",
+        "explain (analyze, costs off, timing off, summary off) execute sec_h_p1(1)"],
+        expect=lambda r: _no_plan_rows(r)),
+    case("prepare-twice-row-cap", [
+        "prepare sec_h_p2 as select id, phone from customers where id > 0",
+        "prepare sec_h_p2 as select 1", "execute sec_h_p2"]),
+    case("failed-deallocate-in-aborted-tx", [
+        "prepare sec_h_p3 as select id, phone from customers where id > 0",
+        "begin", "select 1/0", "deallocate sec_h_p3", "rollback",
+        "prepare sec_h_p3 as select 1", "execute sec_h_p3"]),
+    case("failed-deallocate-then-explain-analyze", [
+        "prepare sec_h_p4(int) as select id from customers where id = $1",
+        "begin", "select 1/0", "deallocate sec_h_p4", "rollback",
+        "prepare sec_h_p4(int) as select $1",
+        "explain (analyze, costs off, timing off, summary off) execute sec_h_p4(1)"],
+        expect=lambda r: _no_plan_rows(r)),
+    case("deallocate-then-reprepare-works", [
+        "prepare sec_h_p5 as select id, phone from customers where id > 0 limit 3",
+        "deallocate sec_h_p5", "prepare sec_h_p5 as select id, phone from customers where id = 3",
+        "execute sec_h_p5"], expect=lambda r: _rows_exactly(r, [(3, "186****4187")])),
+    case("discard-all-then-reprepare-works", [
+        "prepare sec_h_p6 as select id, phone from customers where id = 3",
+        "discard all", "prepare sec_h_p6 as select 2", "execute sec_h_p6"],
+        expect=lambda r: _rows_exactly(r, [(2,)])),
+    case("failed-prepare-name-reusable", [
+        "prepare sec_h_p7 as select nosuchcol from customers where id = 3",
+        "prepare sec_h_p7 as select id from customers where id = 3", "execute sec_h_p7"],
+        expect=lambda r: _rows_exactly(r, [(3,)])),
+]
+
+
+def _no_plan_rows(received: Received) -> None:
+    plan = " ".join(str(v) for row in received.rows for v in row)
+    assert "Rows Removed by Filter" not in plan, plan
+
+
+def _rows_exactly(received: Received, rows: list[tuple[Any, ...]]) -> None:
+    assert received.rows == rows, received.describe()
+
+
+@pytest.mark.parametrize(("sql", "opts"), NAME_REUSE)
+def test_prepared_name_reuse(leak: LeakChecker, sql: Any, opts: dict[str, Any]) -> None:
+    leak.assert_no_leak(sql, **opts)
+
+
+def test_protocol_parse_over_protected_name(leak: LeakChecker) -> None:
+    """A wire Parse of a name that holds a protected SQL-level statement is refused (PostgreSQL
+    would keep the old one), so EXECUTE still runs under the protected decision's row cap."""
+    conn = leak.connect()
+    received = Received()
+    try:
+        conn.execute("prepare sec_h_w1 as select id, phone from customers where id > 0")
+        res = conn.pgconn.prepare(b"sec_h_w1", b"select 1")
+        received.errors.append({"sqlstate": res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+                                .decode() if res.error_field(psycopg.pq.DiagnosticField.SQLSTATE)
+                                else ""})
+        try:
+            rows = conn.execute("execute sec_h_w1").fetchall()
+            received.results.append(ResultSet(["id", "phone"], rows))
+        except psycopg.Error as exc:
+            received.errors.append({"sqlstate": exc.sqlstate or "", "text": str(exc)})
+        received.alive = conn.execute("select 1").fetchone() == (1,)
+    finally:
+        conn.close()
+    leak.check(received, "prepare sec_h_w1 as select id, phone from customers where id > 0")
+    assert "42P05" in received.sqlstates, received.describe()
+
+
 @pytest.mark.parametrize(("sql", "opts"), SQL_AS_TEXT)
 def test_sql_given_as_text(leak: LeakChecker, sql: Any, opts: dict[str, Any]) -> None:
     leak.assert_no_leak(sql, **opts)
