@@ -123,7 +123,7 @@ WHERE n.nspname <> ALL ($1::text[]) AND l.lanname NOT IN ('c', 'internal')
 Node = tuple[str, int]  # ("rel" | "proc" | "rule", oid)
 
 _DYNAMIC_SQL = re.compile(
-    r"\bexecute\b(?!\s+(procedure|function)\b)|\bdblink|_to_xml|\bts_stat\b|\blo_import\b"
+    r"\bexecute\b(?!\s+(procedure|function)\b)|\bdblink|_to_xml|\bts_stat\b|\bts_rewrite\b|\blo_import\b"
     r"|\bpg_read_file\b|\bcopy\b", re.I)
 
 

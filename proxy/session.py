@@ -381,12 +381,17 @@ class Session:
         if self.operator is not None and decoded is None:
             self.view = self.operator.current()
         self._source = sql
+        lex = self.lex
+        if self.state is not ProtocolState.READY or self._slots:
+            # A statement sent earlier has not reached its ReadyForQuery (PostgreSQL reports
+            # changed settings only then): it may have changed how the server lexes this text.
+            lex = LexSettings(lex.standard_conforming_strings, lex.client_encoding, True)
         try:
             if sensitive:
-                analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                analysis = self._analyze(sql, self.view, lex, prepared=self.prepared,
                                          cursors=self.cursors, sensitive=True)
             else:
-                analysis = self._analyze(sql, self.view, self.lex, prepared=self.prepared,
+                analysis = self._analyze(sql, self.view, lex, prepared=self.prepared,
                                          cursors=self.cursors)
         except Exception as exc:  # fail closed: a statement we could not analyse never runs
             log.exception("analysis failed; statement refused")
@@ -885,7 +890,7 @@ class Session:
         if prefix and denied is None:  # EXECUTE now reads the re-prepared statements' decisions
             analysis = self._analyze_sql(raw)
             denied = analysis.denied
-        denied = denied or self._policy_gate(analysis)
+        denied = denied or self._policy_gate(analysis) or self._prepare_collision(analysis)
         slot = _Slot("query", started=self.clock())
         if prefix and denied is None:
             # DEALLOCATE + PREPARE under the current rules, ahead of the client's statements;
@@ -906,7 +911,8 @@ class Session:
             out.to_server.append(_frame(b"Q", sql.encode("utf-8") + b"\x00"))
             return
         if not self.audit_all and not any(
-                st.tables or st.cursor or st.prepared for st in analysis.statements):
+                st.tables or st.cursor or st.prepared or _is_deallocate(st)
+                for st in analysis.statements):
             # the common case (nothing protected, no cursor/prepare bookkeeping): no per-
             # statement tracking, so results flow through with no attribution work
             if self.count_statement is not None:
@@ -938,8 +944,6 @@ class Session:
                 self._prepared_source[st.prepared] = source if single else (
                     sources[i] if sources else st.sql)
                 self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
-            elif st.kind == "utility":
-                self._forget_deallocated(st.sql)
             text = source if single else (sources[i] if sources else st.sql)
             slot.runs.append(_StatementRun(st, now, counter_key=key, source=text))
         self._slots.append(slot)
@@ -1031,6 +1035,16 @@ class Session:
                 self._slots.popleft()
                 self.state = ProtocolState.BUSY if self._slots else ProtocolState.READY
 
+    def _statements_dropped(self, tag: bytes) -> None:
+        """CommandComplete of DISCARD ... / DEALLOCATE ...: after DISCARD ALL or DEALLOCATE
+        ALL the server holds none of the client's prepared statements either (a single
+        DEALLOCATE is settled by its run, see _settle_prepared)."""
+        if self._server_statements:
+            self._forget_server_statements()
+        if tag in (b"DISCARD ALL", b"DEALLOCATE ALL"):
+            self._forget_deallocated("DEALLOCATE ALL")
+            self._parsed = {k: v for k, v in self._parsed.items() if not k}
+
     def _forget_server_statements(self) -> None:
         """The server dropped every prepared statement (DISCARD ALL, DEALLOCATE ALL): ours
         too. They are prepared again when their shapes come back."""
@@ -1061,6 +1075,36 @@ class Session:
             self.prepared[name] = new
             self._prepared_version[name] = self.view.policy_version
         return None
+
+    def _prepare_collision(self, analysis: Analysis) -> StatementDecision | None:
+        """A PREPARE (SQL) of a name that holds a protected statement: PostgreSQL refuses it
+        (42P05) and keeps the old statement, so recording the new decision would make pgveil
+        run the old, protected statement under the new one's rules (no row cap, EXPLAIN
+        ANALYZE allowed). Refused here, like PostgreSQL would."""
+        for st in analysis.statements:
+            if st.kind == "prepare" and st.prepared:
+                old = self.prepared.get(st.prepared)
+                if old is not None and old.protected and not st.protected:
+                    return StatementDecision(
+                        action=Action.DENY, sql=st.sql, kind="prepare", prepared=st.prepared,
+                        sqlstate="42P05", reasons=("prepared statement name in use",),
+                        message=f'prepared statement "{st.prepared}" already exists')
+        return None
+
+    def _settle_prepared(self, d: StatementDecision, error: str | None) -> None:
+        """The server answered a PREPARE or DEALLOCATE: a failed PREPARE created nothing (drop
+        the decision recorded when it was sent), a DEALLOCATE is forgotten only once done (or
+        when the statement did not exist): until then the old decision stays in force."""
+        if d.kind == "prepare" and d.prepared and error is not None:
+            if self.prepared.get(d.prepared) is d:
+                self.prepared.pop(d.prepared, None)
+                self._prepared_version.pop(d.prepared, None)
+                self._prepared_source.pop(d.prepared, None)
+                key = d.prepared.encode(self.codec, "replace")
+                if self._statements.get(key, (None,))[0] is d:
+                    self._statements.pop(key, None)
+        elif _is_deallocate(d) and (error is None or error.startswith("26000")):
+            self._forget_deallocated(d.sql)
 
     def _forget_deallocated(self, text: str) -> None:
         m = _DEALLOCATE.match(text)
@@ -1147,6 +1191,19 @@ class Session:
             self._send_raise(denied, out)
             return
         st = analysis.statements[0] if analysis.statements else None
+        held = self._statements.get(name) if name else None
+        if held is not None and held[0].protected and (st is None or not st.protected):
+            # PostgreSQL refuses a named Parse of an existing name (42P05) and keeps the old
+            # statement: recording this one would run the old, protected statement under the
+            # new one's rules (no row cap, EXPLAIN ANALYZE EXECUTE allowed)
+            collision = StatementDecision(
+                action=Action.DENY, sql="", kind="prepare", sqlstate="42P05",
+                reasons=("prepared statement name in use",),
+                message=f'prepared statement "{name.decode(self.codec, "replace")}" already '
+                        "exists")
+            self._deny_runs(Analysis(sql="", statements=(collision,)), collision, out)
+            self._send_raise(collision, out)
+            return
         self._remember_statement(name, st, self._source, rest)
         if analysis.changed:
             sql = self._encode_sql(analysis.sql)
@@ -1299,9 +1356,9 @@ class Session:
                 continue
             kind = head.kind
             if mtype == 0x43 or mtype == 0x73 or mtype == 0x49:  # C, s, I: completions
-                if mtype == 0x43 and buf[pos + 5] == 0x44 and self._server_statements and \
+                if mtype == 0x43 and buf[pos + 5] == 0x44 and \
                         buf[pos + 5:pos + 8] in (b"DIS", b"DEA"):
-                    self._forget_server_statements()  # DISCARD ALL / DEALLOCATE [ALL]
+                    self._statements_dropped(buf[pos + 5:end - 1])  # DISCARD / DEALLOCATE
                 if kind == "execute":
                     slots.popleft()
                 elif kind != "query":
@@ -1448,6 +1505,8 @@ class Session:
             self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
             run.done = True
+            if not run.denied and not run.hidden:
+                self._settle_prepared(run.decision, error)
             if run.counter_key is not None:
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
             if not run.denied:
@@ -1496,8 +1555,8 @@ class Session:
         if self._drop_server:
             return
         if mtype in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQueryResponse
-            if mtype == 0x43 and self._server_statements and frame[5:8] in (b"DIS", b"DEA"):
-                self._forget_server_statements()  # DISCARD ALL / DEALLOCATE [ALL]
+            if mtype == 0x43 and frame[5:8] in (b"DIS", b"DEA"):
+                self._statements_dropped(frame[5:-1])  # DISCARD ALL / DEALLOCATE [ALL]
             if run is not None and run.capped:
                 out.to_client.append(self._row_limit_error(run))
                 self._finish_run(slot, run, out, error="row limit exceeded")  # type: ignore[arg-type]
@@ -1618,6 +1677,10 @@ class Session:
             self.codec = python_codec(value) or "utf-8"
         elif name == "standard_conforming_strings":
             self.lex = LexSettings(value == "on", self.lex.client_encoding)
+
+
+def _is_deallocate(st: StatementDecision) -> bool:
+    return st.kind == "utility" and _DEALLOCATE.match(st.sql) is not None
 
 
 class ProtocolViolation(Exception):

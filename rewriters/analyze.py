@@ -302,7 +302,8 @@ def fast_path(sql: str, cv: CompiledView, started: float | None = None) -> Analy
         text = sql[span.start : span.end]
         sig = significant(tokenize(text))
         kind = leading_kind(sig)
-        if kind not in FAST_KINDS or (sig and sig[0].keyword in ("prepare", "truncate")):
+        if kind not in FAST_KINDS or (sig and sig[0].keyword in ("prepare", "truncate",
+                                                                 "deallocate")):
             return None
         if kind == "select" and _INTO_RE.search(text.lower()):
             return None
@@ -320,8 +321,10 @@ def _single_plain_kind(sql: str, lowered: str) -> str | None:
     if m is None:
         return None
     kw = m.group(1).lower()
-    if kw == "with" or kw == "prepare" or kw == "truncate":
-        return None  # TRUNCATE ... CASCADE reaches tables it does not name
+    if kw == "with" or kw == "prepare" or kw == "truncate" or kw == "deallocate":
+        # TRUNCATE ... CASCADE reaches tables it does not name; PREPARE / DEALLOCATE change
+        # which decision an EXECUTE inherits (the session settles them on the server's answer)
+        return None
     kind = KEYWORD_KIND.get(kw, "other")
     if kind not in FAST_KINDS:
         return None
@@ -535,6 +538,13 @@ def _lexical_guard(text: str, tokens: list, m: _Mentions, ctx: _Ctx) -> str | No
     if not ctx.lex.standard_conforming_strings and "\\" in text:
         return (f"cannot analyse statement that references {m.names}: backslashes with "
                 "standard_conforming_strings off")
+    if ctx.lex.unsettled and "\\" in text:
+        # An earlier statement still in flight may have turned standard_conforming_strings off
+        # or switched to a client encoding whose multibyte characters swallow a backslash
+        # (GBK 0xAD 0x5C): only a backslash can make such text lex differently.
+        return (f"cannot analyse statement that references {m.names}: backslashes in a "
+                "statement sent before the server answered the previous one (it may change "
+                "standard_conforming_strings or client_encoding)")
     if normalized_encoding(ctx.lex.client_encoding) in UNSAFE_ENCODINGS and not text.isascii():
         return (f"cannot analyse statement that references {m.names}: non-ASCII text in client "
                 f"encoding {ctx.lex.client_encoding}")

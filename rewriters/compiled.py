@@ -33,7 +33,7 @@ POSTGRES = Postgres()
 #   u&            U&"..." identifiers spell any name with escapes (\0063ustomers)
 #   xml           query_to_xml / table_to_xml / cursor_to_xml / schema_to_xml / database_to_xml
 #                 run SQL or read relations given as strings or OIDs
-#   ts_stat       runs a query given as text
+#   ts_stat, ts_rewrite   run a query given as text (ts_rewrite(tsquery, text))
 #   dblink        runs SQL over a (loopback) connection
 #   crosstab, connectby   tablefunc: SQL text / relation names as strings
 #   regclass      turns strings or OIDs into relations (::regclass, to_regclass)
@@ -42,7 +42,7 @@ POSTGRES = Postgres()
 #   raw_page, page_items           pageinspect reads raw heap pages
 #   set_config, authorization      role switching (set_config('role', ..), SET SESSION AUTHORIZATION)
 _RISKY_SUBSTRINGS = (
-    "u&", "xml", "ts_stat", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
+    "u&", "xml", "ts_stat", "ts_rewrite", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
     "pg_read", "lo_import", "lo_export", "raw_page", "page_items", "set_config", "authorization",
 )
 # Whole words (identifier boundaries): SET ROLE / RESET ROLE / ALTER ROLE ... SET role.

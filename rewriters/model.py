@@ -135,6 +135,11 @@ class LexSettings:
 
     standard_conforming_strings: bool = True
     client_encoding: str = "UTF8"
+    # An earlier statement of the session is still running (or its ParameterStatus reports,
+    # which PostgreSQL sends with ReadyForQuery, have not arrived): it may have changed the two
+    # settings above, so this text may be read under other ones (a pipelined
+    # ``SET standard_conforming_strings = off`` or ``SET client_encoding = 'GBK'``).
+    unsettled: bool = False
 
 
 class Action(enum.Enum):

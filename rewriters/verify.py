@@ -42,6 +42,10 @@ DENIED_FUNCTIONS = frozenset({
     "gin_leafpage_items", "hash_page_items",
 })
 DENIED_FUNCTION_PREFIXES = ("dblink", "crosstab")
+# Functions that run SQL given as text in some of their forms: allowed only in the harmless form,
+# with exactly this many positional arguments. ``ts_rewrite(query, select text)`` runs its second
+# argument as a query (any text, e.g. ``concat('... from cust', 'omers')``, or a parameter).
+SQL_TEXT_OVERLOADS = {"ts_rewrite": 3}
 DENIED_FUNCTION_SUFFIXES = ("_to_xml", "_to_xmlschema", "_to_xml_and_xmlschema")
 ROLE_SETTINGS = frozenset({"role", "session_authorization"})
 # Where statement text can be read back; denied for a view with a ``hash`` mask (the rewritten
@@ -60,6 +64,24 @@ PACKING_AGGREGATES = frozenset({
     "jsonb_object_agg_unique_strict", "json_arrayagg", "json_objectagg", "xmlagg", "range_agg",
     "multirange_agg",
 })
+
+
+# Ordered-set aggregates that return an array when given an array of fractions.
+PERCENTILE_AGGREGATES = frozenset({"percentile_disc", "percentile_cont"})
+
+
+def _scalar_number(value: Any) -> bool:
+    """A numeric constant (``0.5``, ``1``, ``0.5::float8``): one fraction, not an array."""
+    n = _node(value)
+    if n is None:
+        return False
+    kind, body = n
+    if kind == "A_Const":
+        return "ival" in body or "fval" in body
+    if kind == "TypeCast":
+        type_name = body.get("typeName") or {}
+        return not type_name.get("arrayBounds") and _scalar_number(body.get("arg"))
+    return False
 
 
 @dataclass
@@ -241,8 +263,12 @@ class _Walker:
         elif ntype == "SubLink" and body.get("subLinkType") == "ARRAY_SUBLINK":
             self.packing.append("ARRAY(subquery)")
         elif ntype == "TypeCast":
-            names = _strings((_node(body.get("typeName")) or ("", {}))[1].get("names"))
-            if self.restricted and names and names[-1] == "regclass":
+            # libpg_query's JSON gives typeName as a bare field dict (no "TypeName" key)
+            type_name = body.get("typeName")
+            wrapped = _node(type_name)
+            fields = wrapped[1] if wrapped else type_name if isinstance(type_name, dict) else {}
+            names = _strings(fields.get("names"))
+            if self.restricted and names and names[-1].lower() == "regclass":
                 self.deny("casts to regclass are not allowed for masked roles")
         elif ntype == "VariableSetStmt":
             if self.restricted and str(body.get("name", "")).lower() in ROLE_SETTINGS:
@@ -373,6 +399,8 @@ class _Walker:
             return
         if self.inside(self.pos(body.get("location")), self.generated):
             return
+        if name == "regclass" and len(body.get("args") or []) == 1:
+            self.deny("casts to regclass are not allowed for masked roles")  # regclass('t')
         if (
             name in DENIED_FUNCTIONS
             or name.startswith(DENIED_FUNCTION_PREFIXES)
@@ -380,10 +408,22 @@ class _Walker:
         ):
             self.deny(f"function {name}() reads data named in strings and is not allowed for "
                       "masked roles")
+        harmless = SQL_TEXT_OVERLOADS.get(name)
+        if harmless is not None:
+            args = body.get("args") or []
+            named = any((_node(a) or ("", {}))[0] == "NamedArgExpr" for a in args)
+            if len(args) != harmless or named or body.get("func_variadic"):
+                self.deny(f"function {name}() with these arguments runs SQL given as text and "
+                          "is not allowed for masked roles")
         if self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
             self.deny(f"{name}() {_KEY_REASON}")
         if name in PACKING_AGGREGATES:
             self.packing.append(f"{name}()")
+        elif name in PERCENTILE_AGGREGATES and not _scalar_number(
+                (body.get("args") or [None])[0]):
+            # percentile_disc(ARRAY[0, 0.01, ...]) WITHIN GROUP (ORDER BY col) returns one
+            # value per fraction: a whole column in one row
+            self.packing.append(f"{name}() of several fractions")
         if name == "set_config":
             args = body.get("args") or []
             first = _node(args[0]) if args else None
