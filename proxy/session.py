@@ -175,6 +175,32 @@ class _Slot:
     # including its last ReadyForQuery (``hidden_z`` of them) is pgveil's
     prepare_key: tuple[str, tuple[int, ...]] | None = None
     hidden_z: int = 1
+    # sync / query slots: the Parse and Close messages sent since the previous one, settled
+    # at this slot's ReadyForQuery (see _StatementChange)
+    changes: list[_StatementChange] | None = None
+
+
+class _StatementChange:
+    """A Parse or Close sent upstream whose answer (ParseComplete / CloseComplete) has not come.
+
+    pgveil records a prepared statement's decision when it forwards the Parse (the Bind in the
+    same batch needs it) and forgets it when it forwards the Close. The server may not do either:
+    after an error it skips every message until Sync, a failed Parse creates nothing, and a
+    named Parse of an existing name fails. Then the decision recorded must go back to what it
+    was (``before``), or a Bind of a protected statement the server still holds would run as
+    no one's -- without row cap or audit record. The server answers in order, so each answer
+    settles the oldest change still waiting; at the batch's ReadyForQuery the ones never
+    answered are taken back. ``name`` None: a change pgveil does not track by name (a portal,
+    its own re-prepare's Close), counted only to keep the answers in step.
+    """
+
+    __slots__ = ("answer", "before", "name", "settled")
+
+    def __init__(self, answer: int, name: bytes | None, before: tuple[Any, ...] | None) -> None:
+        self.answer = answer  # 0x31 ParseComplete or 0x33 CloseComplete
+        self.name = name
+        self.before = before
+        self.settled = False
 
 
 def _frame(type_byte: bytes, payload: bytes) -> bytes:
@@ -336,6 +362,10 @@ class Session:
         # policy version it was decided under) — to re-decide it when the rules change
         self._parsed: dict[bytes, tuple[str, bytes, str]] = {}
         self._swallow = 0  # completions of messages pgveil injected, not to be forwarded
+        # Parse/Close sent upstream and not yet answered, oldest first; and those of the batch
+        # the client has not ended with Sync (or Query) yet (see _StatementChange)
+        self._changes: deque[_StatementChange] = deque()
+        self._batch_changes: list[_StatementChange] = []
         self._prepared_version: dict[str, str] = {}  # SQL-level PREPARE → policy version
         self._prepared_source: dict[str, str] = {}  # SQL-level PREPARE → the client's text
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
@@ -562,7 +592,14 @@ class Session:
 
     def _client_message(self, mtype: int, frame: bytes, out: Output) -> None:
         if mtype == 0x51:  # Query
+            made = len(self._slots)
             self._on_query(frame, out)
+            if self._batch_changes:  # a Query ends an extended batch like a Sync
+                new_slots = list(self._slots)[made:]
+                for slot in reversed(new_slots):
+                    if slot.kind in ("query", "sync"):
+                        slot.changes = (slot.changes or []) + self._take_batch_changes()
+                        break
         elif mtype == 0x50:  # Parse
             self._on_parse(frame, out)
         elif mtype == 0x42:  # Bind
@@ -624,13 +661,20 @@ class Session:
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x53:  # Sync
-            self._slots.append(_Slot("sync", started=self.clock()))
+            self._slots.append(_Slot("sync", started=self.clock(),
+                                     changes=self._take_batch_changes()))
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x43:  # Close
             kind = frame[5:6]
             name, _ = _cstr(frame, 6)
-            (self._statements if kind == b"S" else self._portals).pop(name, None)
+            if kind == b"S":
+                before = self._statement_state(name)
+                self._forget_statement(name)
+                self._sent_change(0x33, name, before)
+            else:
+                self._portals.pop(name, None)
+                self._sent_change(0x33, None, None)
             out.to_server.append(frame)
         elif mtype == 0x46:  # FunctionCall: calls any function by OID, invisible to SQL analysis
             if self.view.unrestricted:
@@ -664,7 +708,7 @@ class Session:
         for a repeat of a memoised protected SELECT (:class:`_ProtectedQuery`). None when
         :meth:`from_client` must handle it."""
         plain = self._plain_kind
-        if self._cbuf:
+        if self._cbuf or self._batch_changes:
             return None
         op = self.operator
         if op is not None:
@@ -818,7 +862,7 @@ class Session:
         force, either with no decision to track (pass-through) or a protected SELECT whose
         live checks (hours, quota, audit) cannot refuse it now. True when it is, with the
         slots the general path would have made; the caller forwards ``data`` unchanged."""
-        if self._cbuf or self._plain_kind is None:
+        if self._cbuf or self._plain_kind is None or self._batch_changes:
             return False
         n = len(data)
         unpack = _U32.unpack_from
@@ -1131,17 +1175,24 @@ class Session:
             denied = denied or StatementDecision(action=Action.DENY, sql=source, kind="other",
                                                  message="statement no longer allowed")
             self._deny_runs(analysis, denied, out)
-            self._statements.pop(name, None)
-            self._parsed.pop(name, None)
+            # Keep what we know of it: the server still holds the statement prepared under
+            # the old rules, and forgetting it would let the next Bind run it as if it were
+            # no one's (unaudited, uncapped). Its old policy version makes every Bind decide
+            # again -- and refuse again.
             self._send_raise(denied, out)
             return False
         st = analysis.statements[0]
+        before = self._statement_state(name)
         self._remember_statement(name, st, source, rest)
         sql = self._encode_sql(analysis.sql) if analysis.changed else \
             source.encode(self.codec, "replace")
         out.to_server.append(_frame(b"C", b"S" + name + b"\x00"))
         out.to_server.append(_frame(b"P", name + b"\x00" + sql + b"\x00" + rest))
         self._swallow += 2  # the CloseComplete and ParseComplete the client did not ask for
+        # skipped (an earlier error in the batch), the old statement and its old policy
+        # version come back, so the next Bind re-prepares it again
+        self._sent_change(0x33, None, None)
+        self._sent_change(0x31, name, before)
         return True
 
     def _send_raise(self, denied: StatementDecision, out: Output) -> None:
@@ -1149,11 +1200,76 @@ class Session:
         then skips the client's remaining batch messages until Sync, as it would for any failed
         Parse or Bind."""
         sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message).encode()
+        before = self._statement_state(b"")
+        self._forget_statement(b"")  # the server's unnamed statement is now this raise
         out.to_server.append(_frame(b"P", b"\x00" + sql + b"\x00\x00\x00"))
         out.to_server.append(_frame(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
         out.to_server.append(_frame(b"E", b"\x00\x00\x00\x00\x00"))
+        self._sent_change(0x31, b"", before)
         slot = _Slot("execute", runs=[_StatementRun(denied, self.clock(), denied=True)])
         self._slots.append(slot)
+
+    # -- statement changes the server has not answered (see _StatementChange) ---------------
+    def _statement_state(self, name: bytes) -> tuple[Any, ...]:
+        """What pgveil records under a statement name, to put back with _restore_statement."""
+        key = name.decode(self.codec, "replace") if name else None
+        return (self._parsed.get(name), self._statements.get(name),
+                self.prepared.get(key) if key is not None else None)
+
+    def _restore_statement(self, name: bytes, state: tuple[Any, ...]) -> None:
+        parsed, decision, prepared = state
+        for table, value in ((self._parsed, parsed), (self._statements, decision)):
+            if value is None:
+                table.pop(name, None)
+            else:
+                table[name] = value
+        if name:
+            key = name.decode(self.codec, "replace")
+            if prepared is None:
+                self.prepared.pop(key, None)
+            else:
+                self.prepared[key] = prepared
+
+    def _forget_statement(self, name: bytes) -> None:
+        self._restore_statement(name, (None, None, None))
+
+    def _sent_change(self, answer: int, name: bytes | None, before: tuple[Any, ...] | None
+                     ) -> None:
+        change = _StatementChange(answer, name, before)
+        self._changes.append(change)
+        self._batch_changes.append(change)
+
+    def _take_batch_changes(self) -> list[_StatementChange] | None:
+        if not self._batch_changes:
+            return None
+        changes, self._batch_changes = self._batch_changes, []
+        return changes
+
+    def _change_answered(self, mtype: int) -> None:
+        """A ParseComplete or CloseComplete (the client's or pgveil's): the oldest change still
+        waiting happened on the server."""
+        changes = self._changes
+        while changes and changes[0].settled:
+            changes.popleft()
+        if not changes:
+            return
+        change = changes.popleft()
+        change.settled = True
+        if change.answer != mtype:  # answers come in order: this would be a bug of ours
+            log.warning("statement change answered by %r, expected %r", chr(mtype),
+                        chr(change.answer))
+
+    def _settle_changes(self, changes: list[_StatementChange]) -> None:
+        """ReadyForQuery of the batch that sent ``changes``: the server skipped (or refused)
+        every one it did not answer, so pgveil takes them back, newest first."""
+        for change in reversed(changes):
+            if not change.settled:
+                change.settled = True
+                if change.name is not None and change.before is not None:
+                    self._restore_statement(change.name, change.before)
+        changes_left = self._changes
+        while changes_left and changes_left[0].settled:
+            changes_left.popleft()
 
     def _remember_statement(self, name: bytes, st: StatementDecision | None, source: str,
                             rest: bytes) -> None:
@@ -1185,9 +1301,9 @@ class Session:
                 message="cannot insert multiple commands into a prepared statement"),))
         denied = analysis.denied or self._policy_gate(analysis)
         if denied is not None:
+            # never sent: the server keeps what it holds under ``name`` (the unnamed statement
+            # becomes our raise, see _send_raise)
             self._deny_runs(analysis, denied, out)
-            self._statements.pop(name, None)
-            self._parsed.pop(name, None)
             self._send_raise(denied, out)
             return
         st = analysis.statements[0] if analysis.statements else None
@@ -1204,12 +1320,14 @@ class Session:
             self._deny_runs(Analysis(sql="", statements=(collision,)), collision, out)
             self._send_raise(collision, out)
             return
+        before = self._statement_state(name)
         self._remember_statement(name, st, self._source, rest)
         if analysis.changed:
             sql = self._encode_sql(analysis.sql)
             out.to_server.append(_frame(b"P", name + b"\x00" + sql + b"\x00" + rest))
         else:
             out.to_server.append(frame)
+        self._sent_change(0x31, name, before)
 
     # ------------------------------------------------------------------ server side
     def from_server(self, data: bytes, skip: int = 0) -> Output:
@@ -1260,6 +1378,8 @@ class Session:
                 if self.hold_protected:
                     self._refresh_holding()
                 continue
+            if (mtype == 0x31 or mtype == 0x33) and self._changes:  # Parse/CloseComplete
+                self._change_answered(mtype)
             if mtype == 0x44:  # DataRow: the hot path
                 if slots:
                     head = slots[0]
@@ -1337,7 +1457,7 @@ class Session:
         the rest goes to :meth:`from_server` with ``skip``."""
         slots = self._slots
         if self._sbuf or not slots or self._drop_server or self._swallow or \
-                self._abort_after_cap or self.state is not _BUSY:
+                self._abort_after_cap or self.state is not _BUSY or self._changes:
             return 0
         head = slots[0]
         if head.runs or head.kind not in _PLAIN_SLOTS:
@@ -1390,7 +1510,7 @@ class Session:
         holds the bytes until it is durable. None: nothing was touched, use from_server."""
         slots = self._slots
         if self._sbuf or self._drop_server or self._swallow or self._abort_after_cap or \
-                not slots:
+                not slots or self._changes:
             return None
         head = slots[0]
         runs = head.runs
@@ -1527,6 +1647,8 @@ class Session:
             # pop up to and including the slot this ReadyForQuery closes
             while self._slots:
                 s = self._slots.popleft()
+                if s.changes:
+                    self._settle_changes(s.changes)
                 if s.kind in ("sync", "query", "inject"):
                     if s.started and self.observe_duration is not None:
                         self.observe_duration(self.clock() - s.started)

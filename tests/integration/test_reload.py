@@ -187,6 +187,38 @@ def test_tightened_policy_applies_to_prepared_statements(pgveil_factory: Factory
         assert after == dict.fromkeys(after, (masked(phone3),))
 
 
+def test_statement_denied_after_a_reload_stays_denied(pgveil_factory: Factory,
+                                                      tmp_path: Path) -> None:
+    """A prepared statement the new policy denies is refused at every Bind, not only the first:
+    the server still holds it as prepared under the old rules, so forgetting it would let the
+    next Bind run it unaudited and without the new row cap."""
+    path = tmp_path / "policy.yaml"
+
+    def loose(policy: dict[str, Any]) -> None:
+        policy["roles"]["teller"].update(unbounded="allow", max_rows=1000)
+        policy["roles"]["teller"].pop("quota", None)
+
+    edit_policy(path, loose)
+    proc = pgveil_factory(policy_path=path)
+    sql = "select id from customers"  # unbounded: neither a filter nor a LIMIT
+    with psycopg.connect(proc.dsn("teller_sz01"), autocommit=True) as conn, \
+            connect(proc, "teller_sz01") as watcher:
+        assert len(conn.execute(sql, prepare=True).fetchall()) == 666
+        edit_policy(path)  # the fixture: unbounded reads denied, 50 rows at most
+        proc.signal(signal.SIGHUP)
+
+        def denied(c: psycopg.Connection[Any], **kw: Any) -> bool:
+            try:
+                c.execute(sql, **kw).fetchall()
+            except pg_errors.InsufficientPrivilege:
+                return True
+            return False
+
+        wait_until(lambda: denied(watcher))
+        assert [denied(conn, prepare=True) for _ in range(3)] == [True, True, True]
+        assert conn.execute("select 1").fetchone() == (1,)  # the session stays usable
+
+
 def test_broken_policy_keeps_the_old_one(pgveil_factory: Factory, policy_file: Path,
                                          phone3: str) -> None:
     proc = pgveil_factory(policy_path=policy_file)
