@@ -183,6 +183,7 @@ class _Walker:
         self.colrefs: list[list[str]] = []
         self.substituted = bool(self.aliases)
         self.packing: list[str] = []  # row-packing constructs seen (aggregates, ARRAY(), ...)
+        self.scalar_subqueries = 0  # the client's (SELECT ...) used as a value
 
     # -- helpers --
     def pos(self, location: Any) -> int | None:
@@ -222,6 +223,10 @@ class _Walker:
         """Row packing on customer data by a role with a row cap: denied (SPEC §5 "bulk
         export is blocked": max_rows counts DataRows, one row may not carry a branch)."""
         limits = self.cv.view.limits
+        if limits.max_rows is not None and self.scalar_subqueries > limits.max_rows:
+            # each (SELECT ...) brings one row's value: more of them than max_rows in one
+            # statement is a row cap spread over columns
+            self.packing.append(f"{self.scalar_subqueries} scalar subqueries")
         touches = self.substituted or self.v.tables or self.v.dependents
         if not (self.restricted and self.packing and touches and limits.max_rows is not None):
             return
@@ -262,6 +267,8 @@ class _Walker:
             self.func_call(body)
         elif ntype == "SubLink" and body.get("subLinkType") == "ARRAY_SUBLINK":
             self.packing.append("ARRAY(subquery)")
+        elif ntype == "SubLink" and body.get("subLinkType") == "EXPR_SUBLINK":
+            self.scalar_subqueries += 1
         elif ntype == "TypeCast":
             # libpg_query's JSON gives typeName as a bare field dict (no "TypeName" key)
             type_name = body.get("typeName")

@@ -50,9 +50,10 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+import yaml
 
 from proxy.localpg import PostgresCluster, clean_env, client_binary
-from tests.harness.pgveil_proc import PgveilProcess
+from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
 
 # --------------------------------------------------------------------------- scope of each login
 
@@ -1111,9 +1112,30 @@ def _wait_for_catalog(pgveil: PgveilProcess, timeout: float = 15.0) -> None:
 
 
 @pytest.fixture(scope="package")
-def leak(sec_db: PostgresCluster, pgveil: PgveilProcess, secrets: Secrets) -> Iterator[LeakChecker]:
-    _wait_for_catalog(pgveil)
-    checker = LeakChecker(sec_db, pgveil, secrets)
+def sec_pgveil(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[PgveilProcess]:
+    """pgveil with the fixture policy, the teller's quota raised from 2000 to a million rows
+    an hour: every attempt reads as teller_sz01, and hundreds of them would exhaust the
+    fixture's quota (a denial that proves nothing). The quota still applies, so its code paths
+    run as in production; its own tests are in tests/integration/test_grants_quota.py."""
+    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    policy["roles"]["teller"]["quota"] = {"rows": 1_000_000, "per": "1h"}
+    path = tmp_path_factory.mktemp("sec-policy") / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
+                    encoding="utf-8")
+    proc = PgveilProcess(sec_db, policy_path=path)
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.cleanup()
+
+
+@pytest.fixture(scope="package")
+def leak(sec_db: PostgresCluster, sec_pgveil: PgveilProcess, secrets: Secrets
+         ) -> Iterator[LeakChecker]:
+    _wait_for_catalog(sec_pgveil)
+    checker = LeakChecker(sec_db, sec_pgveil, secrets)
     try:
         yield checker
     finally:

@@ -210,6 +210,15 @@ PACKING = [
          expect=denied),
     case("percentile_disc-scalar-allowed", "select percentile_disc(0.5) within group "
          "(order by level) from customers where id > 0"),
+    # one value per (SELECT ...): 60 customers in one row, over the teller's 50-row cap
+    case("scalar-subqueries-over-max_rows", "select " + ", ".join(
+        f"(select phone from customers where id = {3 * i})" for i in range(1, 61)),
+        expect=denied),
+    case("scalar-subqueries-over-max_rows-in-where", "select 1 where " + " and ".join(
+        f"(select level from customers where id = {3 * i}) > 0" for i in range(1, 61)),
+        expect=denied),
+    case("scalar-subqueries-within-max_rows", "select " + ", ".join(
+        f"(select phone from customers where id = {3 * i})" for i in range(1, 6))),
 ]
 
 SYNTAX = [
