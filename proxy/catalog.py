@@ -97,6 +97,66 @@ JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE r.ev_class = ANY ($1::int8[]::oid[]) AND r.rulename <> '_RETURN'
 """
 
+# What runs when a table is written or a value is cast, as edges "relation or domain -> what it
+# calls or reads": triggers, column defaults and generated columns, CHECK constraints of tables
+# and domains, foreign keys (an INSERT succeeds iff the referenced customer exists, in any
+# branch), non-view rules on the table, and columns of a domain type. A teller's INSERT into
+# an unprotected table whose trigger, default or rule copies customers' phones into it (or whose
+# CHECK calls a function comparing with them) reads protected data as surely as a view does.
+_WRITE_PATHS_SQL = """
+SELECT 'rel' AS kind, t.tgrelid::int8 AS id, 'proc' AS ref_kind, t.tgfoid::int8 AS ref_id
+FROM pg_catalog.pg_trigger t
+WHERE NOT t.tgisinternal
+UNION ALL
+SELECT 'rel', ad.adrelid::int8,
+       CASE WHEN d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+            THEN 'rel' ELSE 'proc' END,
+       d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_attrdef ad ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass
+     AND ad.oid = d.objid
+WHERE d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
+                       'pg_catalog.pg_proc'::pg_catalog.regclass)
+  AND d.refobjid <> ad.adrelid
+UNION ALL
+SELECT CASE WHEN con.contypid <> 0 THEN 'type' ELSE 'rel' END,
+       CASE WHEN con.contypid <> 0 THEN con.contypid::int8 ELSE con.conrelid::int8 END,
+       CASE WHEN d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+            THEN 'rel' ELSE 'proc' END,
+       d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_constraint con
+     ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND con.oid = d.objid
+WHERE con.contype = 'c'
+  AND d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
+                       'pg_catalog.pg_proc'::pg_catalog.regclass)
+  AND d.refobjid <> con.conrelid
+UNION ALL
+SELECT 'rel', con.conrelid::int8, 'rel', con.confrelid::int8
+FROM pg_catalog.pg_constraint con
+WHERE con.contype = 'f' AND con.conrelid <> con.confrelid
+UNION ALL
+SELECT 'rel', r.ev_class::int8, 'rule', r.oid::int8
+FROM pg_catalog.pg_rewrite r
+WHERE r.rulename <> '_RETURN'
+UNION ALL
+SELECT 'rel', a.attrelid::int8, 'type', a.atttypid::int8
+FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'd'
+WHERE a.attnum > 0 AND NOT a.attisdropped
+"""
+
+# Names of the relations and domains in those edges.
+_WRITE_PATH_NAMES_SQL = """
+SELECT 'rel' AS kind, c.oid::int8 AS id, n.nspname AS nsp, c.relname AS name
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = ANY ($1::int8[]::oid[])
+UNION ALL
+SELECT 'type', t.oid::int8, n.nspname, t.typname
+FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+WHERE t.oid = ANY ($2::int8[]::oid[])
+"""
+
 # Partitions / inheritance children, with names (both directions become edges).
 _INHERITS_SQL = """
 SELECT i.inhrelid::int8 AS child, cn.nspname AS child_nsp, c.relname AS child_name,
@@ -176,6 +236,16 @@ async def _dependents(conn: asyncpg.Connection,
         names[child] = f"{r['child_nsp']}.{r['child_name']}"
         names[parent] = f"{r['parent_nsp']}.{r['parent_name']}"
         edges += [(child, parent), (parent, child)]
+    path_edges = [((r["kind"], int(r["id"])), (r["ref_kind"], int(r["ref_id"])))
+                  for r in await conn.fetch(_WRITE_PATHS_SQL)]
+    edges += path_edges
+    rel_ids = sorted({n[1] for e in path_edges for n in e if n[0] == "rel"})
+    type_ids = sorted({n[1] for e in path_edges for n in e if n[0] == "type"})
+    if rel_ids or type_ids:
+        for r in await conn.fetch(_WRITE_PATH_NAMES_SQL, rel_ids, type_ids):
+            if r["nsp"] in _SYSTEM_SCHEMAS:
+                continue
+            names.setdefault((r["kind"], int(r["id"])), f"{r['nsp']}.{r['name']}")
     rows = await conn.fetch(_FUNCTIONS_SQL, system)
     functions = [(("proc", int(r["id"])), f"{r['nsp']}.{r['name']}", r["src"] or "")
                  for r in rows]

@@ -53,6 +53,13 @@ SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg
                FROM pg_catalog.pg_proc WHERE oid >= 16384)
     || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(ev_action::text)::int8), 0)
                FROM pg_catalog.pg_rewrite WHERE oid >= 16384)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_trigger)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_attrdef)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0)
+               FROM pg_catalog.pg_constraint)
+    || '/' || (SELECT count(*) || ':' || coalesce(sum(attrelid::int8 + atttypid::int8), 0)
+               FROM pg_catalog.pg_attribute
+               WHERE atttypid IN (SELECT oid FROM pg_catalog.pg_type WHERE typtype = 'd'))
 """
 
 
@@ -230,7 +237,9 @@ class Runtime:
                 continue
             stale = time.monotonic() - self._catalog_loaded.get(database, 0) >= \
                 self.config.catalog_refresh_seconds
-            if last is not None and (mark != last or stale):
+            # the first fingerprint is taken after the first load: a change made in between
+            # (DDL in the first poll interval) would never be seen, so reload once more
+            if last is None or mark != last or stale:
                 await self._reload_catalog(database)
             last = mark
 

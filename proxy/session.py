@@ -136,6 +136,9 @@ class _StatementRun:
     done: bool = False
     event: AuditEvent | None = None
     form: Any = None  # its audit form, when the hot path made the run (see _form_for)
+    # a DECLARE of a name that held a protected cursor: recorded only once the server
+    # answers it (see Session._declare_sent)
+    declare_pending: bool = False
 
 
 @dataclass(slots=True)
@@ -178,6 +181,9 @@ class _Slot:
     # sync / query slots: the Parse and Close messages sent since the previous one, settled
     # at this slot's ReadyForQuery (see _StatementChange)
     changes: list[_StatementChange] | None = None
+    # sync / query slots: portals re-bound or closed in the batch while they held a protected
+    # result (name, record before, its count before); taken back if the batch failed
+    portal_changes: list[tuple[bytes, Any, int]] | None = None
 
 
 class _StatementChange:
@@ -264,6 +270,7 @@ _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatu
 _PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
 _REWRITE = Action.REWRITE
 _BUSY, _READY = ProtocolState.BUSY, ProtocolState.READY  # module constants: cheaper to load
+_IDLE = TxStatus.IDLE
 # What may precede the rows of a protected SELECT in protected_response: ParseComplete,
 # BindComplete, RowDescription, NoData, ParameterDescription (extended); RowDescription (a
 # simple Query run as pgveil's prepared statement, after the BindComplete it drops).
@@ -371,6 +378,15 @@ class Session:
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
+        # Portals (Bind) and cursors (DECLARE) share one namespace on the server: Execute
+        # can run a DECLAREd cursor and FETCH can read a bound portal. A Bind or Close of a
+        # portal that held a protected result may be skipped or refused by the server (the
+        # old portal then lives on): such changes wait here until their batch's
+        # ReadyForQuery says whether it failed (see _portal_changed).
+        self._batch_portals: list[tuple[bytes, Any, int]] = []
+        self._portal_unsettled: dict[bytes, tuple[Any, int]] = {}
+        self._bound_in_batch: set[bytes] = set()
+        self._batch_error = False
         self._drop_server = False  # server side: discard results until ReadyForQuery
         self._abort_after_cap = False  # a capped statement completed: fail the transaction
         # the statement over its row cap, until it ends: the shell cancels it only while it
@@ -419,10 +435,10 @@ class Session:
         try:
             if sensitive:
                 analysis = self._analyze(sql, self.view, lex, prepared=self.prepared,
-                                         cursors=self.cursors, sensitive=True)
+                                         cursors=self._cursor_map(), sensitive=True)
             else:
                 analysis = self._analyze(sql, self.view, lex, prepared=self.prepared,
-                                         cursors=self.cursors)
+                                         cursors=self._cursor_map())
         except Exception as exc:  # fail closed: a statement we could not analyse never runs
             log.exception("analysis failed; statement refused")
             st = StatementDecision(
@@ -600,6 +616,14 @@ class Session:
                     if slot.kind in ("query", "sync"):
                         slot.changes = (slot.changes or []) + self._take_batch_changes()
                         break
+            if self._batch_portals or self._bound_in_batch:
+                new_slots = list(self._slots)[made:]
+                for slot in reversed(new_slots):
+                    if slot.kind in ("query", "sync"):
+                        slot.portal_changes = (slot.portal_changes or []) + self._batch_portals
+                        self._batch_portals = []
+                        self._bound_in_batch.clear()
+                        break
         elif mtype == 0x50:  # Parse
             self._on_parse(frame, out)
         elif mtype == 0x42:  # Bind
@@ -636,33 +660,39 @@ class Session:
                     self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
                     self._send_raise(denied, out)
                     return
-            if decision is not None:
-                self._portals[portal] = decision
-                self._counts.pop(("portal", portal.decode("latin-1")), None)
-            else:
-                self._portals.pop(portal, None)
+            self._portal_changed(portal, decision)
             out.to_server.append(frame)
         elif mtype == 0x45:  # Execute
             portal, _ = _cstr(frame, 5)
-            bound = self._portals.get(portal)
+            bound = self._portal_record(portal)
             slot = _Slot("execute")
             if bound is not None:
-                d = bound[0]
+                d, text, is_cursor, floor = bound
                 # FETCH counts against its cursor (cumulative across FETCHes), anything else
-                # against its portal (cumulative across Executes with a row limit)
-                key = ("cursor", d.cursor) if d.cursor and d.kind != "declare" else \
-                    ("portal", portal.decode("latin-1"))
-                if d.cursor and d.kind == "declare":
-                    self.cursors[d.cursor] = d
-                    self._counts.pop(("cursor", d.cursor), None)
-                slot.runs.append(_StatementRun(d, self.clock(), counter_key=key,
-                                               source=bound[1]))
+                # against its portal (cumulative across Executes with a row limit); a named
+                # portal is a cursor to SQL (FETCH reads it): one count for both
+                if is_cursor:
+                    key = self._portal_key(portal)
+                elif d.cursor and d.kind != "declare":
+                    key = ("cursor", d.cursor)
+                else:
+                    key = self._portal_key(portal)
+                if floor and self._counts.get(key, 0) < floor:
+                    self._counts[key] = floor
+                run = _StatementRun(d, self.clock(), counter_key=key, source=text)
+                if not is_cursor and d.cursor and d.kind == "declare":
+                    self._declare_sent(d, run)
+                slot.runs.append(run)
             self._slots.append(slot)
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x53:  # Sync
             self._slots.append(_Slot("sync", started=self.clock(),
                                      changes=self._take_batch_changes()))
+            if self._batch_portals or self._bound_in_batch:
+                self._slots[-1].portal_changes = self._batch_portals
+                self._batch_portals = []
+                self._bound_in_batch.clear()
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x43:  # Close
@@ -673,7 +703,7 @@ class Session:
                 self._forget_statement(name)
                 self._sent_change(0x33, name, before)
             else:
-                self._portals.pop(name, None)
+                self._portal_changed(name, None)
                 self._sent_change(0x33, None, None)
             out.to_server.append(frame)
         elif mtype == 0x46:  # FunctionCall: calls any function by OID, invisible to SQL analysis
@@ -694,6 +724,106 @@ class Session:
             out.close = True
         else:
             out.to_server.append(frame)
+
+    # -- portals and cursors: one namespace on the server ---------------------------------
+    def _portal_key(self, portal: bytes) -> tuple[str, str]:
+        """The cumulative row count of a portal: a named one is a cursor to SQL (FETCH reads
+        it, Execute runs a DECLAREd cursor), so both count against the same key."""
+        if not portal:
+            return ("portal", "")
+        return ("cursor", portal.decode(self.codec, "replace"))
+
+    def _portal_record(self, portal: bytes) -> tuple[StatementDecision, str, bool, int] | None:
+        """What an Execute of ``portal`` runs: (decision, client text, is a DECLAREd cursor,
+        rows already counted at least) -- the most protected of what the server may hold
+        under the name: the portal bound last, one whose re-Bind or Close in an earlier batch
+        the server has not answered yet, or a cursor of that name."""
+        found: list[tuple[StatementDecision, str, bool, int]] = []
+        rec = self._portals.get(portal)
+        if rec is not None:
+            found.append((rec[0], rec[1], False, 0))
+        if self._portal_unsettled and portal not in self._bound_in_batch:
+            pending = self._portal_unsettled.get(portal)
+            if pending is not None:
+                old, count = pending
+                found.append((old[0], old[1], old[2], count))
+        if portal and self.cursors:
+            d = self.cursors.get(portal.decode(self.codec, "replace"))
+            if d is not None:
+                found.append((d, d.sql, True, 0))
+        for item in found:
+            if item[0].protected:
+                return item
+        return found[0] if found else None
+
+    def _cursor_map(self) -> dict[str, StatementDecision]:
+        """The cursors FETCH / MOVE may name: DECLAREd ones and protected portals bound with
+        the extended protocol (FETCH reads those as well)."""
+        if not self._portals and not self._portal_unsettled:
+            return self.cursors
+        merged = dict(self.cursors)
+        for portal in (*self._portals, *self._portal_unsettled):
+            if not portal:
+                continue
+            rec = self._portal_record(portal)
+            if rec is None or not rec[0].protected or rec[2]:
+                continue
+            name = portal.decode(self.codec, "replace")
+            have = merged.get(name)
+            if have is None or not have.protected:
+                merged[name] = rec[0]
+        return merged
+
+    def _portal_changed(self, portal: bytes, new: tuple[StatementDecision, str] | None
+                        ) -> None:
+        """A Bind (``new``: the bound statement's record, None when untracked) or a Close
+        (None) of ``portal`` was sent. When the name held a protected result, the server may
+        skip or refuse the message (an earlier error in the batch, a Bind of an unknown
+        statement or with the wrong parameter count, a name in use) and keep the old portal:
+        the old record stays in force for other batches until this one's ReadyForQuery, and
+        comes back if the batch failed."""
+        old = self._portal_record(portal)
+        key = self._portal_key(portal)
+        if old is not None and old[0].protected:
+            count = max(self._counts.get(key, 0), old[3])
+            change = (portal, old, count)
+            self._batch_portals.append(change)
+            self._portal_unsettled.setdefault(portal, (old, count))
+        if new is not None:
+            self._portals[portal] = new
+            self._counts.pop(key, None)
+        else:
+            self._portals.pop(portal, None)
+        self._bound_in_batch.add(portal)
+
+    def _settle_portals(self, changes: list[tuple[bytes, Any, int]]) -> None:
+        """ReadyForQuery of the batch that re-bound or closed these portals: if it failed,
+        the server may still hold the old, protected portals -- take their records back."""
+        failed = self._batch_error
+        for portal, old, count in reversed(changes):
+            pending = self._portal_unsettled.get(portal)
+            if pending is not None and pending[0] is old:
+                del self._portal_unsettled[portal]
+            if not failed:
+                continue
+            d, text, is_cursor, _ = old
+            if not is_cursor:
+                self._portals[portal] = (d, text)
+            key = self._portal_key(portal)
+            if self._counts.get(key, 0) < count:
+                self._counts[key] = count
+
+    def _declare_sent(self, d: StatementDecision, run: _StatementRun) -> None:
+        """A DECLARE was sent. Over a name that holds a protected cursor or portal the server
+        refuses it (42P05) or skips it and keeps the old one: the new decision is recorded
+        only when it succeeds (see _finish_run)."""
+        assert d.cursor is not None
+        old = self._portal_record(d.cursor.encode(self.codec, "replace"))
+        if old is not None and old[0].protected:
+            run.declare_pending = True
+            return
+        self.cursors[d.cursor] = d
+        self._counts.pop(("cursor", d.cursor), None)
 
     def _deny_runs(self, analysis: Analysis, denied: StatementDecision, out: Output) -> None:
         run = _StatementRun(denied, self.clock(), denied=True, source=self._source)
@@ -894,6 +1024,11 @@ class Session:
         view = op.current() if op is not None else self.view
         if parsed is not None and op is not None and view.policy_version != parsed[2]:
             return False  # re-decided by the general path
+        if self._portal_unsettled or (portal and self.cursors):
+            return False
+        old = self._portals.get(portal) if self._portals else None
+        if old is not None and old[0].protected:
+            return False  # the general path keeps it until the server answers the Bind
         if entry is None:
             self._portals.pop(portal, None)
             self._slots.append(_Slot("execute"))
@@ -906,11 +1041,11 @@ class Session:
                         limits.quota_rows is not None and op is not None
                         and op.quota_exceeded(view) is not None):
                 return False
-            name = portal.decode("latin-1")
+            key = self._portal_key(portal)
             self._portals[portal] = entry
-            self._counts.pop(("portal", name), None)
+            self._counts.pop(key, None)
             self._slots.append(_Slot("execute", runs=[_StatementRun(
-                d, self.clock(), counter_key=("portal", name), source=entry[1])]))
+                d, self.clock(), counter_key=key, source=entry[1])]))
         self._slots.append(_Slot("sync", started=self.clock()))
         self.state = _BUSY
         return True
@@ -977,10 +1112,8 @@ class Session:
         sources = None if single else _split_sources(source, len(analysis.statements))
         for i, st in enumerate(analysis.statements):
             key = None
-            if st.cursor and st.kind == "declare":
-                self.cursors[st.cursor] = st
-                self._counts.pop(("cursor", st.cursor), None)
-            elif st.cursor:
+            declare = bool(st.cursor and st.kind == "declare")
+            if st.cursor and not declare:
                 key = ("cursor", st.cursor)
             if st.prepared and st.kind == "prepare":
                 self.prepared[st.prepared] = st
@@ -989,7 +1122,10 @@ class Session:
                     sources[i] if sources else st.sql)
                 self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
             text = source if single else (sources[i] if sources else st.sql)
-            slot.runs.append(_StatementRun(st, now, counter_key=key, source=text))
+            run = _StatementRun(st, now, counter_key=key, source=text)
+            if declare:
+                self._declare_sent(st, run)
+            slot.runs.append(run)
         self._slots.append(slot)
         form = analysis.server_form if self.server_prepare and single and not prefix else None
         if form is not None and nothing_pending and self._send_prepared(form, slot, out):
@@ -1457,7 +1593,8 @@ class Session:
         the rest goes to :meth:`from_server` with ``skip``."""
         slots = self._slots
         if self._sbuf or not slots or self._drop_server or self._swallow or \
-                self._abort_after_cap or self.state is not _BUSY or self._changes:
+                self._abort_after_cap or self.state is not _BUSY or self._changes or \
+                self._portal_unsettled:
             return 0
         head = slots[0]
         if head.runs or head.kind not in _PLAIN_SLOTS:
@@ -1586,6 +1723,8 @@ class Session:
         self.tx = tx
         slots.popleft()
         started = slots.popleft().started if kind == "execute" else head.started
+        if tx is _IDLE and self._portals and not self._bound_in_batch:
+            self._portals.clear()  # the transaction ended: so did every portal
         if started and self.observe_duration is not None:
             self.observe_duration(now - started)
         self.state = _READY
@@ -1625,6 +1764,10 @@ class Session:
             self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
             run.done = True
+            if run.declare_pending and error is None:  # the name was free after all
+                d = run.decision
+                self.cursors[d.cursor] = d  # type: ignore[index]
+                self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
             if not run.denied and not run.hidden:
                 self._settle_prepared(run.decision, error)
             if run.counter_key is not None:
@@ -1649,6 +1792,8 @@ class Session:
                 s = self._slots.popleft()
                 if s.changes:
                     self._settle_changes(s.changes)
+                if s.portal_changes is not None:
+                    self._settle_portals(s.portal_changes)
                 if s.kind in ("sync", "query", "inject"):
                     if s.started and self.observe_duration is not None:
                         self.observe_duration(self.clock() - s.started)
@@ -1668,6 +1813,13 @@ class Session:
                     return
             self._drop_server = False
             self._swallow = 0
+            self._batch_error = False
+            if status == "I" and not self._slots and not self._bound_in_batch and \
+                    not self._batch_portals:
+                # the transaction ended, and with it every portal (WITH HOLD cursors are
+                # SQL-level: self.cursors keeps them)
+                self._portals.clear()
+                self._portal_unsettled.clear()
             if not self._slots:
                 self.state = ProtocolState.READY
             else:
@@ -1700,6 +1852,7 @@ class Session:
             out.to_client.append(frame)
             return
         if mtype == 0x45:  # ErrorResponse
+            self._batch_error = True
             fields = parse_error_fields(frame[5:])
             if slot is not None and slot.converted and fields.get("C") in ("0A000", "26000"):
                 # "cached plan must not change result type" after DDL: prepare afresh next

@@ -277,6 +277,12 @@ class _Walker:
             names = _strings(fields.get("names"))
             if self.restricted and names and names[-1].lower() == "regclass":
                 self.deny("casts to regclass are not allowed for masked roles")
+            if names and not self.inside(self.pos(body.get("location")), self.generated):
+                # a domain whose CHECK calls a function reading protected data
+                dep = self.cv.resolve_dependent(names[-2] if len(names) >= 2 else None,
+                                                names[-1])
+                if dep is not None:
+                    self.dependent(dep)
         elif ntype == "VariableSetStmt":
             if self.restricted and str(body.get("name", "")).lower() in ROLE_SETTINGS:
                 self.deny("role switching would escape the policy")
