@@ -221,6 +221,7 @@ class Runtime:
 
         conn = None
         last: str | None = None
+        failing = False
         while True:
             await asyncio.sleep(self.config.catalog_poll_seconds)
             try:
@@ -232,9 +233,16 @@ class Runtime:
                                                  timeout=10)
                 mark = str(await conn.fetchval(_CATALOG_FINGERPRINT, timeout=10))
             except Exception as exc:  # the control DB may be down: keep the last catalog
-                log.debug("catalog fingerprint for %s failed: %s", database, exc)
+                # said once per outage: schema changes go unseen until it ends
+                (log.debug if failing else log.warning)(
+                    "catalog check for %s failed (%s); keeping the last catalog until it "
+                    "works again", database, exc)
+                failing = True
                 conn = None
                 continue
+            if failing:
+                log.info("catalog check for %s works again", database)
+                failing = False
             stale = time.monotonic() - self._catalog_loaded.get(database, 0) >= \
                 self.config.catalog_refresh_seconds
             # the first fingerprint is taken after the first load: a change made in between
