@@ -12,28 +12,24 @@ Each test reads as a teller of its own (the quota is per login) over raw protoco
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
+from tests.harness.wire import (
+    ROW_CAP,
+    SYNC,
+    Wire,
+    bind,
+    close_portal,
+    execute,
+    open_wire,
+    parse,
+    query,
+)
 from tests.integration.test_grants_quota import logins  # noqa: F401 - fixture
-from tests.integration.test_statement_state import ROW_CAP, SYNC, Wire, _msg, bind, parse
 
 MANY = b"select id, phone from customers where level >= $1"  # 666 rows of SZ01 for $1 = 1
-
-
-def execute(portal: bytes = b"", limit: int = 0) -> bytes:
-    return _msg(b"E", portal + b"\x00" + struct.pack("!I", limit))
-
-
-def query(sql: str) -> bytes:
-    return _msg(b"Q", sql.encode() + b"\x00")
-
-
-def close_portal(name: bytes) -> bytes:
-    return _msg(b"C", b"P" + name + b"\x00")
 
 
 def named_bind(portal: bytes, stmt: bytes = b"", *params: bytes) -> bytes:
@@ -42,15 +38,8 @@ def named_bind(portal: bytes, stmt: bytes = b"", *params: bytes) -> bytes:
 
 @pytest.fixture
 def wire(pgveil, logins) -> Iterator[Wire]:  # noqa: F811 - the fixture imported above
-    conn = psycopg.connect(pgveil.dsn(logins("sz")), autocommit=True)
-    w = Wire(conn)
-    try:
+    with open_wire(pgveil.dsn(logins("sz"))) as w:
         yield w
-        w.batch(query("rollback"))
-        assert w.batch(query("select 1")).types[-1] == "Z"  # still usable
-    finally:
-        w.close()
-        conn.close()
 
 
 def q(wire: Wire, sql: str):
