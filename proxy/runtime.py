@@ -644,7 +644,7 @@ class Runtime:
             for conn in list(self.clients):
                 if conn.session is not None and not conn.session._slots and \
                         conn.idle_for() > timeout:
-                    conn._send_client(fatal("57P05", "terminating connection due to idle "
+                    conn.send_client(fatal("57P05", "terminating connection due to idle "
                                             "timeout (pgveil listen.idle_timeout)"))
                     conn.close()
 

@@ -26,7 +26,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from proxy.session import WITHHELD_RESULT, HeldResult, Output, Session, error_message
 
@@ -129,7 +129,9 @@ class _HeldBytes:
     round through the event loop."""
 
     __slots__ = ("conn", "data", "error", "state")
-    WAITING, WRITTEN, FAILED = 0, 1, 2
+    WAITING: Final = 0
+    WRITTEN: Final = 1
+    FAILED: Final = 2
 
     def __init__(self, data: bytes, conn: ClientConnection):
         self.data = data
@@ -586,7 +588,7 @@ class ClientConnection(asyncio.Protocol):
                 del proto.reader.buf[:1]
                 if answer == b"S":
                     ctx = self.rt.upstream_ssl
-                    transport = await loop.start_tls(
+                    transport = await loop.start_tls(  # type: ignore
                         transport, proto, ctx,
                         server_hostname=cfg.host if cfg.tls == "verify-full" else None)
                     proto.transport = transport  # type: ignore[assignment]
@@ -708,10 +710,17 @@ def spawn_holder() -> tuple[set[asyncio.Task[Any]], Callable[[Any], asyncio.Task
     """Keep task references so they are not garbage-collected mid-flight (STYLE rule 7)."""
     tasks: set[asyncio.Task[Any]] = set()
 
+    def finished(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        # a background task that dies (the idle reaper, a policy watcher) must say so at once,
+        # not in a "never retrieved" warning at garbage collection, if ever
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_coro(), exc_info=task.exception())
+
     def spawn(coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task.add_done_callback(finished)
         return task
 
     return tasks, spawn

@@ -113,6 +113,28 @@ def test_max_connections_gives_clear_error(pgveil_factory) -> None:
         b.close()
 
 
+def test_idle_timeout_closes_only_idle_clients(pgveil_factory) -> None:
+    """listen.idle_timeout: a client silent for longer is told why (57P05) and closed; a busy
+    one on the same proxy keeps its connection."""
+    proxy = pgveil_factory({"listen": {"idle_timeout": 1}})
+    idle = psycopg.connect(proxy.dsn("dba"))
+    busy = psycopg.connect(proxy.dsn("dba"))
+    try:
+        assert idle.execute("select 1").fetchone() == (1,)
+        deadline = time.monotonic() + 3.5
+        while time.monotonic() < deadline:
+            assert busy.execute("select 2").fetchone() == (2,)
+            time.sleep(0.2)
+        with pytest.raises(psycopg.OperationalError) as err:
+            idle.execute("select 1")
+        assert "idle timeout" in str(err.value) or idle.closed
+        assert busy.execute("select 3").fetchone() == (3,)
+    finally:
+        idle.close()
+        busy.close()
+    assert _alive(proxy)
+
+
 def test_upstream_down_gives_fatal_error(pgveil_factory) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
