@@ -1,12 +1,14 @@
 # pgveil developer entry points. `make test` is the one command CI runs (.ci/run).
 #
-# The venv is (re)installed only when pyproject.toml changes: the stamp file's name carries the
-# hash of pyproject.toml, so an unchanged checkout skips pip entirely.
+# The venv is (re)installed only when pyproject.toml, setup.py or a module that setup.py compiles
+# with mypyc changes: the stamp file's name carries their hash, so an unchanged checkout skips pip
+# entirely, and `make test` always runs the compiled hot path of the sources as they are.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PYPROJECT_HASH := $(shell sha256sum pyproject.toml 2>/dev/null | cut -c1-16)
+COMPILED := proxy/server.py proxy/session.py proxy/audit.py proxy/audit_sinks.py
+PYPROJECT_HASH := $(shell cat pyproject.toml setup.py $(COMPILED) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP  := $(VENV)/.installed-$(PYPROJECT_HASH)
 PYTEST_ARGS ?=
 

@@ -20,3 +20,7 @@ Theory of operation, following one client connection:
 * ``metrics`` — Prometheus metrics and health endpoints; ``config`` — pgveil.yaml;
   ``cli``, ``checks``, ``demo``, ``discover``, ``localpg`` — the command line.
 """
+
+from proxy._native import guard_stale_native
+
+guard_stale_native()

@@ -421,7 +421,7 @@ class RecordForm:
         self.pieces = pieces
 
 
-def _record_form(fields: Mapping[str, Any], chain_id: str) -> RecordForm | None:
+def _record_form(fields: Mapping[Any, Any], chain_id: str) -> RecordForm | None:
     """The form of records with these fields plus ``rows`` and ``duration_ms``; None when a
     value needs the json.dumps path."""
     if type(fields) is not dict or "rows" in fields or "duration_ms" in fields:
@@ -640,7 +640,7 @@ class AuditTrail:
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
 
-    def record(self, fields: Mapping[str, Any]) -> asyncio.Future[None]:
+    def record(self, fields: Mapping[Any, Any]) -> asyncio.Future[None]:
         """Queue one statement's record; the future resolves when it is durable.
 
         ``fields``: session, operator, role, client, application, database, kind, statement
@@ -667,7 +667,7 @@ class AuditTrail:
             item = (None, None, _now_us(), fut, self._body(fields))
         return self._admit(item, fut)
 
-    def prepare(self, fields: Mapping[str, Any]) -> RecordForm | None:
+    def prepare(self, fields: Mapping[Any, Any]) -> RecordForm | None:
         """The :class:`RecordForm` of statement records with these fields (as for
         :meth:`record`, without ``rows`` and ``duration_ms``), for :meth:`record_form`; None
         when these fields need the general path."""
@@ -820,7 +820,7 @@ class AuditTrail:
             self._ts_sec = sec
         return "%s%06dZ" % (self._ts_prefix, frac)  # noqa: UP031
 
-    def _body(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+    def _body(self, fields: Mapping[Any, Any]) -> dict[str, Any]:
         bad = RESERVED.intersection(fields)
         if bad:
             raise ValueError(f"audit fields may not set {sorted(bad)}")

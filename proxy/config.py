@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 _ENV_PREFIX = "PGVEIL_"
 # env vars with this prefix that are not config paths
-_ENV_NOT_CONFIG = {"PGVEIL_CONTROL_PASSWORD", "PGVEIL_HASH_KEY", "PGVEIL_TEST_DSN", "PGVEIL_CONFIG"}
+_ENV_NOT_CONFIG = {"PGVEIL_CONTROL_PASSWORD", "PGVEIL_HASH_KEY", "PGVEIL_TEST_DSN", "PGVEIL_CONFIG",
+                   "PGVEIL_BUILD_PURE"}
 
 
 class ConfigError(Exception):

@@ -58,8 +58,8 @@ class BatchedCounter:
         if self.events:  # the hot path's one-per-statement increments
             counted = collections.Counter(self.events)
             self.events.clear()
-            for labels, amount in counted.items():
-                self.pending[labels] = self.pending.get(labels, 0) + amount
+            for labels, count in counted.items():
+                self.pending[labels] = self.pending.get(labels, 0) + count
         pending, self.pending = self.pending, {}
         for labels, amount in pending.items():
             child = self._children.get(labels)

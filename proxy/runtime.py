@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from proxy._native import compiled_modules
 from proxy.config import Config
 from proxy.metrics import Metrics, MetricsServer
 from proxy.operator import LocalQuota, OperatorState
@@ -621,8 +622,9 @@ class Runtime:
         if cfg.listen.idle_timeout > 0:
             self.spawn(self._idle_reaper(cfg.listen.idle_timeout))
         # warm the catalog of the databases we know of, so the first client does not wait
-        log.info("pgveil listening on %s:%s (worker %d, policy %s)", cfg.listen.host,
-                 self.port, self.worker, self.policy.version)
+        log.info("pgveil listening on %s:%s (worker %d, policy %s, hot path %s)",
+                 cfg.listen.host, self.port, self.worker, self.policy.version,
+                 "compiled" if compiled_modules() else "pure Python")
 
     @property
     def port(self) -> int:

@@ -614,7 +614,7 @@ class Session:
                 new_slots = list(self._slots)[made:]
                 for slot in reversed(new_slots):
                     if slot.kind in ("query", "sync"):
-                        slot.changes = (slot.changes or []) + self._take_batch_changes()
+                        slot.changes = (slot.changes or []) + self._take_batch_changes()  # type: ignore
                         break
             if self._batch_portals or self._bound_in_batch:
                 new_slots = list(self._slots)[made:]
@@ -653,7 +653,7 @@ class Session:
                 # each run of a prepared statement meets the hours, the quota and the audit
                 if self.operator is not None:
                     self.view = self.operator.current()
-                denied = self._live_gate(decision[0])
+                denied = self._live_gate(decision[0])  # type: ignore
                 if denied is not None:
                     self._portals.pop(portal, None)
                     self._source = decision[1]  # the audit record's statement
@@ -800,7 +800,7 @@ class Session:
         """ReadyForQuery of the batch that re-bound or closed these portals: if it failed,
         the server may still hold the old, protected portals -- take their records back."""
         failed = self._batch_error
-        for portal, old, count in reversed(changes):
+        for portal, old, count in changes[::-1]:
             pending = self._portal_unsettled.get(portal)
             if pending is not None and pending[0] is old:
                 del self._portal_unsettled[portal]
@@ -883,7 +883,7 @@ class Session:
         if record is not None:  # count_statement("allowed", kind) without its call
             counted = self._allowed_keys.get(kind)
             if counted is None:
-                counted = self._allowed_keys[kind] = self._statement_key("allowed", kind)
+                counted = self._allowed_keys[kind] = self._statement_key("allowed", kind)  # type: ignore
             record(counted)
         elif self.count_statement is not None:
             self.count_statement("allowed", kind)
@@ -1716,7 +1716,7 @@ class Session:
         if record is not None:  # count_statement(name, kind) without its call
             counted = self._run_keys.get((name, d.kind))
             if counted is None:
-                counted = self._run_keys[(name, d.kind)] = self._statement_key(name, d.kind)
+                counted = self._run_keys[(name, d.kind)] = self._statement_key(name, d.kind)  # type: ignore
             record(counted)
         elif self.count_statement is not None:
             self.count_statement(name, d.kind)

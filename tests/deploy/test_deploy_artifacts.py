@@ -205,7 +205,7 @@ def test_dockerfile_healthcheck_really_checks_healthz(
 
 def test_dockerignore_keeps_what_the_build_needs() -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    for needed in ("pyproject.toml", "README.md", "proxy/", "rewriters/", "config/policy.yaml",
+    for needed in ("pyproject.toml", "setup.py", "README.md", "proxy/", "rewriters/", "config/policy.yaml",
                    "deploy/pgveil.yaml"):
         assert f"!{needed}" in ignore
 

@@ -1,0 +1,88 @@
+"""The mypyc-compiled hot path (setup.py): which form of it runs, and never a stale one.
+
+``setup.py`` compiles a few modules with mypyc and records the SHA-256 of each source it
+compiled in ``_native.json``. In an editable checkout the compiled forms sit next to the
+sources, and Python prefers them: a source edited after the build would be silently shadowed
+by the old compiled code -- a fix that seems to run but does not. So at import, if any recorded
+source differs from the file now on disk, every compiled module is loaded from its source
+instead (mypyc compiles the group into one library: the modules cannot be mixed), with a
+warning that names the file and how to rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger("pgveil")
+_HERE = pathlib.Path(__file__).resolve().parent
+_STAMP = _HERE / "_native.json"
+
+
+class _SourceFinder:
+    """A meta-path finder that loads the named modules from their ``.py`` files."""
+
+    def __init__(self, sources: dict[str, pathlib.Path]):
+        self.sources = sources
+
+    def find_spec(self, name: str, path: Sequence[str] | None = None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        source = self.sources.get(name)
+        if source is None:
+            return None
+        return importlib.util.spec_from_file_location(name, source)
+
+
+def _recorded() -> dict[str, str]:
+    try:
+        stamp: Any = json.loads(_STAMP.read_text())
+        return {str(k): str(v) for k, v in stamp["sources"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def stale_sources(root: pathlib.Path = _HERE.parent) -> list[str]:
+    """The compiled sources (paths relative to the project) changed since the build."""
+    stale = []
+    for rel, digest in _recorded().items():
+        try:
+            now = hashlib.sha256((root / rel).read_bytes()).hexdigest()
+        except OSError:
+            now = ""
+        if now != digest:
+            stale.append(rel)
+    return stale
+
+
+def compiled_modules() -> list[str]:
+    """Modules of this package that are running compiled (empty: pure Python)."""
+    out = []
+    for rel in _recorded():
+        name = rel.removesuffix(".py").replace("/", ".")
+        module = sys.modules.get(name)
+        if module is not None and not str(getattr(module, "__file__", "")).endswith(".py"):
+            out.append(name)
+    return out
+
+
+def guard_stale_native() -> None:
+    """Load every compiled module from source when any compiled source changed (module doc)."""
+    stale = stale_sources()
+    if not stale:
+        return
+    sources = {rel.removesuffix(".py").replace("/", "."): _HERE.parent / rel
+               for rel in _recorded()}
+    if any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _SourceFinder(sources))
+    log.warning("pgveil: %s changed since the hot path was compiled; running it as plain "
+                "Python (slower). Rebuild with `pip install -e .` (or `make venv`).",
+                ", ".join(stale))
