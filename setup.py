@@ -9,13 +9,15 @@ without the compiled forms.
 - ``PGVEIL_BUILD_PURE=1`` skips compiling (a pure-Python install).
 - A compile failure (no C compiler, no Python headers) is a warning, not a failed install: the
   extensions are optional, and the package then runs as plain Python.
-- ``proxy/_native.json`` records the SHA-256 of each compiled source. ``proxy/__init__.py``
-  loads the Python source instead of the compiled forms when a source no longer matches (an
-  editable checkout edited after its build), so an edit is never silently shadowed.
+- ``proxy/_native.json`` records the SHA-256 of each compiled source. ``proxy/_native.py``
+  (which lists the modules, ``COMPILED``) loads the Python source instead of the compiled forms
+  when a source no longer matches, or when there is no record (an editable checkout edited after
+  its build, or whose rebuild failed), so an edit is never silently shadowed.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -26,9 +28,22 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = pathlib.Path(__file__).resolve().parent
-COMPILED = ["proxy/server.py", "proxy/session.py", "proxy/audit.py", "proxy/audit_sinks.py"]
 STAMP = "proxy/_native.json"
 GROUP = "pgveil_native"
+
+
+def _compiled() -> list[str]:
+    """proxy/_native.py's COMPILED (read, not imported: the build has no dependencies)."""
+    tree = ast.parse((HERE / "proxy" / "_native.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "COMPILED" and node.value is not None:
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("proxy/_native.py defines no COMPILED")
+
+
+COMPILED = _compiled()
 
 
 def _stamp() -> str:
@@ -58,7 +73,9 @@ class BuildNative(build_ext):
 
 
 def _extensions() -> list:
-    (HERE / STAMP).unlink(missing_ok=True)  # written again only by a successful compile
+    # written again only by a successful compile; until then proxy/_native.py treats compiled
+    # forms left from an earlier build as stale
+    (HERE / STAMP).unlink(missing_ok=True)
     if os.environ.get("PGVEIL_BUILD_PURE") == "1":
         return []
     try:
@@ -71,8 +88,9 @@ def _extensions() -> list:
     try:
         extensions = mypycify(["--follow-imports=silent", "--ignore-missing-imports", *COMPILED],
                               opt_level="3", group_name=GROUP)
-    except Exception as exc:  # noqa: BLE001 - a type error in a source: install pure Python
-        print(f"pgveil: mypyc failed ({exc}); installing pure Python", file=sys.stderr)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypyc exits on a type error
+        print(f"pgveil: mypyc failed ({exc!r}, type errors above); installing pure Python",
+              file=sys.stderr)
         return []
     finally:
         os.chdir(cwd)

@@ -1,12 +1,13 @@
 """The mypyc-compiled hot path (setup.py): which form of it runs, and never a stale one.
 
-``setup.py`` compiles a few modules with mypyc and records the SHA-256 of each source it
-compiled in ``_native.json``. In an editable checkout the compiled forms sit next to the
-sources, and Python prefers them: a source edited after the build would be silently shadowed
-by the old compiled code -- a fix that seems to run but does not. So at import, if any recorded
-source differs from the file now on disk, every compiled module is loaded from its source
-instead (mypyc compiles the group into one library: the modules cannot be mixed), with a
-warning that names the file and how to rebuild.
+``setup.py`` compiles the modules listed in :data:`COMPILED` with mypyc and records the SHA-256
+of each source it compiled in ``_native.json``. In an editable checkout the compiled forms sit
+next to the sources, and Python prefers them: a source edited after the build would be silently
+shadowed by the old compiled code -- a fix that seems to run but does not. So at import, if a
+compiled form is present and any source differs from its record (or there is no record: a
+rebuild that failed removes it), every compiled module is loaded from its source instead (mypyc
+compiles the group into one library: the modules cannot be mixed), with a warning that names
+the files and how to rebuild.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from typing import Any
 log = logging.getLogger("pgveil")
 _HERE = pathlib.Path(__file__).resolve().parent
 _STAMP = _HERE / "_native.json"
+
+#: The per-statement hot path, compiled by setup.py (paths relative to the project root).
+COMPILED: tuple[str, ...] = ("proxy/server.py", "proxy/session.py", "proxy/audit.py",
+                             "proxy/audit_sinks.py")
 
 
 class _SourceFinder:
@@ -49,15 +54,29 @@ def _recorded() -> dict[str, str]:
         return {}
 
 
+def _module(rel: str) -> str:
+    return rel.removesuffix(".py").replace("/", ".")
+
+
+def _has_compiled_form(root: pathlib.Path, rel: str) -> bool:
+    base = (root / rel).with_suffix("")
+    return any(base.with_name(base.name + suffix).exists()
+               for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+
+
 def stale_sources(root: pathlib.Path = _HERE.parent) -> list[str]:
-    """The compiled sources (paths relative to the project) changed since the build."""
+    """The compiled sources (paths relative to the project) whose compiled form does not match
+    them: changed since the build, or compiled with no record of the build."""
+    recorded = _recorded()
     stale = []
-    for rel, digest in _recorded().items():
+    for rel in COMPILED:
+        if not _has_compiled_form(root, rel):
+            continue
         try:
             now = hashlib.sha256((root / rel).read_bytes()).hexdigest()
         except OSError:
             now = ""
-        if now != digest:
+        if recorded.get(rel) != now:
             stale.append(rel)
     return stale
 
@@ -65,24 +84,19 @@ def stale_sources(root: pathlib.Path = _HERE.parent) -> list[str]:
 def compiled_modules() -> list[str]:
     """Modules of this package that are running compiled (empty: pure Python)."""
     out = []
-    for rel in _recorded():
-        name = rel.removesuffix(".py").replace("/", ".")
-        module = sys.modules.get(name)
+    for rel in COMPILED:
+        module = sys.modules.get(_module(rel))
         if module is not None and not str(getattr(module, "__file__", "")).endswith(".py"):
-            out.append(name)
+            out.append(_module(rel))
     return out
 
 
 def guard_stale_native() -> None:
-    """Load every compiled module from source when any compiled source changed (module doc)."""
+    """Load every compiled module from source when any compiled form is stale (module doc)."""
     stale = stale_sources()
-    if not stale:
+    if not stale or any(isinstance(f, _SourceFinder) for f in sys.meta_path):
         return
-    sources = {rel.removesuffix(".py").replace("/", "."): _HERE.parent / rel
-               for rel in _recorded()}
-    if any(isinstance(f, _SourceFinder) for f in sys.meta_path):
-        return
-    sys.meta_path.insert(0, _SourceFinder(sources))
-    log.warning("pgveil: %s changed since the hot path was compiled; running it as plain "
-                "Python (slower). Rebuild with `pip install -e .` (or `make venv`).",
-                ", ".join(stale))
+    sys.meta_path.insert(0, _SourceFinder({_module(rel): _HERE.parent / rel for rel in COMPILED}))
+    log.warning("pgveil: the compiled hot path is out of date for %s (edited after the build, "
+                "or the rebuild failed); running it as plain Python (slower). Rebuild with "
+                "`pip install -e .` (or `make venv`).", ", ".join(stale))

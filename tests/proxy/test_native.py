@@ -3,7 +3,7 @@ and never a stale build silently standing in for an edited source."""
 
 from __future__ import annotations
 
-import ast
+import importlib.machinery
 import json
 import re
 import shutil
@@ -15,39 +15,32 @@ import proxy.audit  # noqa: F401 - imported so that compiled_modules() sees the 
 import proxy.audit_sinks  # noqa: F401
 import proxy.server  # noqa: F401
 import proxy.session  # noqa: F401
-from proxy._native import compiled_modules, stale_sources
+from proxy._native import COMPILED, compiled_modules, stale_sources
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _setup_compiled() -> list[str]:
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "COMPILED":
-            return list(ast.literal_eval(node.value))
-    raise AssertionError("setup.py has no COMPILED list")
+NAMES = [rel.removesuffix(".py").replace("/", ".") for rel in COMPILED]
+WARNING = "compiled hot path is out of date"
 
 
 def test_makefile_rebuilds_when_a_compiled_module_changes() -> None:
     make = (ROOT / "Makefile").read_text()
     listed = re.search(r"^COMPILED\s*:=\s*(.+)$", make, re.M)
     assert listed is not None
-    assert listed.group(1).split() == _setup_compiled()
+    assert tuple(listed.group(1).split()) == COMPILED
     assert "$(COMPILED)" in make.split("PYPROJECT_HASH :=")[1].splitlines()[0]
 
 
 def test_this_process_runs_the_form_the_install_built() -> None:
-    """With a build stamp every compiled module runs compiled (the suite tests what ships);
-    without one (a pure-Python install) none does."""
+    """With a build record every compiled module runs compiled (the suite tests what ships);
+    without compiled forms (a pure-Python install) none does."""
     stamp = ROOT / "proxy" / "_native.json"
-    names = [p.removesuffix(".py").replace("/", ".") for p in _setup_compiled()]
-    if stamp.exists() and not stale_sources():
-        assert sorted(json.loads(stamp.read_text())["sources"]) == sorted(_setup_compiled())
-        assert sorted(compiled_modules()) == sorted(names)
+    assert stale_sources() == []
+    if stamp.exists():
+        assert sorted(json.loads(stamp.read_text())["sources"]) == sorted(COMPILED)
+        assert sorted(compiled_modules()) == sorted(NAMES)
     else:
         assert compiled_modules() == []
-        for name in names:
-            assert sys.modules[name].__file__.endswith(".py")
+        assert all(sys.modules[name].__file__.endswith(".py") for name in NAMES)
 
 
 def _copy_package(dest: Path) -> None:
@@ -58,28 +51,40 @@ def _copy_package(dest: Path) -> None:
 
 
 def _import_in(root: Path) -> tuple[dict[str, str], str]:
-    code = ("import json, proxy.server, proxy.session, proxy.audit, proxy.audit_sinks as s\n"
-            "import sys\n"
-            "print(json.dumps({n: sys.modules[n].__file__ for n in ('proxy.server', "
-            "'proxy.session', 'proxy.audit', 'proxy.audit_sinks')}))")
+    code = ("import json, sys, proxy.server, proxy.session, proxy.audit, proxy.audit_sinks\n"
+            f"print(json.dumps({{n: sys.modules[n].__file__ for n in {NAMES!r}}}))")
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                        env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=60)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
 
-def test_an_edited_source_is_loaded_instead_of_its_stale_build(tmp_path: Path) -> None:
+def _from_source(files: dict[str, str]) -> bool:
+    return all(f.endswith(".py") for f in files.values())
+
+
+def test_a_stale_build_is_never_used(tmp_path: Path) -> None:
+    """Edited after the build, or compiled with no record of the build (a failed rebuild
+    removes the record): the whole group runs from source, with a warning."""
     _copy_package(tmp_path)
     stamp = tmp_path / "proxy" / "_native.json"
+    audit_py = tmp_path / "proxy" / "audit.py"
     if stamp.exists():  # a compiled install: unchanged sources run compiled
         files, err = _import_in(tmp_path)
-        assert all(not f.endswith(".py") for f in files.values()), files
-        assert "changed since" not in err
-    else:  # a pure install: pretend a build recorded the sources as they were
-        sources = {p: "0" * 64 for p in _setup_compiled()}
-        stamp.write_text(json.dumps({"group": "pgveil_native", "sources": sources}))
-    with (tmp_path / "proxy" / "audit.py").open("a") as f:
-        f.write("\n# an edit after the build\n")
+        assert not any(f.endswith(".py") for f in files.values()), files
+        assert WARNING not in err
+
+        original = audit_py.read_bytes()
+        audit_py.write_bytes(original + b"\n# an edit after the build\n")
+        files, err = _import_in(tmp_path)
+        assert _from_source(files), files
+        assert WARNING in err and "proxy/audit.py" in err and "proxy/server.py" not in err
+        audit_py.write_bytes(original)
+    else:  # a pure install: stand-ins for compiled forms left by an earlier build
+        suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+        for rel in COMPILED:
+            (tmp_path / rel).with_suffix(suffix).write_bytes(b"not a library")
+    stamp.unlink(missing_ok=True)
     files, err = _import_in(tmp_path)
-    assert all(f.endswith(".py") for f in files.values()), files  # the whole group, from source
-    assert "proxy/audit.py" in err and "changed since the hot path was compiled" in err
+    assert _from_source(files), files
+    assert WARNING in err and all(rel in err for rel in COMPILED)
