@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from tests.harness.wire import SYNC, execute, msg, parse, query
@@ -178,4 +179,46 @@ def test_binary_result_formats_carry_masked_values(leak: LeakChecker, wire: RawW
     answers = wire.answers()
     rows = _values(answers)
     assert len(rows) == 20 and all(b"*" in (r[1] or b"") for r in rows)
+    _assert_no_leak(leak, answers, "")
+
+
+def test_copy_into_the_filtered_table_is_denied_in_the_extended_protocol(
+        wire: RawWire) -> None:
+    """COPY FROM STDIN sent as Parse/Bind/Execute: denied at the Parse like the simple Query,
+    with nothing written, and the session in step afterwards."""
+    copy = b"copy customers (name, phone, id_number, branch_id) from stdin"
+    wire.send(parse(b"", copy) + msg(b"B", b"\x00\x00" + struct.pack("!HHH", 0, 0, 0))
+              + execute() + SYNC)
+    answers = wire.answers()
+    kinds = [k for k, _ in answers]
+    assert "G" not in kinds, "the server entered COPY IN for the teller"
+    errors = [body for k, body in answers if k == "E"]
+    assert errors and b"C42501" in errors[0], answers
+
+
+def test_copy_fail_of_an_allowed_copy_keeps_the_session_in_step(leak: LeakChecker,
+                                                                wire: RawWire) -> None:
+    """A COPY the teller may run (into an unprotected table), abandoned with CopyFail: the
+    server's error and ReadyForQuery reach the client, nothing is written, and the next
+    protected read is still masked."""
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+        dba.execute("create table if not exists sec_copy_scratch (note text)")
+        dba.execute("grant insert, select on sec_copy_scratch to public")
+    try:
+        wire.send(query("copy sec_copy_scratch from stdin"))
+        head = wire.sock.recv(65536)  # CopyInResponse
+        assert head[:1] == b"G", head
+        wire.send(msg(b"d", b"first line\n") + msg(b"f", b"client gave up\x00"))
+        answers = wire.answers()
+        assert [k for k, _ in answers][-2:] == ["E", "Z"] and b"client gave up" in answers[-2][1]
+        with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+            assert dba.execute("select count(*) from sec_copy_scratch").fetchone() == (0,)
+    finally:
+        with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+            dba.execute("drop table if exists sec_copy_scratch")
+    cid = _customer(leak, "SZ01")
+    wire.send(query(f"select phone from customers where id = {cid}"))
+    answers = wire.answers()
+    rows = _values(answers)
+    assert len(rows) == 1 and b"*" in (rows[0][0] or b"")
     _assert_no_leak(leak, answers, "")
