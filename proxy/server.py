@@ -588,10 +588,13 @@ class ClientConnection(asyncio.Protocol):
                 del proto.reader.buf[:1]
                 if answer == b"S":
                     ctx = self.rt.upstream_ssl
-                    transport = await loop.start_tls(  # type: ignore
+                    secured = await loop.start_tls(
                         transport, proto, ctx,
                         server_hostname=cfg.host if cfg.tls == "verify-full" else None)
-                    proto.transport = transport  # type: ignore[assignment]
+                    if secured is None:  # the loop closed the connection during the handshake
+                        raise ConnectionError("TLS handshake with PostgreSQL did not complete")
+                    transport = secured
+                    proto.transport = transport
                 elif cfg.tls in ("require", "verify-ca", "verify-full"):
                     raise ConnectionError("upstream PostgreSQL refused TLS (upstream.tls: "
                                           f"{cfg.tls})")

@@ -311,8 +311,10 @@ class Session:
                  on_memo_hit: Callable[[float], None] | None = None):
         # the hot path's way to count a statement: record(statement_key(decision, kind)) is
         # what count_statement(decision, kind) does, with the key built once per kind
-        self._statement_key = statement_key
-        self._record_statement = record_statement if statement_key is not None else None
+        self._keyed_count: tuple[Callable[[str, str], tuple[str, ...]],
+                                 Callable[[tuple[str, ...]], None]] | None = (
+            (statement_key, record_statement)
+            if statement_key is not None and record_statement is not None else None)
         self._allowed_keys: dict[str, tuple[str, ...]] = {}
         self._run_keys: dict[tuple[str, str], tuple[str, ...]] = {}
         # Run a repeated rewritten SELECT of a simple Query as a statement prepared upstream
@@ -614,7 +616,7 @@ class Session:
                 new_slots = list(self._slots)[made:]
                 for slot in reversed(new_slots):
                     if slot.kind in ("query", "sync"):
-                        slot.changes = (slot.changes or []) + self._take_batch_changes()  # type: ignore
+                        slot.changes = (slot.changes or []) + (self._take_batch_changes() or [])
                         break
             if self._batch_portals or self._bound_in_batch:
                 new_slots = list(self._slots)[made:]
@@ -653,12 +655,12 @@ class Session:
                 # each run of a prepared statement meets the hours, the quota and the audit
                 if self.operator is not None:
                     self.view = self.operator.current()
-                denied = self._live_gate(decision[0])  # type: ignore
-                if denied is not None:
+                refused = self._live_gate(decision[0])
+                if refused is not None:
                     self._portals.pop(portal, None)
                     self._source = decision[1]  # the audit record's statement
-                    self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
-                    self._send_raise(denied, out)
+                    self._deny_runs(Analysis(sql="", statements=(refused,)), refused, out)
+                    self._send_raise(refused, out)
                     return
             self._portal_changed(portal, decision)
             out.to_server.append(frame)
@@ -800,7 +802,7 @@ class Session:
         """ReadyForQuery of the batch that re-bound or closed these portals: if it failed,
         the server may still hold the old, protected portals -- take their records back."""
         failed = self._batch_error
-        for portal, old, count in changes[::-1]:
+        for portal, old, count in changes[::-1]:  # not reversed(): mypyc 2.4 fails on it here
             pending = self._portal_unsettled.get(portal)
             if pending is not None and pending[0] is old:
                 del self._portal_unsettled[portal]
@@ -879,12 +881,12 @@ class Session:
                     self._plain_memo_view = self.view
                 if memo is not None:
                     memo[key if key is not None else frame.translate(_ZERO_DIGIT_BYTES)] = kind
-        record = self._record_statement
-        if record is not None:  # count_statement("allowed", kind) without its call
+        keyed = self._keyed_count
+        if keyed is not None:  # count_statement("allowed", kind) without its call
             counted = self._allowed_keys.get(kind)
             if counted is None:
-                counted = self._allowed_keys[kind] = self._statement_key("allowed", kind)  # type: ignore
-            record(counted)
+                counted = self._allowed_keys[kind] = keyed[0]("allowed", kind)
+            keyed[1](counted)
         elif self.count_statement is not None:
             self.count_statement("allowed", kind)
         self.state = _BUSY
@@ -1712,12 +1714,12 @@ class Session:
             self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + rows
         if rows and self.operator is not None:
             self.operator.add_rows(rows)
-        record = self._record_statement
-        if record is not None:  # count_statement(name, kind) without its call
+        keyed = self._keyed_count
+        if keyed is not None:  # count_statement(name, kind) without its call
             counted = self._run_keys.get((name, d.kind))
             if counted is None:
-                counted = self._run_keys[(name, d.kind)] = self._statement_key(name, d.kind)  # type: ignore
-            record(counted)
+                counted = self._run_keys[(name, d.kind)] = keyed[0](name, d.kind)
+            keyed[1](counted)
         elif self.count_statement is not None:
             self.count_statement(name, d.kind)
         self.tx = tx

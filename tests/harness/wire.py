@@ -71,10 +71,10 @@ class Wire:
         self.sock.settimeout(15)
         self.buf = b""
 
-    def batch(self, *messages: bytes) -> Batch:
-        self.sock.sendall(b"".join(messages))
-        out = Batch()
-        while True:
+    def messages(self, syncs: int = 1) -> list[tuple[str, bytes]]:
+        """The server's messages (type, body) up to the ``syncs``-th ReadyForQuery."""
+        out: list[tuple[str, bytes]] = []
+        while syncs:
             while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack_from("!I", self.buf, 1)[0]:
                 chunk = self.sock.recv(65536)
                 if not chunk:
@@ -82,14 +82,21 @@ class Wire:
                 self.buf += chunk
             end = 1 + struct.unpack_from("!I", self.buf, 1)[0]
             kind, body, self.buf = chr(self.buf[0]), self.buf[5:end], self.buf[end:]
+            out.append((kind, body))
+            syncs -= kind == "Z"
+        return out
+
+    def batch(self, *messages: bytes) -> Batch:
+        self.sock.sendall(b"".join(messages))
+        out = Batch()
+        for kind, body in self.messages():
             out.types.append(kind)
             if kind == "D":
                 out.rows += 1
             elif kind == "E":
                 fields = {p[:1]: p[1:] for p in body.split(b"\x00") if p}
                 out.sqlstates.append(fields.get(b"C", b"").decode())
-            elif kind == "Z":
-                return out
+        return out
 
     def capped(self, stmt: bytes) -> Batch:
         """Run ``stmt`` with $1 = 1 and check the row cap stopped it."""

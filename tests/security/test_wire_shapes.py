@@ -17,58 +17,33 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.harness.wire import SYNC, execute, msg, parse, query
+from tests.harness.wire import SYNC, Wire, execute, msg, parse, query
 from tests.security.conftest import LeakChecker, find_leaks
 
 TELLER = "teller_sz01"
 
 
-class RawWire:
-    """Raw frontend messages on an authenticated connection; keeps every byte answered."""
-
-    def __init__(self, leak: LeakChecker) -> None:
-        self.conn = leak.connect(TELLER)
-        self.sock = socket.socket(fileno=self.conn.pgconn.socket)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(15)
-        self.buf = b""
-
-    def send(self, data: bytes, pieces: list[int] | None = None) -> None:
-        """Send ``data`` cut at these offsets, pausing so each piece is its own read."""
-        cuts = [0, *(pieces or []), len(data)]
-        for start, end in zip(cuts, cuts[1:], strict=False):
-            if end > start:
-                self.sock.sendall(data[start:end])
-                time.sleep(0.005)
-
-    def answers(self, syncs: int = 1) -> list[tuple[str, bytes]]:
-        """Messages up to the ``syncs``-th ReadyForQuery."""
-        out: list[tuple[str, bytes]] = []
-        while syncs:
-            while len(self.buf) < 5 or len(self.buf) < 1 + struct.unpack_from("!I", self.buf, 1)[0]:
-                chunk = self.sock.recv(65536)
-                assert chunk, "pgveil closed the connection"
-                self.buf += chunk
-            end = 1 + struct.unpack_from("!I", self.buf, 1)[0]
-            kind, body, self.buf = chr(self.buf[0]), self.buf[5:end], self.buf[end:]
-            out.append((kind, body))
-            syncs -= kind == "Z"
-        return out
-
-    def close(self) -> None:
-        self.sock.detach()
-        self.conn.close()
+def send_in_pieces(wire: Wire, data: bytes, cuts: list[int]) -> None:
+    """Send ``data`` cut at these offsets, pausing so that each piece is its own read."""
+    bounds = [0, *cuts, len(data)]
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        if end > start:
+            wire.sock.sendall(data[start:end])
+            time.sleep(0.005)
 
 
 @pytest.fixture
-def wire(leak: LeakChecker) -> Iterator[RawWire]:
-    w = RawWire(leak)
+def wire(leak: LeakChecker) -> Iterator[Wire]:
+    conn = leak.connect(TELLER)
+    w = Wire(conn)
+    w.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         yield w
-        w.send(query("select 1"))
-        assert w.answers()[-1][0] == "Z"  # the session is still usable
+        w.sock.sendall(query("select 1"))
+        assert w.messages()[-1][0] == "Z"  # the session is still usable
     finally:
-        w.close()
+        w.sock.detach()
+        conn.close()
 
 
 def _values(answers: list[tuple[str, bytes]]) -> list[list[bytes | None]]:
@@ -105,18 +80,18 @@ def _bind_binary(stmt: bytes, *params: bytes, text_results: bool = True) -> byte
     return msg(b"B", body)
 
 
-def test_a_lookup_sent_one_byte_per_read_is_masked(leak: LeakChecker, wire: RawWire) -> None:
+def test_a_lookup_sent_one_byte_per_read_is_masked(leak: LeakChecker, wire: Wire) -> None:
     cid = _customer(leak, "SZ01")
     sql = f"select name, phone, id_number, email from customers where id = {cid}"
     data = query(sql)
-    wire.send(data, list(range(1, len(data))))
-    answers = wire.answers()
+    send_in_pieces(wire, data, list(range(1, len(data))))
+    answers = wire.messages()
     rows = _values(answers)
     assert len(rows) == 1 and b"*" in (rows[0][1] or b"")
     _assert_no_leak(leak, answers, sql)
 
 
-def test_a_header_cut_in_two_and_pipelined_queries(leak: LeakChecker, wire: RawWire) -> None:
+def test_a_header_cut_in_two_and_pipelined_queries(leak: LeakChecker, wire: Wire) -> None:
     sz = _customer(leak, "SZ01")
     gz = _customer(leak, "GZ01")
     first = query(f"select phone from customers where id = {sz}")
@@ -124,8 +99,8 @@ def test_a_header_cut_in_two_and_pipelined_queries(leak: LeakChecker, wire: RawW
     third = query("select id_number from customers order by id limit 3")
     data = first + second + third
     # two whole messages and 3 bytes of the third's header in one read, the rest later
-    wire.send(data, [len(first) + len(second) + 3])
-    answers = wire.answers(syncs=3)
+    send_in_pieces(wire, data, [len(first) + len(second) + 3])
+    answers = wire.messages(syncs=3)
     assert [k for k, _ in answers].count("Z") == 3
     rows = _values(answers)
     assert len(rows) == 1 + 0 + 3
@@ -133,7 +108,7 @@ def test_a_header_cut_in_two_and_pipelined_queries(leak: LeakChecker, wire: RawW
     _assert_no_leak(leak, answers, "")
 
 
-def test_an_extended_batch_split_inside_every_message(leak: LeakChecker, wire: RawWire) -> None:
+def test_an_extended_batch_split_inside_every_message(leak: LeakChecker, wire: Wire) -> None:
     sql = b"select name, phone, id_number from customers where level >= $1 order by id limit 5"
     messages = [parse(b"", sql), msg(b"B", b"\x00\x00" + struct.pack("!HHI", 0, 1, 1) + b"1"
                                      + struct.pack("!H", 0)),
@@ -142,26 +117,26 @@ def test_an_extended_batch_split_inside_every_message(leak: LeakChecker, wire: R
     for m in messages:
         cuts += [pos + 1, pos + 3, pos + len(m) - 1]  # inside the header and before the end
         pos += len(m)
-    wire.send(data, sorted(set(c for c in cuts if 0 < c < len(data))))
-    answers = wire.answers()
+    send_in_pieces(wire, data, sorted(set(c for c in cuts if 0 < c < len(data))))
+    answers = wire.messages()
     rows = _values(answers)
     assert len(rows) == 5 and all(b"*" in (r[1] or b"") for r in rows)
     _assert_no_leak(leak, answers, "")
 
 
 def test_binary_lookup_parameters_find_only_in_scope_and_stay_masked(
-        leak: LeakChecker, wire: RawWire) -> None:
+        leak: LeakChecker, wire: Wire) -> None:
     """The exact lookup by ID number with the value in binary format (text's binary form is
     its bytes): the teller finds the SZ01 customer whose number he typed, masked, and nothing
     of another branch."""
     sz = leak.secrets.customer(_customer(leak, "SZ01"))
     gz = leak.secrets.customer(_customer(leak, "GZ01"))
     stmt = b"select id, name, phone, id_number from customers where id_number = $1"
-    wire.send(parse(b"bl", stmt) + SYNC)
-    assert wire.answers()[-1][0] == "Z"
+    wire.sock.sendall(parse(b"bl", stmt) + SYNC)
+    assert wire.messages()[-1][0] == "Z"
     for who, expect in ((sz, 1), (gz, 0)):
-        wire.send(_bind_binary(b"bl", who.id_number.encode()) + execute() + SYNC)
-        answers = wire.answers()
+        wire.sock.sendall(_bind_binary(b"bl", who.id_number.encode()) + execute() + SYNC)
+        answers = wire.messages()
         rows = _values(answers)
         assert len(rows) == expect, answers
         if rows:
@@ -170,26 +145,27 @@ def test_binary_lookup_parameters_find_only_in_scope_and_stay_masked(
         _assert_no_leak(leak, answers, who.id_number)
 
 
-def test_binary_result_formats_carry_masked_values(leak: LeakChecker, wire: RawWire) -> None:
+def test_binary_result_formats_carry_masked_values(leak: LeakChecker, wire: Wire) -> None:
     stmt = b"select name, phone, id_number, email from customers where level >= $1 limit 20"
-    wire.send(parse(b"br", stmt) + SYNC)
-    assert wire.answers()[-1][0] == "Z"
+    wire.sock.sendall(parse(b"br", stmt) + SYNC)
+    assert wire.messages()[-1][0] == "Z"
     # $1 as a binary int4, every result column in binary format
-    wire.send(_bind_binary(b"br", struct.pack("!i", 1), text_results=False) + execute() + SYNC)
-    answers = wire.answers()
+    bound = _bind_binary(b"br", struct.pack("!i", 1), text_results=False)
+    wire.sock.sendall(bound + execute() + SYNC)
+    answers = wire.messages()
     rows = _values(answers)
     assert len(rows) == 20 and all(b"*" in (r[1] or b"") for r in rows)
     _assert_no_leak(leak, answers, "")
 
 
 def test_copy_into_the_filtered_table_is_denied_in_the_extended_protocol(
-        wire: RawWire) -> None:
+        wire: Wire) -> None:
     """COPY FROM STDIN sent as Parse/Bind/Execute: denied at the Parse like the simple Query,
     with nothing written, and the session in step afterwards."""
     copy = b"copy customers (name, phone, id_number, branch_id) from stdin"
-    wire.send(parse(b"", copy) + msg(b"B", b"\x00\x00" + struct.pack("!HHH", 0, 0, 0))
+    wire.sock.sendall(parse(b"", copy) + msg(b"B", b"\x00\x00" + struct.pack("!HHH", 0, 0, 0))
               + execute() + SYNC)
-    answers = wire.answers()
+    answers = wire.messages()
     kinds = [k for k, _ in answers]
     assert "G" not in kinds, "the server entered COPY IN for the teller"
     errors = [body for k, body in answers if k == "E"]
@@ -197,7 +173,7 @@ def test_copy_into_the_filtered_table_is_denied_in_the_extended_protocol(
 
 
 def test_copy_fail_of_an_allowed_copy_keeps_the_session_in_step(leak: LeakChecker,
-                                                                wire: RawWire) -> None:
+                                                                wire: Wire) -> None:
     """A COPY the teller may run (into an unprotected table), abandoned with CopyFail: the
     server's error and ReadyForQuery reach the client, nothing is written, and the next
     protected read is still masked."""
@@ -205,11 +181,11 @@ def test_copy_fail_of_an_allowed_copy_keeps_the_session_in_step(leak: LeakChecke
         dba.execute("create table if not exists sec_copy_scratch (note text)")
         dba.execute("grant insert, select on sec_copy_scratch to public")
     try:
-        wire.send(query("copy sec_copy_scratch from stdin"))
+        wire.sock.sendall(query("copy sec_copy_scratch from stdin"))
         head = wire.sock.recv(65536)  # CopyInResponse
         assert head[:1] == b"G", head
-        wire.send(msg(b"d", b"first line\n") + msg(b"f", b"client gave up\x00"))
-        answers = wire.answers()
+        wire.sock.sendall(msg(b"d", b"first line\n") + msg(b"f", b"client gave up\x00"))
+        answers = wire.messages()
         assert [k for k, _ in answers][-2:] == ["E", "Z"] and b"client gave up" in answers[-2][1]
         with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
             assert dba.execute("select count(*) from sec_copy_scratch").fetchone() == (0,)
@@ -217,8 +193,8 @@ def test_copy_fail_of_an_allowed_copy_keeps_the_session_in_step(leak: LeakChecke
         with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
             dba.execute("drop table if exists sec_copy_scratch")
     cid = _customer(leak, "SZ01")
-    wire.send(query(f"select phone from customers where id = {cid}"))
-    answers = wire.answers()
+    wire.sock.sendall(query(f"select phone from customers where id = {cid}"))
+    answers = wire.messages()
     rows = _values(answers)
     assert len(rows) == 1 and b"*" in (rows[0][0] or b"")
     _assert_no_leak(leak, answers, "")
