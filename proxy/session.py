@@ -35,7 +35,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.operator import OperatorState
@@ -109,36 +109,57 @@ class HeldResult:
     event: AuditEvent | None
 
 
-@dataclass
 class Output:
-    to_server: list[bytes] = field(default_factory=list)
-    to_client: list[Any] = field(default_factory=list)  # bytes, or a HeldResult
-    cancel: bool = False
-    audit: list[AuditEvent] = field(default_factory=list)
-    close: bool = False
+    """What one input to the session asks the shell to do (a plain class: one per message
+    batch, and mypyc compiles its constructor natively)."""
+
+    __slots__ = ("audit", "cancel", "close", "to_client", "to_server")
+
+    def __init__(self) -> None:
+        self.to_server: list[bytes] = []
+        self.to_client: list[Any] = []  # bytes, or a HeldResult
+        self.cancel = False
+        self.audit: list[AuditEvent] = []
+        self.close = False
 
 
-@dataclass(slots=True)
 class _StatementRun:
-    """One statement being executed upstream, attributed results and counted rows."""
+    """One statement being executed upstream, attributed results and counted rows.
 
-    decision: StatementDecision
-    started: float
-    rows: int = 0
-    counter_key: tuple[str, str] | None = None  # ("portal"|"cursor", name): cumulative counting
-    capped: bool = False
-    denied: bool = False
-    error: str | None = None
-    source: str = ""  # the client's text of this statement (for the audit record)
-    hidden: bool = False  # a statement pgveil injected: its completion is not forwarded
-    held: list[bytes] | None = None  # strict durability: its output, until its record is written
-    held_bytes: int = 0
-    done: bool = False
-    event: AuditEvent | None = None
-    form: Any = None  # its audit form, when the hot path made the run (see _form_for)
-    # a DECLARE of a name that held a protected cursor: recorded only once the server
-    # answers it (see Session._declare_sent)
-    declare_pending: bool = False
+    A plain class with an explicit ``__init__`` rather than a dataclass: one is made per
+    statement on the hot path, and mypyc compiles this constructor natively, where a
+    dataclass's generated ``__init__`` stays interpreted."""
+
+    __slots__ = ("capped", "counter_key", "decision", "declare_pending", "denied", "done",
+                 "error", "event", "form", "held", "held_bytes", "hidden", "rows", "source",
+                 "started")
+
+    def __init__(self, decision: StatementDecision, started: float, *,
+                 counter_key: tuple[str, str] | None = None, source: str = "",
+                 denied: bool = False, hidden: bool = False, form: Any = None) -> None:
+        self.decision = decision
+        self.started = started
+        self.rows = 0
+        # ("portal"|"cursor", name): cumulative counting
+        self.counter_key: tuple[str, str] | None = counter_key
+        self.capped = False
+        self.denied = denied
+        self.error: str | None = None
+        self.source = source  # the client's text of this statement (for the audit record)
+        self.hidden = hidden  # a statement pgveil injected: its completion is not forwarded
+        # strict durability: its output, until its record is written
+        self.held: list[bytes] | None = None
+        self.held_bytes = 0
+        self.done = False
+        self.event: AuditEvent | None = None
+        self.form: Any = form  # its audit form, when the hot path made the run (see _form_for)
+        # a DECLARE of a name that held a protected cursor: recorded only once the server
+        # answers it (see Session._declare_sent)
+        self.declare_pending = False
+
+    def __repr__(self) -> str:
+        return (f"_StatementRun({self.decision.kind}, rows={self.rows}, done={self.done}, "
+                f"denied={self.denied}, hidden={self.hidden})")
 
 
 @dataclass(slots=True)
@@ -161,29 +182,41 @@ class _ProtectedQuery:
     form: Any  # the audit form of its runs
 
 
-@dataclass(slots=True)
 class _Slot:
-    """A unit of expected server output: a simple Query, an Execute, or a Sync marker."""
+    """A unit of expected server output: a simple Query, an Execute, or a Sync marker.
 
-    kind: str  # "query" | "execute" | "sync" | "inject"
-    runs: list[_StatementRun] = field(default_factory=list)
-    index: int = 0
-    failed: bool = False
-    started: float = 0.0  # query / sync slots: when the client's request went upstream
-    # a simple Query sent as Bind/Describe/Execute/Sync of a statement pgveil prepared
-    # upstream: its BindComplete is pgveil's, not the client's
-    converted: bool = False
-    # kind "hidden": pgveil's own Parse+Sync preparing ``prepare_key`` upstream (inside a
-    # savepoint when the client is in a transaction block); every message up to and
-    # including its last ReadyForQuery (``hidden_z`` of them) is pgveil's
-    prepare_key: tuple[str, tuple[int, ...]] | None = None
-    hidden_z: int = 1
-    # sync / query slots: the Parse and Close messages sent since the previous one, settled
-    # at this slot's ReadyForQuery (see _StatementChange)
-    changes: list[_StatementChange] | None = None
-    # sync / query slots: portals re-bound or closed in the batch while they held a protected
-    # result (name, record before, its count before); taken back if the batch failed
-    portal_changes: list[tuple[bytes, Any, int]] | None = None
+    A plain class for the same reason as :class:`_StatementRun` (two per extended batch)."""
+
+    __slots__ = ("changes", "converted", "failed", "hidden_z", "index", "kind", "portal_changes",
+                 "prepare_key", "runs", "started")
+
+    def __init__(self, kind: str, *, runs: list[_StatementRun] | None = None,
+                 started: float = 0.0, converted: bool = False,
+                 prepare_key: tuple[str, tuple[int, ...]] | None = None, hidden_z: int = 1,
+                 changes: list[_StatementChange] | None = None) -> None:
+        self.kind = kind  # "query" | "execute" | "sync" | "inject" | "hidden"
+        self.runs: list[_StatementRun] = [] if runs is None else runs
+        self.index = 0
+        self.failed = False
+        self.started = started  # query / sync slots: when the client's request went upstream
+        # a simple Query sent as Bind/Describe/Execute/Sync of a statement pgveil prepared
+        # upstream: its BindComplete is pgveil's, not the client's
+        self.converted = converted
+        # kind "hidden": pgveil's own Parse+Sync preparing ``prepare_key`` upstream (inside a
+        # savepoint when the client is in a transaction block); every message up to and
+        # including its last ReadyForQuery (``hidden_z`` of them) is pgveil's
+        self.prepare_key: tuple[str, tuple[int, ...]] | None = prepare_key
+        self.hidden_z = hidden_z
+        # sync / query slots: the Parse and Close messages sent since the previous one, settled
+        # at this slot's ReadyForQuery (see _StatementChange)
+        self.changes: list[_StatementChange] | None = changes
+        # sync / query slots: portals re-bound or closed in the batch while they held a
+        # protected result (name, record before, its count before); taken back if the batch
+        # failed
+        self.portal_changes: list[tuple[bytes, Any, int]] | None = None
+
+    def __repr__(self) -> str:
+        return f"_Slot({self.kind}, runs={len(self.runs)}, index={self.index})"
 
 
 class _StatementChange:
