@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-COMPILED := proxy/server.py proxy/session.py proxy/audit.py proxy/audit_sinks.py
+COMPILED := proxy/server.py proxy/session.py proxy/audit.py proxy/audit_sinks.py proxy/operator.py
 PYPROJECT_HASH := $(shell cat pyproject.toml setup.py $(COMPILED) 2>/dev/null | sha256sum | cut -c1-16)
 STAMP  := $(VENV)/.installed-$(PYPROJECT_HASH)
 PYTEST_ARGS ?=

@@ -29,7 +29,7 @@ _STAMP = _HERE / "_native.json"
 
 #: The per-statement hot path, compiled by setup.py (paths relative to the project root).
 COMPILED: tuple[str, ...] = ("proxy/server.py", "proxy/session.py", "proxy/audit.py",
-                             "proxy/audit_sinks.py")
+                             "proxy/audit_sinks.py", "proxy/operator.py")
 
 
 class _SourceFinder:

@@ -12,6 +12,7 @@ import dataclasses
 import struct
 from typing import Any
 
+from proxy.operator import LocalQuota, OperatorState
 from proxy.session import Session, TxStatus
 from rewriters.analyze import Analyzer
 from rewriters.model import LexSettings, Limits
@@ -187,17 +188,10 @@ def test_bind_meets_the_quota_each_time() -> None:
                   + frame(b"S", b""))
     s.from_server(frame(b"1", b"") + rfq())
 
-    class Exhausted:
-        grant_id = None
-
-        def current(self):
-            return s.view
-
-        def quota_exceeded(self, view):
-            return "quota of 10 protected rows per 1h exhausted for teller_sz01"
-
     s.view = dataclasses.replace(s.view, limits=Limits(quota_rows=10, quota_seconds=3600))
-    s.operator = Exhausted()  # type: ignore[assignment]
+    quota = LocalQuota()
+    quota.add_rows(s.view.login, 10)  # the hour's 10 rows are spent
+    s.operator = OperatorState(s.view, None, quota, lambda role: s.view)
     bind = frame(b"B", b"\x00s1\x00\x00\x00\x00\x01\x00\x00\x00\x0242\x00\x00")
     batch = bind + frame(b"E", b"\x00\x00\x00\x00\x00") + frame(b"S", b"")
     assert not s.fast_batch(batch)
