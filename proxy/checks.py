@@ -98,7 +98,7 @@ async def run_explain(config: Config, login: str, sql: str, database: str,
     from rewriters.analyze import Analyzer
     from rewriters.explain import explain_report
     from rewriters.model import Catalog, LexSettings
-    from rewriters.policy import build_operator_view
+    from rewriters.policy import PolicyError, build_operator_view
 
     policy = _load_policy(config)
     if policy is None:
@@ -113,7 +113,14 @@ async def run_explain(config: Config, login: str, sql: str, database: str,
         print(f"note: catalog not read ({error}); using the columns listed in the policy",
               file=sys.stderr)
         catalog = Catalog()
-    view = build_operator_view(policy, operator, catalog)
+    try:
+        view = build_operator_view(policy, operator, catalog)
+    except PolicyError as exc:
+        print(f"login {login!r}: the policy cannot be applied to database {database!r}:",
+              file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     analysis = Analyzer().analyze(sql, view, LexSettings())
     print(explain_report(analysis, view))
     return 0

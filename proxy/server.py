@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.session import WITHHELD_RESULT, HeldResult, Output, Session, error_message
+from rewriters.policy import PolicyError
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -557,6 +558,13 @@ class ClientConnection(asyncio.Protocol):
             view = await self.rt.operator_view(user, self.peer_ip, application, database)
         except LookupError as exc:
             self.send_client(fatal("28000", str(exc)))
+            self.close()
+            return
+        except PolicyError as exc:  # a mask that cannot apply to this database's columns
+            log.warning("refused %s (login %s, database %s): the policy does not apply: %s",
+                        self.peer, user, database, "; ".join(exc.errors))
+            self.send_client(fatal("F0000", f"pgveil: the policy cannot be applied to database "
+                                            f"{database!r}: {'; '.join(exc.errors)}"))
             self.close()
             return
         options = params.get("options", "")

@@ -951,8 +951,23 @@ def _table_columns(policy: Policy, table: str,
     if cols is not None:
         return cols, True
     # Not in the database (yet): fall back to the policy's list. Queries on the table fail in
-    # PostgreSQL anyway; the types are a guess and never reach a client.
+    # PostgreSQL anyway; the types are a guess (see _guessed_type) and never reach a client.
     return tuple(CatalogColumn(c, "text") for c in policy.tables[table].columns), False
+
+
+def _guessed_type(spec: MaskSpec) -> str:
+    """A type the mask applies to, for a column of a table the database does not have.
+
+    The fallback columns are typed ``text``; a ``truncate`` or ``round`` mask on one would be
+    refused as a type error, and with it every connection to a database without the table (a
+    teller's health check against ``postgres``, say). Any query on the table fails in
+    PostgreSQL, so the guess only has to let the mask build.
+    """
+    if spec.kind is masks.MaskKind.TRUNCATE:
+        return "timestamp without time zone"
+    if spec.kind is masks.MaskKind.ROUND:
+        return "numeric"
+    return "text"
 
 
 def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) -> OperatorView:
@@ -985,6 +1000,8 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
                 out.append(ColumnView(c.name, c.type_sql, None, None, lookup,
                                       unique=c.unique, references=c.references))
                 continue
+            if not in_catalog:
+                c = CatalogColumn(c.name, _guessed_type(spec))
             try:
                 expr = masks.mask_expression(spec, c, hmac_key=policy.hash_key)
             except MaskError as e:

@@ -297,6 +297,18 @@ def test_stranger_gets_role_default_and_sees_nothing(pgveil: PgveilProcess) -> N
     assert fetch(dsn, "select count(*) from branches") == [(3,)]
 
 
+def test_other_database_without_protected_tables_is_usable(pgveil: PgveilProcess) -> None:
+    """A teller (whose policy truncates a date and rounds a number) connecting to ``postgres``,
+    where no protected table exists: the connection works; reading ``customers`` there fails
+    in PostgreSQL (the table is not there), it is not refused by pgveil's type checks."""
+    for login in ("teller_sz01", "auditor1"):
+        dsn = pgveil.dsn(login, db="postgres")
+        assert fetch(dsn, "select current_database(), 1") == [("postgres", 1)]
+        with pytest.raises(psycopg.Error) as info:
+            fetch(dsn, "select birthday from customers where id = 1")
+        assert info.value.sqlstate == "42P01"
+
+
 # --------------------------------------------------------------------------- mask at the source
 
 
