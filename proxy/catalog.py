@@ -29,8 +29,18 @@ from collections.abc import Iterable
 import asyncpg
 
 from rewriters.model import Catalog, CatalogColumn
+from rewriters.verify import STATS_RELATIONS
 
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
+
+# What a pg_depend row may point at that can carry protected data: a relation, a function, or
+# an operator (CREATE OPERATOR ... FUNCTION f: a view or default using the operator depends on
+# the operator, not on f).
+_REF_KIND = """CASE d.refclassid WHEN 'pg_catalog.pg_class'::pg_catalog.regclass THEN 'rel'
+            WHEN 'pg_catalog.pg_operator'::pg_catalog.regclass THEN 'op' ELSE 'proc' END"""
+_REF_CLASSES = """d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
+                       'pg_catalog.pg_proc'::pg_catalog.regclass,
+                       'pg_catalog.pg_operator'::pg_catalog.regclass)"""
 
 _COLUMNS_SQL = """
 SELECT n.nspname, c.relname, c.oid::int8 AS relid, a.attname,
@@ -56,13 +66,12 @@ ORDER BY n.nspname, c.relname, a.attnum
 
 # Edges "dependent -> referenced" from rewrite rules and functions to relations and functions.
 # A view is its _RETURN rule; any other rule is a node of its own.
-_DEPEND_SQL = """
+_DEPEND_SQL = f"""
 SELECT CASE WHEN r.rulename = '_RETURN' THEN 'rel' ELSE 'rule' END AS kind,
        CASE WHEN r.rulename = '_RETURN' THEN r.ev_class::int8 ELSE r.oid::int8 END AS id,
        n.nspname AS nsp,
        CASE WHEN r.rulename = '_RETURN' THEN c.relname ELSE r.rulename END AS name,
-       CASE WHEN d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-            THEN 'rel' ELSE 'proc' END AS ref_kind,
+       {_REF_KIND} AS ref_kind,
        d.refobjid::int8 AS ref_id
 FROM pg_catalog.pg_depend d
 JOIN pg_catalog.pg_rewrite r ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
@@ -70,21 +79,18 @@ JOIN pg_catalog.pg_rewrite r ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.
 JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE d.deptype = 'n'
-  AND d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
-                       'pg_catalog.pg_proc'::pg_catalog.regclass)
+  AND {_REF_CLASSES}
   AND n.nspname <> ALL ($1::text[])
 UNION ALL
 SELECT 'proc', p.oid::int8, n.nspname, p.proname,
-       CASE WHEN d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-            THEN 'rel' ELSE 'proc' END,
+       {_REF_KIND},
        d.refobjid::int8
 FROM pg_catalog.pg_depend d
 JOIN pg_catalog.pg_proc p ON d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
      AND p.oid = d.objid
 JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
 WHERE d.deptype = 'n'
-  AND d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
-                       'pg_catalog.pg_proc'::pg_catalog.regclass)
+  AND {_REF_CLASSES}
   AND n.nspname <> ALL ($1::text[])
 """
 
@@ -99,40 +105,40 @@ WHERE r.ev_class = ANY ($1::int8[]::oid[]) AND r.rulename <> '_RETURN'
 
 # What runs when a table is written or a value is cast, as edges "relation or domain -> what it
 # calls or reads": triggers, column defaults and generated columns, CHECK constraints of tables
-# and domains, non-view rules on the table, and columns of a domain type. A teller's INSERT
+# and domains, non-view rules on the table, columns of a domain type, a domain's DEFAULT,
+# expressions PostgreSQL evaluates on a table's rows by itself (index expressions and
+# predicates, exclusion constraints, partition keys, trigger WHEN conditions, row-level security
+# policies: an error such as "value "13900104729" is out of range" carries the value back), and
+# user-defined casts (the cast function runs on ``1::t``). A teller's INSERT
 # into an unprotected table whose trigger, default or rule copies customers' phones into it (or
 # whose CHECK calls a function comparing with them) reads protected data as surely as a view
 # does. Foreign keys are left out on purpose: a table of notes or tickets referencing customers
 # is the ordinary shape of a CRM, and denying it whole would break the application for a signal
 # no stronger than the customer counts the catalog already shows (an INSERT succeeds iff that
 # customer id exists, in some branch).
-_WRITE_PATHS_SQL = """
+_WRITE_PATHS_SQL = f"""
 SELECT 'rel' AS kind, t.tgrelid::int8 AS id, 'proc' AS ref_kind, t.tgfoid::int8 AS ref_id
 FROM pg_catalog.pg_trigger t
 WHERE NOT t.tgisinternal
 UNION ALL
 SELECT 'rel', ad.adrelid::int8,
-       CASE WHEN d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-            THEN 'rel' ELSE 'proc' END,
+       {_REF_KIND},
        d.refobjid::int8
 FROM pg_catalog.pg_depend d
 JOIN pg_catalog.pg_attrdef ad ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass
      AND ad.oid = d.objid
-WHERE d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
-                       'pg_catalog.pg_proc'::pg_catalog.regclass)
+WHERE {_REF_CLASSES}
   AND d.refobjid <> ad.adrelid
 UNION ALL
 SELECT CASE WHEN con.contypid <> 0 THEN 'type' ELSE 'rel' END,
        CASE WHEN con.contypid <> 0 THEN con.contypid::int8 ELSE con.conrelid::int8 END,
-       CASE WHEN d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
-            THEN 'rel' ELSE 'proc' END,
+       {_REF_KIND},
        d.refobjid::int8
 FROM pg_catalog.pg_depend d
 JOIN pg_catalog.pg_constraint con
      ON d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND con.oid = d.objid
 WHERE con.contype = 'c'
-  AND d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
-                       'pg_catalog.pg_proc'::pg_catalog.regclass)
+  AND {_REF_CLASSES}
   AND d.refobjid <> con.conrelid
 UNION ALL
 SELECT 'rel', r.ev_class::int8, 'rule', r.oid::int8
@@ -143,6 +149,94 @@ SELECT 'rel', a.attrelid::int8, 'type', a.atttypid::int8
 FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'd'
 WHERE a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'type', d.objid::int8, {_REF_KIND}, d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_type ty ON d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass
+     AND ty.oid = d.objid AND ty.typtype = 'd'
+WHERE {_REF_CLASSES}
+UNION ALL
+SELECT 'rel', i.indrelid::int8, {_REF_KIND}, d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_index i ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+     AND d.objid = i.indexrelid
+WHERE {_REF_CLASSES}
+  AND d.refobjid <> i.indrelid
+UNION ALL
+SELECT 'rel', c.oid::int8, {_REF_KIND}, d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_class c ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+     AND d.objid = c.oid AND c.relkind IN ('r', 'p', 'f')
+WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass,
+                       'pg_catalog.pg_operator'::pg_catalog.regclass)
+UNION ALL
+SELECT 'rel', t.tgrelid::int8, {_REF_KIND}, d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_trigger t ON d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass
+     AND d.objid = t.oid
+WHERE NOT t.tgisinternal AND {_REF_CLASSES}
+  AND d.refobjid <> t.tgrelid
+UNION ALL
+SELECT 'rel', p.polrelid::int8, {_REF_KIND}, d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.pg_policy p ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
+     AND d.objid = p.oid
+WHERE {_REF_CLASSES}
+  AND d.refobjid <> p.polrelid
+UNION ALL
+SELECT 'type', c.casttarget::int8, 'proc', c.castfunc::int8
+FROM pg_catalog.pg_cast c WHERE c.castfunc::oid <> 0 AND c.oid >= 16384
+UNION ALL
+SELECT 'type', c.castsource::int8, 'proc', c.castfunc::int8
+FROM pg_catalog.pg_cast c WHERE c.castfunc::oid <> 0 AND c.oid >= 16384
+"""
+
+# Operators and the functions they run (a statement, view or default using ``#@`` reads what
+# the operator's function reads).
+_OPERATORS_SQL = """
+SELECT o.oid::int8 AS id, n.nspname AS nsp, o.oprname AS name, o.oprcode::oid::int8 AS code
+FROM pg_catalog.pg_operator o
+JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+WHERE n.nspname <> ALL ($1::text[]) AND o.oprcode::oid <> 0
+"""
+
+# PostgreSQL's planner statistics hold sample values of every column (most common values,
+# histogram bounds): a view or function over them reads every protected table.
+_STATS_SQL = """
+SELECT c.oid::int8 AS id, c.relname AS name
+FROM pg_catalog.pg_class c
+WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace AND c.relname = ANY ($1::text[])
+"""
+
+# Views over them: PostgreSQL records no dependency on a pinned catalog such as pg_statistic,
+# so the definition is matched by name ($2: a regular expression of the names).
+_STATS_VIEWS_SQL = """
+SELECT c.oid::int8 AS id, n.nspname AS nsp, c.relname AS name
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('v', 'm') AND n.nspname <> ALL ($1::text[])
+  AND pg_catalog.pg_get_viewdef(c.oid) ~* $2
+"""
+
+# Catalog.write_hooks: triggers' functions and non-view rules on each protected table and on
+# its partitions and inheritance children (a row written through the parent lands there).
+_WRITE_HOOKS_SQL = """
+WITH RECURSIVE tree(rel, top) AS (
+    SELECT c.oid, c.oid FROM pg_catalog.pg_class c WHERE c.oid = ANY ($1::int8[]::oid[])
+  UNION
+    SELECT i.inhrelid, t.top FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent = t.rel
+)
+SELECT t.top::int8 AS rel, n.nspname AS nsp, p.proname AS name
+FROM tree t
+JOIN pg_catalog.pg_trigger tg ON tg.tgrelid = t.rel AND NOT tg.tgisinternal
+JOIN pg_catalog.pg_proc p ON p.oid = tg.tgfoid
+JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+UNION
+SELECT t.top::int8, n.nspname, r.rulename
+FROM tree t
+JOIN pg_catalog.pg_rewrite r ON r.ev_class = t.rel AND r.rulename <> '_RETURN'
+JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 """
 
 # Names of the relations and domains in those edges.
@@ -179,7 +273,43 @@ WHERE n.nspname <> ALL ($1::text[]) AND l.lanname NOT IN ('c', 'internal')
   AND p.prosrc IS NOT NULL
 """
 
-Node = tuple[str, int]  # ("rel" | "proc" | "rule", oid)
+Node = tuple[str, int]  # ("rel" | "proc" | "rule" | "type" | "op", oid)
+
+# U&"d\0061ta" identifiers (optionally with UESCAPE '!'): a body naming a table this way names
+# it as surely as a plain identifier does.
+_UNICODE_IDENT = re.compile(r"""U&"((?:[^"]|"")*)"(?:\s*UESCAPE\s*'([^'])')?""", re.I)
+
+
+def decode_unicode_identifiers(text: str) -> str:
+    """``U&"cust\\006Fmers"`` -> ``customers`` (an escape that does not decode is kept)."""
+    if "&" not in text:
+        return text
+
+    def decode(m: re.Match[str]) -> str:
+        body, esc = m.group(1).replace('""', '"'), m.group(2) or "\\"
+        out, i = [], 0
+        while i < len(body):
+            ch = body[i]
+            if ch == esc:
+                if body[i + 1:i + 2] == esc:
+                    out.append(esc)
+                    i += 2
+                    continue
+                digits = 6 if body[i + 1:i + 2] == "+" else 4
+                start = i + 2 if digits == 6 else i + 1
+                code = body[start:start + digits]
+                if len(code) == digits and all(c in "0123456789abcdefABCDEF" for c in code):
+                    try:
+                        out.append(chr(int(code, 16)))
+                    except ValueError:
+                        out.append(body[i:start + digits])
+                    i = start + digits
+                    continue
+            out.append(ch)
+            i += 1
+        return "".join(out)
+
+    return _UNICODE_IDENT.sub(decode, text)
 
 _DYNAMIC_SQL = re.compile(
     r"\bexecute\b(?!\s+(procedure|function)\b)|\bdblink|_to_xml|\bts_stat\b|\bts_rewrite\b|\blo_import\b"
@@ -212,7 +342,15 @@ async def load_catalog(conn: asyncpg.Connection,
                                       unique=bool(r["is_unique"]), references=r["refs"]))
     missing = [n for n in wanted if n not in tables]
     dependents = await _dependents(conn, oids)
-    catalog = Catalog(tables={k: tuple(v) for k, v in tables.items()}, dependents=dependents)
+    hooks: dict[str, list[str]] = {}
+    if oids:
+        for r in await conn.fetch(_WRITE_HOOKS_SQL, list(oids)):
+            found = hooks.setdefault(oids[int(r["rel"])], [])
+            name = f"{r['nsp']}.{r['name']}"
+            if name not in found:
+                found.append(name)
+    catalog = Catalog(tables={k: tuple(v) for k, v in tables.items()}, dependents=dependents,
+                      write_hooks={k: tuple(sorted(v)) for k, v in sorted(hooks.items())})
     return catalog, missing
 
 
@@ -245,20 +383,36 @@ async def _dependents(conn: asyncpg.Connection,
             if r["nsp"] in _SYSTEM_SCHEMAS:
                 continue
             names.setdefault((r["kind"], int(r["id"])), f"{r['nsp']}.{r['name']}")
+    for r in await conn.fetch(_OPERATORS_SQL, system):
+        op: Node = ("op", int(r["id"]))
+        names[op] = f"{r['nsp']}.{r['name']}"
+        edges.append((op, ("proc", int(r["code"]))))
     rows = await conn.fetch(_FUNCTIONS_SQL, system)
-    functions = [(("proc", int(r["id"])), f"{r['nsp']}.{r['name']}", r["src"] or "")
-                 for r in rows]
+    functions = [(("proc", int(r["id"])), f"{r['nsp']}.{r['name']}",
+                  decode_unicode_identifiers(r["src"] or "")) for r in rows]
     for node, name, _ in functions:
         names[node] = name
 
     for oid, name in protected_oids.items():
         names[("rel", oid)] = name
     reads: dict[Node, set[str]] = {("rel", oid): {name} for oid, name in protected_oids.items()}
+    everything = set(protected_oids.values())
+    sources: set[Node] = set()  # planner statistics: they read everything, are no dependents
+    if everything:
+        for r in await conn.fetch(_STATS_SQL, sorted(STATS_RELATIONS)):
+            node: Node = ("rel", int(r["id"]))
+            names[node] = f"pg_catalog.{r['name']}"
+            reads[node] = set(everything)
+            sources.add(node)
+        stats_words = r"\m(" + "|".join(sorted(STATS_RELATIONS)) + r")\M"
+        for r in await conn.fetch(_STATS_VIEWS_SQL, system, stats_words):
+            node = ("rel", int(r["id"]))
+            names[node] = f"{r['nsp']}.{r['name']}"
+            reads[node] = set(everything)
     # A function that builds SQL at run time (plpgsql EXECUTE, dblink, query_to_xml…) or is
     # written in a general-purpose language can read any table, whatever its text names:
     # count it as reading every protected table, so masked roles are denied it unless the
     # policy lists it (allow_dependents).
-    everything = set(protected_oids.values())
     for r in rows:
         if everything and (r["lang"] not in ("sql", "plpgsql") or
                            _DYNAMIC_SQL.search(r["src"] or "")):
@@ -267,7 +421,7 @@ async def _dependents(conn: asyncpg.Connection,
 
     out: dict[str, set[str]] = {}
     for node, tables in reads.items():
-        if node[0] == "rel" and node[1] in protected_oids:
+        if (node[0] == "rel" and node[1] in protected_oids) or node in sources:
             continue  # a protected table is not its own dependent
         if tables and node in names:
             out.setdefault(names[node], set()).update(tables)

@@ -78,6 +78,12 @@ async def run_check(config: Config, database: str | None, offline: bool) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
         status = 1
+    for table, hooks in catalog.write_hooks.items():
+        unlisted = [h for h in hooks if h not in policy.allow_dependents]
+        if unlisted:
+            print(f"warning: writing {table} runs {', '.join(unlisted)} (triggers' functions "
+                  "and rules) on raw rows: masked roles may not INSERT/UPDATE/DELETE it until "
+                  "the policy lists them in allow_dependents (for a role or for all)")
     if missing and len(missing) == len(policy.protected_tables):
         print(f"hint: none of the protected tables is in database {db}; the control DSN may "
               "name another database — use --database NAME", file=sys.stderr)

@@ -418,6 +418,7 @@ def view_key(view: OperatorView) -> tuple[object, ...]:
         repr(view.limits),
         tuple(sorted(view.allowed_dependents)),
         repr(sorted(view.dependents.items())),
+        repr(sorted(view.write_hooks.items())),
     )
 
 

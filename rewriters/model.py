@@ -47,10 +47,16 @@ class Catalog:
     ``dependents`` maps ``schema.name`` of a view / materialized view / function / rule that
     reads a protected table to the protected tables it reads. A masked role is denied access to
     a dependent unless the policy lists it.
+    ``write_hooks`` maps a protected table to what runs with its raw rows when it is written:
+    the functions of its triggers (and of its partitions' triggers) and its non-view rules, as
+    ``schema.name``. A masked role's INSERT / UPDATE / DELETE / MERGE / COPY FROM on the table
+    is denied while one of them is not listed in the policy (the hook sees NEW and OLD raw and
+    can copy them anywhere: a NOTICE, NOTIFY, a history table).
     """
 
     tables: dict[str, tuple[CatalogColumn, ...]] = field(default_factory=dict)
     dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    write_hooks: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class OperatorView:
     policy_version: str
     allowed_dependents: frozenset[str] = frozenset()
     dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    write_hooks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Catalog.write_hooks
 
 
 @dataclass(frozen=True)

@@ -1041,6 +1041,7 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         policy_version=policy.version,
         allowed_dependents=policy.allow_dependents | role.allow_dependents,
         dependents=dict(catalog.dependents),
+        write_hooks=dict(catalog.write_hooks),
     )
 
 

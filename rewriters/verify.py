@@ -148,6 +148,14 @@ def _looks_like_sql(text: str, cv: CompiledView) -> bool:
             and _SQL_WORDS.search(lowered) is not None)
 
 
+def write_hooks_not_allowed(cv: CompiledView, table: str) -> list[str]:
+    """The triggers' functions and rules on ``table`` the operator's policy does not list."""
+    view = cv.view
+    if view.limits.functions:
+        return []
+    return [h for h in view.write_hooks.get(table, ()) if h not in view.allowed_dependents]
+
+
 def _strings(items: Any) -> list[str]:
     out: list[str] = []
     for it in items or []:
@@ -288,8 +296,22 @@ class _Walker:
                 self.deny("role switching would escape the policy")
         elif ntype == "ColumnRef":
             if not self.inside(self.pos(body.get("location")), self.generated):
-                self.colrefs.append(_strings(body.get("fields")))
+                fields = _strings(body.get("fields"))
+                self.colrefs.append(fields)
+                if len(fields) >= 2:
+                    # c.fn is fn(c) when c has no column fn (PostgreSQL's attribute notation)
+                    self.attribute_call(fields[-1])
             return
+        elif ntype == "A_Indirection":
+            for name in _strings(body.get("indirection")):
+                self.attribute_call(name)  # (c).fn, (row(..)::t).fn
+        elif ntype == "A_Expr":
+            op = _strings(body.get("name"))
+            if op:
+                # an operator whose function reads protected data (CREATE OPERATOR ... FUNCTION)
+                dep = self.cv.resolve_dependent(op[-2] if len(op) >= 2 else None, op[-1])
+                if dep is not None:
+                    self.dependent(dep)
         # CTE scoping. Children are pushed in reverse text order so that they are visited in
         # text order (the audit record lists tables as the statement names them).
         children: list[tuple[Any, frozenset[str]]] = []
@@ -347,6 +369,9 @@ class _Walker:
         if "relname" in value:
             stack.append(("RangeVar", value, ctes, stmt))
             return
+        if "funcname" in value:
+            stack.append(("FuncCall", value, ctes, stmt))  # CallStmt.funccall
+            return
         if str(value.get("kind", "")).startswith("VAR_"):
             # ALTER ROLE/DATABASE ... SET x: a bare VariableSetStmt
             stack.append(("VariableSetStmt", value, ctes, stmt))
@@ -367,6 +392,8 @@ class _Walker:
             if in_generated:
                 return
             self.add_table(ct.name)
+            if target and self.restricted and ct.masked:
+                self.write_hooks(ct.name)
             alias = rv.get("alias")
             ref_name = str(alias.get("aliasname")) if isinstance(alias, dict) and alias.get(
                 "aliasname") else relname
@@ -386,6 +413,20 @@ class _Walker:
             self.deny(f"catalog statistics ({relname}) are not allowed for masked roles")
         if self.restricted and self.cv.hash_secret and relname in STATEMENT_TEXT_RELATIONS:
             self.deny(f"{relname} {_KEY_REASON}")
+
+    def attribute_call(self, name: str) -> None:
+        """A field name that may call a function reading protected data (``c.fn``)."""
+        if name != "*":
+            dep = self.cv.resolve_dependent(None, name)
+            if dep is not None:
+                self.dependent(dep)
+
+    def write_hooks(self, table: str) -> None:
+        """Writing ``table`` runs its triggers and rules on raw rows: each must be listed."""
+        for hook in write_hooks_not_allowed(self.cv, table):
+            self.deny(f"writing {table} runs {hook} (a trigger or rule) with the raw rows; "
+                      f"not allowed for role {self.cv.view.role} unless the policy lists "
+                      f"{hook} in allow_dependents")
 
     def dependent(self, dep: str) -> None:
         if dep not in self.v.dependents:
