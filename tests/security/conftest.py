@@ -1140,3 +1140,34 @@ def leak(sec_db: PostgresCluster, sec_pgveil: PgveilProcess, secrets: Secrets
         yield checker
     finally:
         checker.close()
+
+
+@contextlib.contextmanager
+def dba_objects(leak: LeakChecker, setup: Sequence[str], teardown: str, probe: str,
+                timeout: float = 30.0) -> Iterator[LeakChecker]:
+    """Objects a DBA created (``setup``, run as dba in order) for the length of a module.
+
+    pgveil learns about them from its catalog poll, so this waits until the teller is denied
+    ``probe`` (a statement reading one of the new dependents), and drops them (``teardown``)
+    afterwards, also when a test failed.
+    """
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
+        conn.execute(teardown)
+        for sql in setup:
+            conn.execute(sql)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with leak.connect() as conn:
+                try:
+                    conn.execute(probe)
+                except psycopg.errors.InsufficientPrivilege:
+                    break
+                except psycopg.Error:
+                    pass  # e.g. the catalog is not read yet and PostgreSQL refused it
+            assert time.monotonic() < deadline, "pgveil did not pick up the new catalog"
+            time.sleep(0.3)
+        yield leak
+    finally:
+        with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
+            conn.execute(teardown)

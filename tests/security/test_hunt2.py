@@ -13,17 +13,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.security.conftest import (
     LeakChecker,
     Protocol,
     Received,
+    dba_objects,
     expect_rows,
     expect_status,
 )
@@ -76,23 +75,8 @@ DROP FUNCTION IF EXISTS public.h2_trg(), public.h2_defv(), public.h2_genf(int),
 
 @pytest.fixture(scope="module")
 def paths(leak: LeakChecker) -> Iterator[LeakChecker]:
-    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
-        conn.execute(TEARDOWN)
-        conn.execute(SETUP)
-    try:
-        deadline = time.monotonic() + 20
-        while True:  # pgveil polls the catalog: wait until it knows the new objects
-            with leak.connect() as conn:
-                try:
-                    conn.execute("select public.h2_defv()")
-                except psycopg.errors.InsufficientPrivilege:
-                    break
-            assert time.monotonic() < deadline, "pgveil did not pick up the new catalog"
-            time.sleep(0.3)
-        yield leak
-    finally:
-        with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
-            conn.execute(TEARDOWN)
+    with dba_objects(leak, [SETUP], TEARDOWN, "select public.h2_defv()") as checker:
+        yield checker
 
 
 DBA_PATHS = [

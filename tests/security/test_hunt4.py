@@ -25,14 +25,13 @@ The ``SHAPES`` held before and after; they stay as regression cases.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 
-from tests.security.conftest import LeakChecker, Protocol, Received
+from tests.security.conftest import LeakChecker, Protocol, Received, dba_objects
 
 
 def case(case_id: str, sql: Any, **opts: Any) -> Any:
@@ -153,27 +152,8 @@ DROP FUNCTION IF EXISTS public.h4_opbody(int), public.h4_noop(), public.h4_vol(i
 
 @pytest.fixture(scope="module")
 def paths(leak: LeakChecker) -> Iterator[LeakChecker]:
-    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
-        conn.execute(TEARDOWN)
-        conn.execute(PRE)
-        conn.execute(SETUP)
-        conn.execute("ANALYZE public.customers")
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # pgveil polls the catalog: wait until it knows the new objects
-            with leak.connect() as conn:
-                try:
-                    conn.execute("select public.h4_imm(1)")
-                except psycopg.errors.InsufficientPrivilege:
-                    break
-                except psycopg.Error:
-                    pass
-            assert time.monotonic() < deadline, "pgveil did not pick up the new catalog"
-            time.sleep(0.3)
-        yield leak
-    finally:
-        with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
-            conn.execute(TEARDOWN)
+    with dba_objects(leak, [PRE, SETUP, "ANALYZE public.customers"], TEARDOWN, "select public.h4_imm(1)") as checker:
+        yield checker
 
 
 DBA_PATHS = [
