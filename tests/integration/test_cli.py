@@ -214,6 +214,47 @@ def test_check_warns_about_unclassified_sensitive_columns(pg: PostgresCluster,
     assert any("email" in ln for ln in warnings), r.stdout + r.stderr
 
 
+def test_check_names_triggers_on_a_protected_table(pg: PostgresCluster, tmp_path: Path) -> None:
+    """A trigger on a protected table sees its raw rows: masked roles may not write the table
+    until the policy lists the trigger's function, and ``check`` says which ones to read."""
+    import psycopg
+
+    setup = """
+        CREATE TABLE public.cli_hooked (id int, phone text);
+        CREATE FUNCTION public.cli_hook_fn() RETURNS trigger LANGUAGE plpgsql
+            AS $$ BEGIN RAISE NOTICE 'changed %', new.phone; RETURN new; END $$;
+        CREATE TRIGGER cli_hook AFTER UPDATE ON public.cli_hooked
+            FOR EACH ROW EXECUTE FUNCTION public.cli_hook_fn();
+    """
+    teardown = ("DROP TABLE IF EXISTS public.cli_hooked; "
+                "DROP FUNCTION IF EXISTS public.cli_hook_fn()")
+    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    policy["protected"]["public.cli_hooked"] = {
+        "columns": {"phone": {"level": 1, "mask": "phone"}}}
+    path = tmp_path / "policy.yaml"
+    with psycopg.connect(pg.dsn("dba", db="bank"), autocommit=True) as conn:
+        conn.execute(teardown)
+        conn.execute(setup)
+    try:
+        path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
+                        encoding="utf-8")
+        r = pgveil("check", "-c", str(write_config(tmp_path, pg.dsn("dba", db="bank"), path)))
+        assert r.returncode == 0, r.stdout + r.stderr  # a warning, not an error
+        warnings = [ln for ln in r.stdout.splitlines() if ln.startswith("warning: writing")]
+        assert warnings == [
+            "warning: writing public.cli_hooked runs public.cli_hook_fn (triggers' functions "
+            "and rules) on raw rows: masked roles may not INSERT/UPDATE/DELETE it until the "
+            "policy lists them in allow_dependents (for a role or for all)"], r.stdout
+        policy["allow_dependents"] = [*policy.get("allow_dependents", []), "public.cli_hook_fn"]
+        path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
+                        encoding="utf-8")
+        r = pgveil("check", "-c", str(write_config(tmp_path, pg.dsn("dba", db="bank"), path)))
+        assert r.returncode == 0 and "warning: writing" not in r.stdout, r.stdout + r.stderr
+    finally:
+        with psycopg.connect(pg.dsn("dba", db="bank"), autocommit=True) as conn:
+            conn.execute(teardown)
+
+
 # --------------------------------------------------------------------------- explain
 
 
