@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from rewriters.lexer import block_comment_end
+
 _COMMON = r"""
   (?P<keep>(?:                          # a run of text to keep, consumed in one match:
       "(?:[^"]|"")*"                    #   quoted identifiers
@@ -44,22 +46,36 @@ def redact(sql: str, standard_conforming_strings: bool = True) -> str:
     """``sql`` with every literal replaced by ``?`` (see module docstring)."""
     pattern = _STANDARD if standard_conforming_strings else _BACKSLASH
     out: list[str] = []
-    pos = 0
-    for m in pattern.finditer(sql):
+    pos = scan = 0
+    while True:
+        m = pattern.search(sql, scan)
+        if m is None:
+            break
         kind = m.lastgroup
+        scan = m.end()
         if kind == "tag":  # the tag group closes inside "dollar"
             kind = "dollar"
         if kind in _KEEP:
             continue
         out.append(sql[pos:m.start()])
-        if kind == "line" or kind == "block":
-            out.append("--" if kind == "line" else "/* */")
-            pos = m.end()
+        if kind == "line":
+            out.append("--")
+            pos = scan
+            continue
+        if kind == "block":
+            # PostgreSQL nests block comments: /* /* */ ... */ is one comment; the regex
+            # match ends at the first */, so find the real end (none: redact the rest)
+            end = block_comment_end(sql, m.start()) if "/*" in m.group()[2:] else scan
+            if end < 0:
+                out.append("/* */?")
+                return "".join(out)
+            out.append("/* */")
+            pos = scan = end
             continue
         if kind == "open":
             out.append("?")
             return "".join(out)
         out.append("?")
-        pos = m.end()
+        pos = scan
     out.append(sql[pos:])
     return "".join(out)

@@ -170,6 +170,12 @@ def test_statement_without_literals_is_cached() -> None:
     ('SELECT "phone" FROM "t"', 'SELECT "phone" FROM "t"'),
     ("SELECT 'unterminated 138", "SELECT ?"),
     ("SELECT 1; SELECT /* open", "SELECT ?; SELECT ?"),
+    # nested block comments are one comment (PostgreSQL's reading): the quote after the first
+    # */ is inside it, so the literal after the comment is still a literal
+    ("SELECT id FROM c WHERE /* /* */ \" */ phone = '18600314187' /* \" */",
+     "SELECT id FROM c WHERE /* */ phone = ? /* */"),
+    ("SELECT 1 /* a /* b */ c '13900104729' */, 'x'", "SELECT ? /* */, ?"),
+    ("SELECT 1 /* a /* b */ '13900104729'", "SELECT ? /* */?"),
     ("", ""),
 ])
 def test_redact_literals(sql: str, expected: str) -> None:
