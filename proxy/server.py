@@ -567,11 +567,12 @@ class ClientConnection(asyncio.Protocol):
                                             f"{database!r}: {'; '.join(exc.errors)}"))
             self.close()
             return
-        options = params.get("options", "")
-        if not view.unrestricted and _options_switch_role(options):
+        refused = None if view.unrestricted else refused_startup_setting(params)
+        if refused is not None:
             self.send_client(fatal(
-                "42501", f"startup option {options!r} would switch the database role and "
-                f"escape the policy for role {view.role}"))
+                "42501", f"startup setting {refused!r} would switch the database role or send "
+                f"the rewritten statements' internals to the client, escaping the policy for "
+                f"role {view.role}"))
             self.close()
             return
         upstream = await self.rt.authenticator.login(self, params, self._connect_upstream)
@@ -664,9 +665,24 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(pending)
 
 
-def _options_switch_role(options: str) -> bool:
-    low = options.replace(" ", "").lower()
-    return "role=" in low or "session_authorization" in low or "authorization=" in low
+# Settings a masked role may not choose at startup, as a startup parameter of their own or
+# inside ``options`` (-c name=value): switching the role, or debug output of the rewritten
+# statements (rewriters.verify refuses the same through SET and set_config).
+_GUARDED_SETTINGS = ("role", "session_authorization", "debug_print_parse",
+                     "debug_print_rewritten", "debug_print_plan")
+
+
+def refused_startup_setting(params: dict[str, str]) -> str | None:
+    """The startup parameter (``name=value``) that would escape the policy, or None."""
+    for key, value in params.items():
+        low = key.lower()
+        if low in _GUARDED_SETTINGS:
+            return f"{key}={value}"
+        if low == "options":
+            packed = value.replace(" ", "").lower()
+            if "authorization=" in packed or any(f"{s}=" in packed for s in _GUARDED_SETTINGS):
+                return value
+    return None
 
 
 class _Barrier:

@@ -45,8 +45,10 @@ _RISKY_SUBSTRINGS = (
     "u&", "xml", "ts_stat", "ts_rewrite", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
     "pg_read", "lo_import", "lo_export", "raw_page", "page_items", "set_config", "authorization",
 )
-# Whole words (identifier boundaries): SET ROLE / RESET ROLE / ALTER ROLE ... SET role.
-_RISKY_WORDS = ("role",)
+# Whole words (identifier boundaries): SET ROLE / RESET ROLE / ALTER ROLE ... SET role, LISTEN
+# (rewriters.verify: channels the policy lists), SET debug_print_* (verify.DEBUG_SETTINGS).
+_RISKY_WORDS = ("role", "listen", "debug_print_parse", "debug_print_rewritten",
+                "debug_print_plan")
 # Where the text of the rewritten statement can be read back. The ``hash`` mask embeds the HMAC
 # pad bytes (derived from the key) in the rewritten SQL, so for a view with a hash mask these
 # are worth a full analysis (and are denied by ``rewriters.verify``).

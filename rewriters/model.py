@@ -108,6 +108,9 @@ class Limits:
     unbounded: Unbounded = Unbounded.ALLOW
     ddl: bool = False  # ddl: allow (create views, functions, DO blocks)
     functions: bool = False  # may call functions/views that read protected tables
+    # notification channels (lower-case names or glob patterns) a masked role may LISTEN to:
+    # another session's NOTIFY payload can carry any data, unmasked
+    listen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

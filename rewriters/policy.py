@@ -277,6 +277,9 @@ class RoleModel(_Model):
     allow_dependents: list[StrictStr] = Field(
         default_factory=list, description="views/functions reading protected tables that this "
                                           "role may use (vetted by the DBA)")
+    listen_channels: list[StrictStr] = Field(
+        default_factory=list, description="notification channels (names or glob patterns) "
+                                          "this role may LISTEN to")
 
 
 class PolicyModel(_Model):
@@ -296,6 +299,11 @@ class PolicyModel(_Model):
     hours: Annotated[StrictStr, AfterValidator(_check_hours)] | None = None
     timezone: Annotated[StrictStr, AfterValidator(_check_timezone)] = "UTC"
     allow_dependents: list[StrictStr] = Field(default_factory=list)
+    listen_channels: list[StrictStr] = Field(
+        default_factory=list, description="notification channels (names or glob patterns) "
+                                          "every role may LISTEN to; other sessions' NOTIFY "
+                                          "payloads are not masked, so masked roles may LISTEN "
+                                          "to no channel that is not listed")
     hash_key_env: Annotated[StrictStr, AfterValidator(_check_env_name)] = DEFAULT_HASH_KEY_ENV
 
 
@@ -358,6 +366,7 @@ class Role:
     ddl: bool = False
     functions: bool = False
     allow_dependents: frozenset[str] = frozenset()
+    listen: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -407,6 +416,7 @@ class Policy:
     allow_dependents: frozenset[str]
     hash_key_env: str
     hash_key: bytes = field(repr=False)
+    listen: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
 
     @property
@@ -663,6 +673,7 @@ class _Builder:
             hours=_hours(self.model.hours),
             timezone=self.model.timezone,
             allow_dependents=self.dependents(("allow_dependents",), self.model.allow_dependents),
+            listen=_channels(self.model.listen_channels),
             hash_key_env=self.model.hash_key_env,
             hash_key=self.hash_key(text, env, roles),
             warnings=tuple(self.rep.warnings),
@@ -784,6 +795,7 @@ class _Builder:
             functions=_allowed(rmodel.ddl if rmodel.functions is None else rmodel.functions),
             allow_dependents=self.dependents((*rpath, "allow_dependents"),
                                              rmodel.allow_dependents),
+            listen=_channels(rmodel.listen_channels),
         )
 
     def row_filters(self, rname: str, rmodel: RoleModel) -> dict[str, RowFilter]:
@@ -1030,6 +1042,7 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         unbounded=role.unbounded,
         ddl=role.ddl,
         functions=role.functions,
+        listen=tuple(dict.fromkeys(policy.listen + role.listen)),
     )
     return OperatorView(
         login=operator.login,
@@ -1043,6 +1056,11 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         dependents=dict(catalog.dependents),
         write_hooks=dict(catalog.write_hooks),
     )
+
+
+def _channels(names: list[str]) -> tuple[str, ...]:
+    """LISTEN channel names or glob patterns as PostgreSQL folds an unquoted channel name."""
+    return tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
 
 
 def _attr_text(value: str | int | float | bool) -> str:

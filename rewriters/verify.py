@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 from rewriters.classify import PgParseError, node_kind, pg_parse
@@ -48,6 +49,11 @@ DENIED_FUNCTION_PREFIXES = ("dblink", "crosstab")
 SQL_TEXT_OVERLOADS = {"ts_rewrite": 3}
 DENIED_FUNCTION_SUFFIXES = ("_to_xml", "_to_xmlschema", "_to_xml_and_xmlschema")
 ROLE_SETTINGS = frozenset({"role", "session_authorization"})
+# Settings that send the parse, rewritten and plan trees of every statement to the client (with
+# client_min_messages = log): the rewritten statement's masks, filters and a hash mask's key
+# material. PostgreSQL lets any user set them.
+DEBUG_SETTINGS = frozenset({"debug_print_parse", "debug_print_rewritten", "debug_print_plan"})
+_DEBUG_REASON = "would send the rewritten statements' internals to the client"
 # Where statement text can be read back; denied for a view with a ``hash`` mask (the rewritten
 # SQL holds the HMAC pad bytes derived from the key).
 STATEMENT_TEXT_RELATIONS = frozenset({"pg_stat_activity", "pg_prepared_statements", "pg_cursors",
@@ -146,6 +152,12 @@ def _looks_like_sql(text: str, cv: CompiledView) -> bool:
     lowered = text.lower()
     return (cv.names_re is not None and cv.names_re.search(lowered) is not None
             and _SQL_WORDS.search(lowered) is not None)
+
+
+def listen_allowed(cv: CompiledView, channel: str) -> bool:
+    """May this operator LISTEN to ``channel`` (policy ``listen_channels``: names or globs)?"""
+    folded = channel.lower()
+    return any(fnmatchcase(folded, pattern) for pattern in cv.view.limits.listen)
 
 
 def write_hooks_not_allowed(cv: CompiledView, table: str) -> list[str]:
@@ -291,9 +303,19 @@ class _Walker:
                                                 names[-1])
                 if dep is not None:
                     self.dependent(dep)
+        elif ntype == "ListenStmt":
+            channel = str(body.get("conditionname", ""))
+            if self.restricted and not listen_allowed(self.cv, channel):
+                self.deny(f"LISTEN {channel}: another session's NOTIFY payload on a channel is "
+                          f"not masked; not allowed for role {self.cv.view.role} unless the "
+                          "policy lists the channel in listen_channels")
         elif ntype == "VariableSetStmt":
-            if self.restricted and str(body.get("name", "")).lower() in ROLE_SETTINGS:
+            setting = str(body.get("name", "")).lower()
+            if self.restricted and setting in ROLE_SETTINGS:
                 self.deny("role switching would escape the policy")
+            elif self.restricted and setting in DEBUG_SETTINGS and body.get("kind") in (
+                    "VAR_SET_VALUE", "VAR_SET_CURRENT"):
+                self.deny(f"{setting} {_DEBUG_REASON}")
         elif ntype == "ColumnRef":
             if not self.inside(self.pos(body.get("location")), self.generated):
                 fields = _strings(body.get("fields"))
@@ -491,6 +513,8 @@ class _Walker:
                           "roles")
             elif setting.strip().lower() in ROLE_SETTINGS:
                 self.deny("role switching would escape the policy")
+            elif setting.strip().lower() in DEBUG_SETTINGS:
+                self.deny(f"{setting.strip().lower()} {_DEBUG_REASON}")
         if self.cv.names_re is not None:
             for arg in body.get("args") or []:
                 text = _const_text(arg)

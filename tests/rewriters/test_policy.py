@@ -477,6 +477,18 @@ def test_database_without_the_protected_tables_still_builds(policy: Policy, logi
         assert balance.mask_name == "round" and "round" in (balance.expr or "")
 
 
+def test_listen_channels_of_the_policy_and_the_role_add_up() -> None:
+    text = BASE + "listen_channels: [Cache_*]\n"
+    text = text.replace("    clearance: 0\n    lookup:",
+                        "    clearance: 0\n    listen_channels: [branch_events]\n    lookup:", 1)
+    p = parse_policy(text, "p.yaml", env={})
+    teller = p.resolve("teller_sz01", None, None)
+    assert teller is not None
+    assert build_operator_view(p, teller, BANK).limits.listen == ("cache_*", "branch_events")
+    dba = p.resolve("dba", None, None)
+    assert dba is not None and build_operator_view(p, dba, BANK).limits.listen == ("cache_*",)
+
+
 def test_mask_on_wrong_type_fails_the_build_with_the_policy_line() -> None:
     text = BASE.replace("phone:     {level: 1, mask: phone}",
                         "phone:     {level: 1, mask: {round: 2}}")

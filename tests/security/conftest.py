@@ -1116,10 +1116,13 @@ def sec_pgveil(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
                ) -> Iterator[PgveilProcess]:
     """pgveil with the fixture policy, the teller's quota raised from 2000 to a million rows
     an hour: every attempt reads as teller_sz01, and hundreds of them would exhaust the
-    fixture's quota (a denial that proves nothing). The quota still applies, so its code paths
+    fixture's quota (a denial that proves nothing); three LISTEN channels listed. The quota still applies, so its code paths
     run as in production; its own tests are in tests/integration/test_grants_quota.py."""
     policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
     policy["roles"]["teller"]["quota"] = {"rows": 1_000_000, "per": "1h"}
+    # channels the attempts LISTEN to, to see what a teller's own NOTIFY carries (masked roles
+    # may LISTEN only to listed channels: test_hunt5.py)
+    policy["listen_channels"] = ["sec_ch", "h2c", "h4_cust"]
     path = tmp_path_factory.mktemp("sec-policy") / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
                     encoding="utf-8")
