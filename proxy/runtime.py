@@ -46,7 +46,9 @@ log = logging.getLogger("pgveil")
 _HIT, _MISS = ("hit",), ("miss",)
 
 
-# Changes whenever relations, views/rules, user functions or their bodies change.
+# Changes whenever relations, views/rules, user functions or their bodies, triggers, defaults,
+# constraints, operators, casts, row-level security policies, partitions, domain defaults or any
+# recorded dependency change (proxy/catalog.py follows all of them).
 _CATALOG_FINGERPRINT = """
 SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_class)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
@@ -61,6 +63,14 @@ SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg
     || '/' || (SELECT count(*) || ':' || coalesce(sum(attrelid::int8 + atttypid::int8), 0)
                FROM pg_catalog.pg_attribute
                WHERE atttypid IN (SELECT oid FROM pg_catalog.pg_type WHERE typtype = 'd'))
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_operator)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_cast)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_policy)
+    || '/' || (SELECT count(*) FROM pg_catalog.pg_inherits)
+    || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(
+                   coalesce(typdefaultbin::text, '') || typnotnull::text)::int8), 0)
+               FROM pg_catalog.pg_type WHERE typtype = 'd')
+    || '/' || (SELECT count(*) FROM pg_catalog.pg_depend)
 """
 
 

@@ -18,7 +18,7 @@ import time
 import psycopg
 import pytest
 
-from tests.security.conftest import LeakChecker
+from tests.security.conftest import LeakChecker, dba_objects
 
 
 def _notifications(conn: psycopg.Connection[object]) -> list[str]:
@@ -117,3 +117,27 @@ async def test_startup_settings_that_escape_the_policy_are_refused(leak: LeakChe
         assert await conn.fetchval("show debug_print_plan") == "on"
     finally:
         await conn.close()
+
+
+# ------------------------------------------------ catalog changes that count no relation
+def test_an_operator_created_later_is_noticed_within_seconds(leak: LeakChecker) -> None:
+    """CREATE OPERATOR over a function pgveil already knows changes no relation, function or
+    rule: the catalog fingerprint counts operators (and casts, policies, partitions, domain
+    defaults and dependencies), so the operator is denied within seconds, not at the next
+    full refresh (catalog_refresh_seconds, 300 s)."""
+    setup = ["CREATE FUNCTION public.h5_imm(int) RETURNS text LANGUAGE sql IMMUTABLE "
+             "AS $$ SELECT phone FROM public.customers WHERE id = $1 $$"]
+    teardown = ("DROP OPERATOR IF EXISTS public.### (NONE, int); "
+                "DROP FUNCTION IF EXISTS public.h5_imm(int)")
+    with dba_objects(leak, setup, teardown, "select public.h5_imm(1)"):
+        with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+            dba.execute("CREATE OPERATOR public.### (RIGHTARG = int, FUNCTION = public.h5_imm)")
+        deadline = time.monotonic() + 10
+        with leak.connect() as teller:
+            while True:
+                try:
+                    got = teller.execute("select ### 1").fetchall()
+                except psycopg.errors.InsufficientPrivilege:
+                    break
+                assert time.monotonic() < deadline, f"the new operator was allowed: {got}"
+                time.sleep(0.3)
