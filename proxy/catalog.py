@@ -107,9 +107,14 @@ WHERE r.ev_class = ANY ($1::int8[]::oid[]) AND r.rulename <> '_RETURN'
 # calls or reads": triggers, column defaults and generated columns, CHECK constraints of tables
 # and domains, non-view rules on the table, columns of a domain type, a domain's DEFAULT,
 # expressions PostgreSQL evaluates on a table's rows by itself (index expressions and
-# predicates, exclusion constraints, partition keys, trigger WHEN conditions, row-level security
+# predicates, a user-defined operator class's support functions and operators, exclusion
+# constraints, partition keys, trigger WHEN conditions, row-level security
 # policies: an error such as "value "13900104729" is out of range" carries the value back), and
-# user-defined casts (the cast function runs on ``1::t``). A teller's INSERT
+# user-defined casts (the cast function runs on ``1::t``, and implicitly on an argument of a
+# function taking ``t`` or a value stored into a column of type ``t``, hence the edges from those
+# functions and tables to their user-defined types), and a table that a protected table
+# references with ON UPDATE / ON DELETE actions (writing it writes the protected rows, of every
+# branch, and runs their triggers). A teller's INSERT
 # into an unprotected table whose trigger, default or rule copies customers' phones into it (or
 # whose CHECK calls a function comparing with them) reads protected data as surely as a view
 # does. Foreign keys are left out on purpose: a table of notes or tickets referencing customers
@@ -147,8 +152,29 @@ WHERE r.rulename <> '_RETURN'
 UNION ALL
 SELECT 'rel', a.attrelid::int8, 'type', a.atttypid::int8
 FROM pg_catalog.pg_attribute a
-JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid AND ty.typtype = 'd'
+JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid AND (ty.typtype = 'd' OR ty.oid >= 16384)
 WHERE a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'proc', p.oid::int8, 'type', t.oid::int8
+FROM pg_catalog.pg_proc p
+JOIN pg_catalog.pg_type t ON t.oid >= 16384
+     AND (t.oid = ANY (p.proargtypes::oid[]) OR t.oid = p.prorettype)
+WHERE p.oid >= 16384
+UNION ALL
+SELECT 'rel', i.indrelid::int8, 'proc', ap.amproc::oid::int8
+FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_opclass oc ON oc.oid = ANY (i.indclass::oid[]) AND oc.oid >= 16384
+JOIN pg_catalog.pg_amproc ap ON ap.amprocfamily = oc.opcfamily
+UNION ALL
+SELECT 'rel', i.indrelid::int8, 'op', ao.amopopr::int8
+FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_opclass oc ON oc.oid = ANY (i.indclass::oid[]) AND oc.oid >= 16384
+JOIN pg_catalog.pg_amop ao ON ao.amopfamily = oc.opcfamily
+UNION ALL
+SELECT 'rel', con.confrelid::int8, 'rel', con.conrelid::int8
+FROM pg_catalog.pg_constraint con
+WHERE con.contype = 'f'
+  AND (con.confupdtype NOT IN ('a', 'r') OR con.confdeltype NOT IN ('a', 'r'))
 UNION ALL
 SELECT 'type', d.objid::int8, {_REF_KIND}, d.refobjid::int8
 FROM pg_catalog.pg_depend d
@@ -216,6 +242,19 @@ FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('v', 'm') AND n.nspname <> ALL ($1::text[])
   AND pg_catalog.pg_get_viewdef(c.oid) ~* $2
+"""
+
+# What pgveil cannot see into, so it counts as reading every protected table: foreign tables
+# (postgres_fdw can point at customers, here or in another database) and C functions of the
+# dblink family (a view over dblink('select ... from customers') records no dependency on it).
+_OPAQUE_SQL = """
+SELECT 'rel' AS kind, c.oid::int8 AS id, n.nspname AS nsp, c.relname AS name
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'f' AND n.nspname <> ALL ($1::text[])
+UNION ALL
+SELECT 'proc', p.oid::int8, n.nspname, p.proname
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE p.proname LIKE 'dblink%' AND n.nspname <> ALL ($1::text[])
 """
 
 # Catalog.write_hooks: triggers' functions and non-view rules on each protected table and on
@@ -413,6 +452,11 @@ async def _dependents(conn: asyncpg.Connection,
     # written in a general-purpose language can read any table, whatever its text names:
     # count it as reading every protected table, so masked roles are denied it unless the
     # policy lists it (allow_dependents).
+    if everything:
+        for r in await conn.fetch(_OPAQUE_SQL, system):
+            node = (r["kind"], int(r["id"]))
+            names[node] = f"{r['nsp']}.{r['name']}"
+            reads[node] = set(everything)
     for r in rows:
         if everything and (r["lang"] not in ("sql", "plpgsql") or
                            _DYNAMIC_SQL.search(r["src"] or "")):

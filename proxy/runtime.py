@@ -52,11 +52,16 @@ _HIT, _MISS = ("hit",), ("miss",)
 _CATALOG_FINGERPRINT = """
 SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_class)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
-               || coalesce(sum(pg_catalog.hashtext(prosrc)::int8), 0)
+               || coalesce(sum(pg_catalog.hashtext(prosrc || proname || pronamespace::text
+                               || coalesce(prosqlbody::text, ''))::int8), 0)
                FROM pg_catalog.pg_proc WHERE oid >= 16384)
+    || '/' || (SELECT coalesce(sum(pg_catalog.hashtext(relname || relnamespace::text)::int8), 0)
+               FROM pg_catalog.pg_class WHERE oid >= 16384)
     || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(ev_action::text)::int8), 0)
                FROM pg_catalog.pg_rewrite WHERE oid >= 16384)
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_trigger)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
+               || coalesce(sum(tgfoid::int8 + pg_catalog.hashtext(coalesce(tgqual::text, ''))), 0)
+               FROM pg_catalog.pg_trigger)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_attrdef)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0)
                FROM pg_catalog.pg_constraint)
@@ -65,7 +70,10 @@ SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg
                WHERE atttypid IN (SELECT oid FROM pg_catalog.pg_type WHERE typtype = 'd'))
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_operator)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_cast)
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_policy)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
+               || coalesce(sum(pg_catalog.hashtext(coalesce(polqual::text, '')
+                               || coalesce(polwithcheck::text, ''))::int8), 0)
+               FROM pg_catalog.pg_policy)
     || '/' || (SELECT count(*) FROM pg_catalog.pg_inherits)
     || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(
                    coalesce(typdefaultbin::text, '') || typnotnull::text)::int8), 0)

@@ -675,14 +675,20 @@ _GUARDED_SETTINGS = ("role", "session_authorization", "debug_print_parse",
 def refused_startup_setting(params: dict[str, str]) -> str | None:
     """The startup parameter (``name=value``) that would escape the policy, or None."""
     for key, value in params.items():
-        low = key.lower()
+        low = _setting_name(key)
         if low in _GUARDED_SETTINGS:
             return f"{key}={value}"
         if low == "options":
-            packed = value.replace(" ", "").lower()
+            # PostgreSQL splits options on unescaped whitespace, drops the backslashes and
+            # reads "-" in a name as "_" (-c debug-print-plan=on, --debug_print_pl\an=on)
+            packed = _setting_name(value)
             if "authorization=" in packed or any(f"{s}=" in packed for s in _GUARDED_SETTINGS):
                 return value
     return None
+
+
+def _setting_name(text: str) -> str:
+    return "".join(text.split()).replace("\\", "").replace("-", "_").lower()
 
 
 class _Barrier:

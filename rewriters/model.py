@@ -108,8 +108,8 @@ class Limits:
     unbounded: Unbounded = Unbounded.ALLOW
     ddl: bool = False  # ddl: allow (create views, functions, DO blocks)
     functions: bool = False  # may call functions/views that read protected tables
-    # notification channels (lower-case names or glob patterns) a masked role may LISTEN to:
-    # another session's NOTIFY payload can carry any data, unmasked
+    # notification channels (names as PostgreSQL stores them, or glob patterns) a masked role
+    # may LISTEN to: another session's NOTIFY payload can carry any data, unmasked
     listen: tuple[str, ...] = ()
 
 

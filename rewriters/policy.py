@@ -1059,8 +1059,9 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
 
 
 def _channels(names: list[str]) -> tuple[str, ...]:
-    """LISTEN channel names or glob patterns as PostgreSQL folds an unquoted channel name."""
-    return tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    """LISTEN channel names or glob patterns, compared with the name as PostgreSQL stores it
+    (``LISTEN Cache`` is ``cache``; ``LISTEN "Cache"`` is ``Cache``)."""
+    return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
 
 
 def _attr_text(value: str | int | float | bool) -> str:

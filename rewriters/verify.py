@@ -156,8 +156,7 @@ def _looks_like_sql(text: str, cv: CompiledView) -> bool:
 
 def listen_allowed(cv: CompiledView, channel: str) -> bool:
     """May this operator LISTEN to ``channel`` (policy ``listen_channels``: names or globs)?"""
-    folded = channel.lower()
-    return any(fnmatchcase(folded, pattern) for pattern in cv.view.limits.listen)
+    return any(fnmatchcase(channel, pattern) for pattern in cv.view.limits.listen)
 
 
 def write_hooks_not_allowed(cv: CompiledView, table: str) -> list[str]:

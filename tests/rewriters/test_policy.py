@@ -478,7 +478,7 @@ def test_database_without_the_protected_tables_still_builds(policy: Policy, logi
 
 
 def test_listen_channels_of_the_policy_and_the_role_add_up() -> None:
-    text = BASE + "listen_channels: [Cache_*]\n"
+    text = BASE + "listen_channels: [cache_*]\n"
     text = text.replace("    clearance: 0\n    lookup:",
                         "    clearance: 0\n    listen_channels: [branch_events]\n    lookup:", 1)
     p = parse_policy(text, "p.yaml", env={})

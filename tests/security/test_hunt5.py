@@ -26,7 +26,7 @@ def _notifications(conn: psycopg.Connection[object]) -> list[str]:
     return [n.payload for n in conn.notifies(timeout=1, stop_after=1)]
 
 
-@pytest.mark.parametrize("listen", ["listen h5_events", 'LISTEN "H5_Events"',
+@pytest.mark.parametrize("listen", ["listen h5_events", 'LISTEN "H5_Events"', 'LISTEN "SEC_CH"',
                                     "select 1; listen h5_events"])
 def test_masked_role_cannot_listen_to_an_unlisted_channel(leak: LeakChecker,
                                                           listen: str) -> None:
