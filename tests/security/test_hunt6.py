@@ -240,40 +240,27 @@ def _wait_polls() -> None:
     time.sleep(4)  # several catalog_poll_seconds: a reload would have happened by now
 
 
-def test_rename_function(objs: LeakChecker) -> None:
+@pytest.mark.parametrize(("change", "sql", "undo"), [
+    ("ALTER FUNCTION public.h6_fn(int) RENAME TO h6_fn2",
+     "select h6_fn2(id) from generate_series(1, 3) id",
+     "ALTER FUNCTION public.h6_fn2(int) RENAME TO h6_fn"),
+    ("ALTER FUNCTION public.h6_fn3(int) SET SCHEMA h6s",
+     "select h6s.h6_fn3(g) from generate_series(1, 3) g",
+     "ALTER FUNCTION h6s.h6_fn3(int) SET SCHEMA public"),
+    ("ALTER VIEW public.h6_v RENAME TO h6_v2",
+     "select * from h6_v2 where id in (1, 2, 3, 12000) limit 5",
+     "ALTER VIEW public.h6_v2 RENAME TO h6_v"),
+], ids=["rename-function", "move-function", "rename-view"])
+def test_renamed_dependent_is_still_known(objs: LeakChecker, change: str, sql: str,
+                                          undo: str) -> None:
     with psycopg.connect(objs.pg.dsn("dba"), autocommit=True) as dba:
-        dba.execute("ALTER FUNCTION public.h6_fn(int) RENAME TO h6_fn2")
+        dba.execute(change)
     try:
         _wait_polls()
-        sql = "select h6_fn2(id) from generate_series(1, 3) id"
-        verdict(objs, "renamed function " + sql, objs.run(sql), sql)
+        verdict(objs, change, objs.run(sql), sql)
     finally:
         with psycopg.connect(objs.pg.dsn("dba"), autocommit=True) as dba:
-            dba.execute("ALTER FUNCTION public.h6_fn2(int) RENAME TO h6_fn")
-
-
-def test_set_schema_function(objs: LeakChecker) -> None:
-    with psycopg.connect(objs.pg.dsn("dba"), autocommit=True) as dba:
-        dba.execute("ALTER FUNCTION public.h6_fn3(int) SET SCHEMA h6s")
-    try:
-        _wait_polls()
-        sql = "select h6s.h6_fn3(g) from generate_series(1, 3) g"
-        verdict(objs, "moved function " + sql, objs.run(sql), sql)
-    finally:
-        with psycopg.connect(objs.pg.dsn("dba"), autocommit=True) as dba:
-            dba.execute("ALTER FUNCTION h6s.h6_fn3(int) SET SCHEMA public")
-
-
-def test_rename_view(objs: LeakChecker) -> None:
-    with psycopg.connect(objs.pg.dsn("dba"), autocommit=True) as dba:
-        dba.execute("ALTER VIEW public.h6_v RENAME TO h6_v2")
-    try:
-        _wait_polls()
-        sql = "select * from h6_v2 where id in (1, 2, 3, 12000) limit 5"
-        verdict(objs, "renamed view " + sql, objs.run(sql), sql)
-    finally:
-        with psycopg.connect(objs.pg.dsn("dba"), autocommit=True) as dba:
-            dba.execute("ALTER VIEW public.h6_v2 RENAME TO h6_v")
+            dba.execute(undo)
 
 
 def test_alter_policy_swap(objs: LeakChecker) -> None:
