@@ -64,6 +64,19 @@ LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND N
 ORDER BY n.nspname, c.relname, a.attnum
 """
 
+def _table_depends(catalog: str, key: str, table: str, *, classid: str | None = None,
+                   also: str = "") -> str:
+    """Edges "table -> what an object of ``catalog`` (a default, an index, a trigger, a row
+    security policy, the table itself for its partition key) calls or reads", from pg_depend:
+    ``key`` is the object's id column, ``table`` the column naming its table (the table's own
+    columns and the table itself are left out)."""
+    return f"""SELECT 'rel', o.{table}::int8, {_REF_KIND}, d.refobjid::int8
+FROM pg_catalog.pg_depend d
+JOIN pg_catalog.{catalog} o ON d.classid = 'pg_catalog.{classid or catalog}'::pg_catalog.regclass
+     AND o.{key} = d.objid {also}
+WHERE {_REF_CLASSES} AND d.refobjid <> o.{table}"""
+
+
 # Edges "dependent -> referenced" from rewrite rules and functions to relations and functions.
 # A view is its _RETURN rule; any other rule is a node of its own.
 _DEPEND_SQL = f"""
@@ -126,14 +139,7 @@ SELECT 'rel' AS kind, t.tgrelid::int8 AS id, 'proc' AS ref_kind, t.tgfoid::int8 
 FROM pg_catalog.pg_trigger t
 WHERE NOT t.tgisinternal
 UNION ALL
-SELECT 'rel', ad.adrelid::int8,
-       {_REF_KIND},
-       d.refobjid::int8
-FROM pg_catalog.pg_depend d
-JOIN pg_catalog.pg_attrdef ad ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass
-     AND ad.oid = d.objid
-WHERE {_REF_CLASSES}
-  AND d.refobjid <> ad.adrelid
+{_table_depends('pg_attrdef', 'oid', 'adrelid')}
 UNION ALL
 SELECT CASE WHEN con.contypid <> 0 THEN 'type' ELSE 'rel' END,
        CASE WHEN con.contypid <> 0 THEN con.contypid::int8 ELSE con.conrelid::int8 END,
@@ -182,33 +188,13 @@ JOIN pg_catalog.pg_type ty ON d.classid = 'pg_catalog.pg_type'::pg_catalog.regcl
      AND ty.oid = d.objid AND ty.typtype = 'd'
 WHERE {_REF_CLASSES}
 UNION ALL
-SELECT 'rel', i.indrelid::int8, {_REF_KIND}, d.refobjid::int8
-FROM pg_catalog.pg_depend d
-JOIN pg_catalog.pg_index i ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
-     AND d.objid = i.indexrelid
-WHERE {_REF_CLASSES}
-  AND d.refobjid <> i.indrelid
+{_table_depends('pg_index', 'indexrelid', 'indrelid', classid='pg_class')}
 UNION ALL
-SELECT 'rel', c.oid::int8, {_REF_KIND}, d.refobjid::int8
-FROM pg_catalog.pg_depend d
-JOIN pg_catalog.pg_class c ON d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
-     AND d.objid = c.oid AND c.relkind IN ('r', 'p', 'f')
-WHERE d.refclassid IN ('pg_catalog.pg_proc'::pg_catalog.regclass,
-                       'pg_catalog.pg_operator'::pg_catalog.regclass)
+{_table_depends('pg_class', 'oid', 'oid', also="AND o.relkind IN ('r', 'p', 'f')")}
 UNION ALL
-SELECT 'rel', t.tgrelid::int8, {_REF_KIND}, d.refobjid::int8
-FROM pg_catalog.pg_depend d
-JOIN pg_catalog.pg_trigger t ON d.classid = 'pg_catalog.pg_trigger'::pg_catalog.regclass
-     AND d.objid = t.oid
-WHERE NOT t.tgisinternal AND {_REF_CLASSES}
-  AND d.refobjid <> t.tgrelid
+{_table_depends('pg_trigger', 'oid', 'tgrelid', also='AND NOT o.tgisinternal')}
 UNION ALL
-SELECT 'rel', p.polrelid::int8, {_REF_KIND}, d.refobjid::int8
-FROM pg_catalog.pg_depend d
-JOIN pg_catalog.pg_policy p ON d.classid = 'pg_catalog.pg_policy'::pg_catalog.regclass
-     AND d.objid = p.oid
-WHERE {_REF_CLASSES}
-  AND d.refobjid <> p.polrelid
+{_table_depends('pg_policy', 'oid', 'polrelid')}
 UNION ALL
 SELECT 'type', c.casttarget::int8, 'proc', c.castfunc::int8
 FROM pg_catalog.pg_cast c WHERE c.castfunc::oid <> 0 AND c.oid >= 16384

@@ -46,38 +46,35 @@ log = logging.getLogger("pgveil")
 _HIT, _MISS = ("hit",), ("miss",)
 
 
-# Changes whenever relations, views/rules, user functions or their bodies, triggers, defaults,
-# constraints, operators, casts, row-level security policies, partitions, domain defaults or any
-# recorded dependency change (proxy/catalog.py follows all of them).
+# Changes whenever relations (or their names), views/rules, user functions (any column of their
+# pg_proc row: name, schema, body), triggers, row-level security policies, defaults,
+# constraints, domain defaults, operators, casts, partitions or any recorded dependency change
+# (proxy/catalog.py follows all of them). Whole-row hashes, not version-specific columns, so the
+# query runs on any supported PostgreSQL.
 _CATALOG_FINGERPRINT = """
 SELECT (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_class)
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
-               || coalesce(sum(pg_catalog.hashtext(prosrc || proname || pronamespace::text
-                               || coalesce(prosqlbody::text, ''))::int8), 0)
-               FROM pg_catalog.pg_proc WHERE oid >= 16384)
     || '/' || (SELECT coalesce(sum(pg_catalog.hashtext(relname || relnamespace::text)::int8), 0)
                FROM pg_catalog.pg_class WHERE oid >= 16384)
+    || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(p::text)::int8), 0)
+               FROM pg_catalog.pg_proc p WHERE oid >= 16384)
     || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(ev_action::text)::int8), 0)
                FROM pg_catalog.pg_rewrite WHERE oid >= 16384)
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
-               || coalesce(sum(tgfoid::int8 + pg_catalog.hashtext(coalesce(tgqual::text, ''))), 0)
-               FROM pg_catalog.pg_trigger)
+    || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(t::text)::int8), 0)
+               FROM pg_catalog.pg_trigger t)
+    || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(p::text)::int8), 0)
+               FROM pg_catalog.pg_policy p)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_attrdef)
     || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0)
                FROM pg_catalog.pg_constraint)
     || '/' || (SELECT count(*) || ':' || coalesce(sum(attrelid::int8 + atttypid::int8), 0)
                FROM pg_catalog.pg_attribute
                WHERE atttypid IN (SELECT oid FROM pg_catalog.pg_type WHERE typtype = 'd'))
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_operator)
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_cast)
-    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) || ':'
-               || coalesce(sum(pg_catalog.hashtext(coalesce(polqual::text, '')
-                               || coalesce(polwithcheck::text, ''))::int8), 0)
-               FROM pg_catalog.pg_policy)
-    || '/' || (SELECT count(*) FROM pg_catalog.pg_inherits)
     || '/' || (SELECT count(*) || ':' || coalesce(sum(pg_catalog.hashtext(
                    coalesce(typdefaultbin::text, '') || typnotnull::text)::int8), 0)
                FROM pg_catalog.pg_type WHERE typtype = 'd')
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_operator)
+    || '/' || (SELECT count(*) || ':' || coalesce(max(oid::int8), 0) FROM pg_catalog.pg_cast)
+    || '/' || (SELECT count(*) FROM pg_catalog.pg_inherits)
     || '/' || (SELECT count(*) FROM pg_catalog.pg_depend)
 """
 

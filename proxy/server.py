@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from proxy.session import WITHHELD_RESULT, HeldResult, Output, Session, error_message
+from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS
 from rewriters.policy import PolicyError
 
 if TYPE_CHECKING:
@@ -666,10 +667,8 @@ class ClientConnection(asyncio.Protocol):
 
 
 # Settings a masked role may not choose at startup, as a startup parameter of their own or
-# inside ``options`` (-c name=value): switching the role, or debug output of the rewritten
-# statements (rewriters.verify refuses the same through SET and set_config).
-_GUARDED_SETTINGS = ("role", "session_authorization", "debug_print_parse",
-                     "debug_print_rewritten", "debug_print_plan")
+# inside ``options`` (-c name=value); rewriters.verify refuses the same through SET/set_config.
+_GUARDED_SETTINGS = tuple(sorted(ROLE_SETTINGS | DEBUG_SETTINGS))
 
 
 def refused_startup_setting(params: dict[str, str]) -> str | None:

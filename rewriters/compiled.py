@@ -45,10 +45,16 @@ _RISKY_SUBSTRINGS = (
     "u&", "xml", "ts_stat", "ts_rewrite", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
     "pg_read", "lo_import", "lo_export", "raw_page", "page_items", "set_config", "authorization",
 )
+# Settings a masked role may not change (rewriters.verify refuses SET / set_config of them,
+# proxy.server a startup parameter or option): switching the database role, and the settings
+# that send the parse, rewritten and plan trees of every statement to the client (with
+# client_min_messages = log): the rewritten statement's masks, filters and a hash mask's key
+# material. PostgreSQL lets any user set the latter.
+ROLE_SETTINGS = frozenset({"role", "session_authorization"})
+DEBUG_SETTINGS = frozenset({"debug_print_parse", "debug_print_rewritten", "debug_print_plan"})
 # Whole words (identifier boundaries): SET ROLE / RESET ROLE / ALTER ROLE ... SET role, LISTEN
-# (rewriters.verify: channels the policy lists), SET debug_print_* (verify.DEBUG_SETTINGS).
-_RISKY_WORDS = ("role", "listen", "debug_print_parse", "debug_print_rewritten",
-                "debug_print_plan")
+# (rewriters.verify: channels the policy lists), SET debug_print_*.
+_RISKY_WORDS = ("role", "listen", *sorted(DEBUG_SETTINGS))
 # Where the text of the rewritten statement can be read back. The ``hash`` mask embeds the HMAC
 # pad bytes (derived from the key) in the rewritten SQL, so for a view with a hash mask these
 # are worth a full analysis (and are denied by ``rewriters.verify``).

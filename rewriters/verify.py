@@ -32,7 +32,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from rewriters.classify import PgParseError, node_kind, pg_parse
-from rewriters.compiled import CompiledTable, CompiledView
+from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS, CompiledTable, CompiledView
 
 STATS_RELATIONS = frozenset({"pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs",
                              "pg_statistic_ext", "pg_statistic_ext_data"})
@@ -48,11 +48,6 @@ DENIED_FUNCTION_PREFIXES = ("dblink", "crosstab")
 # argument as a query (any text, e.g. ``concat('... from cust', 'omers')``, or a parameter).
 SQL_TEXT_OVERLOADS = {"ts_rewrite": 3}
 DENIED_FUNCTION_SUFFIXES = ("_to_xml", "_to_xmlschema", "_to_xml_and_xmlschema")
-ROLE_SETTINGS = frozenset({"role", "session_authorization"})
-# Settings that send the parse, rewritten and plan trees of every statement to the client (with
-# client_min_messages = log): the rewritten statement's masks, filters and a hash mask's key
-# material. PostgreSQL lets any user set them.
-DEBUG_SETTINGS = frozenset({"debug_print_parse", "debug_print_rewritten", "debug_print_plan"})
 _DEBUG_REASON = "would send the rewritten statements' internals to the client"
 # Where statement text can be read back; denied for a view with a ``hash`` mask (the rewritten
 # SQL holds the HMAC pad bytes derived from the key).
