@@ -24,7 +24,7 @@ function that calls a function that reads customers):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 import asyncpg
 
@@ -46,8 +46,12 @@ _COLUMNS_SQL = """
 SELECT n.nspname, c.relname, c.oid::int8 AS relid, a.attname,
        pg_catalog.format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid::int8 AS type_oid,
        EXISTS (SELECT 1 FROM pg_catalog.pg_index i
-               WHERE i.indrelid = c.oid AND i.indisunique AND i.indnatts = 1
-                 AND i.indkey[0] = a.attnum) AS is_unique,
+               WHERE i.indrelid = c.oid AND (i.indisunique OR i.indisexclusion)
+                 AND (a.attnum = ANY (i.indkey::int2[])
+                      OR EXISTS (SELECT 1 FROM pg_catalog.pg_depend d
+                                 WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                   AND d.objid = i.indexrelid AND d.refobjid = c.oid
+                                   AND d.refobjsubid = a.attnum))) AS is_unique,
        (SELECT fn.nspname || '.' || fc.relname || '.' || fa.attname
           FROM pg_catalog.pg_constraint k
           JOIN pg_catalog.pg_class fc ON fc.oid = k.confrelid
@@ -114,6 +118,21 @@ FROM pg_catalog.pg_rewrite r
 JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 WHERE r.ev_class = ANY ($1::int8[]::oid[]) AND r.rulename <> '_RETURN'
+"""
+
+# Foreign keys from other tables onto columns of a protected table: the referencing column
+# holds copies of the referenced values (a raw phone, of any branch), and writing it answers
+# "does this value exist" for every branch. With the referenced column names, so that only keys
+# onto the policy's sensitive columns count (``customer_id -> customers(id)`` does not).
+_FK_COPIES_SQL = """
+SELECT k.conrelid::int8 AS id, n.nspname AS nsp, c.relname AS name, k.confrelid::int8 AS rel,
+       ARRAY(SELECT a.attname::text FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = k.confrelid AND a.attnum = ANY (k.confkey)) AS cols
+FROM pg_catalog.pg_constraint k
+JOIN pg_catalog.pg_class c ON c.oid = k.conrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE k.contype = 'f' AND k.confrelid = ANY ($1::int8[]::oid[])
+  AND k.conrelid <> ALL ($1::int8[]::oid[])
 """
 
 # What runs when a table is written or a value is cast, as edges "relation or domain -> what it
@@ -346,12 +365,15 @@ def _split(name: str) -> tuple[str, str]:
     return (schema, table) if table else ("public", schema)
 
 
-async def load_catalog(conn: asyncpg.Connection,
-                       protected: Iterable[str]) -> tuple[Catalog, list[str]]:
+async def load_catalog(conn: asyncpg.Connection, protected: Iterable[str],
+                       sensitive: Mapping[str, Collection[str]] | None = None
+                       ) -> tuple[Catalog, list[str]]:
     """The protected tables' columns and their dependents; also the protected tables not found.
 
     ``protected`` holds normalised ``schema.table`` names (``rewriters.policy`` lower-cases
-    them), matched exactly against the catalog.
+    them), matched exactly against the catalog. ``sensitive`` maps a protected table to the
+    columns the policy masks: a table with a foreign key onto one of them holds copies of its
+    values, so it counts as reading the protected table.
     """
     wanted = sorted(set(protected))
     pairs = [_split(n) for n in wanted]
@@ -366,7 +388,7 @@ async def load_catalog(conn: asyncpg.Connection,
             cols.append(CatalogColumn(r["attname"], r["type_sql"], int(r["type_oid"]),
                                       unique=bool(r["is_unique"]), references=r["refs"]))
     missing = [n for n in wanted if n not in tables]
-    dependents = await _dependents(conn, oids)
+    dependents = await _dependents(conn, oids, sensitive or {})
     hooks: dict[str, list[str]] = {}
     if oids:
         for r in await conn.fetch(_WRITE_HOOKS_SQL, list(oids)):
@@ -379,11 +401,17 @@ async def load_catalog(conn: asyncpg.Connection,
     return catalog, missing
 
 
-async def _dependents(conn: asyncpg.Connection,
-                      protected_oids: dict[int, str]) -> dict[str, tuple[str, ...]]:
+async def _dependents(conn: asyncpg.Connection, protected_oids: dict[int, str],
+                      sensitive: Mapping[str, Collection[str]]) -> dict[str, tuple[str, ...]]:
     system = list(_SYSTEM_SCHEMAS)
     names: dict[Node, str] = {}
     edges: list[tuple[Node, Node]] = []
+    for r in await conn.fetch(_FK_COPIES_SQL, list(protected_oids)):
+        table = protected_oids[int(r["rel"])]
+        if set(r["cols"]) & set(sensitive.get(table, ())):
+            src = ("rel", int(r["id"]))
+            names[src] = f"{r['nsp']}.{r['name']}"
+            edges.append((src, ("rel", int(r["rel"]))))
     for r in await conn.fetch(_DEPEND_SQL, system):
         src: Node = (r["kind"], int(r["id"]))
         names[src] = f"{r['nsp']}.{r['name']}"

@@ -43,7 +43,8 @@ async def _catalog(config: Config, policy: Any, database: str) -> tuple[Any, lis
     except Exception as exc:  # report, don't crash: the caller decides the exit code
         return None, [], exc
     try:
-        catalog, missing = await load_catalog(conn, policy.protected_tables)
+        catalog, missing = await load_catalog(conn, policy.protected_tables,
+                                                   policy.sensitive_columns)
         return catalog, missing, None
     finally:
         await conn.close()

@@ -291,7 +291,8 @@ class Runtime:
             log.warning("catalog: cannot connect to %s: %s", database, exc)
             return None
         try:
-            cat, missing = await load_catalog(conn, self.policy.protected_tables)
+            cat, missing = await load_catalog(conn, self.policy.protected_tables,
+                                              self.policy.sensitive_columns)
             for name in missing:
                 log.warning("protected table %s is missing from database %s", name, database)
             return cat

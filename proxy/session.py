@@ -36,6 +36,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 from proxy.operator import OperatorState
@@ -296,9 +297,10 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 
 
 # Server messages with nothing to track while the statement they answer has no runs
-# (pass-through): RowDescription, DataRow, NoticeResponse, NotificationResponse,
-# ParseComplete, BindComplete, CloseComplete, NoData, ParameterDescription.
-_PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x41, 0x31, 0x32, 0x33, 0x6E, 0x74))
+# (pass-through): RowDescription, DataRow, NoticeResponse, ParseComplete, BindComplete,
+# CloseComplete, NoData, ParameterDescription. Not NotificationResponse: a masked operator only
+# receives those of the channels the policy lists (:meth:`Session._notification_allowed`).
+_PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x31, 0x32, 0x33, 0x6E, 0x74))
 _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
 _PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
 _REWRITE = Action.REWRITE
@@ -362,6 +364,7 @@ class Session:
         # neither rewriting nor bookkeeping, or None (then the full analysis decides)
         self._plain_kind = plain_kind if not audit_all else None
         self._plain_miss: tuple[bytes, str, str | None] | None = None
+        self._dropped_channels: set[str] = set()  # logged once per session
         self._plain_memo: dict[bytes, str] | None = None  # plain texts only
         self._plain_memoizable = plain_memoizable  # may this view's answers be memoised so
         self._plain_memo_view: OperatorView | None = None
@@ -1575,6 +1578,11 @@ class Session:
                         if pos > start:
                             flush(buf[start:pos])
                         start = end
+            elif mtype == 0x41:  # NotificationResponse
+                if not self._notification_allowed(buf[pos:end]):
+                    if pos > start:
+                        flush(buf[start:pos])
+                    start = end
             elif mtype in _SERVER_WATCHED or (
                     mtype in (0x64, 0x63) and self.state is ProtocolState.COPY_OUT):
                 frame = buf[pos:end]
@@ -1617,6 +1625,27 @@ class Session:
         if pos < n:
             self._sbuf += buf[pos:]
         return out
+
+    def _notification_allowed(self, frame: bytes) -> bool:
+        """May the operator receive this NotificationResponse? Channels are database-wide:
+        any session may NOTIFY a whole raw row on one. LISTEN of an unlisted channel is denied,
+        but a session can still be subscribed without one (a DBA's function with a static
+        LISTEN in PL/pgSQL), so a masked operator's notifications are filtered here too: only
+        channels matching the policy's ``listen_channels`` reach the client."""
+        view = self.operator.current() if self.operator is not None else self.view
+        if view.unrestricted:
+            return True
+        end = frame.find(b"\x00", 9)
+        if end < 0:
+            return False
+        channel = frame[9:end].decode("utf-8", "replace")
+        if any(fnmatchcase(channel, pattern) for pattern in view.limits.listen):
+            return True
+        if channel not in self._dropped_channels:
+            self._dropped_channels.add(channel)
+            log.info("notifications on channel %r are not delivered to %s: the policy does not "
+                     "list it in listen_channels", channel, view.login)
+        return False
 
     def plain_response(self, buf: bytes) -> int:
         """The hot path for server bytes (the shell's, and the start of :meth:`from_server`):

@@ -35,7 +35,7 @@ class CatalogColumn:
     type_oid: int = 0
     # Keys, for the existence oracles of DML (a duplicate-key or foreign-key error tells whether
     # a row outside the operator's filter holds a value):
-    unique: bool = False  # part of a primary key or unique constraint / unique index
+    unique: bool = False  # in a unique or exclusion index: key, INCLUDE, expression or predicate
     references: str | None = None  # "schema.table.column" of a single-column foreign key
 
 

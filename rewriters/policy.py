@@ -423,6 +423,11 @@ class Policy:
     def protected_tables(self) -> frozenset[str]:
         return frozenset(self.tables)
 
+    @property
+    def sensitive_columns(self) -> dict[str, frozenset[str]]:
+        """Each protected table's columns the policy lists (and may mask)."""
+        return {name: frozenset(t.columns) for name, t in self.tables.items()}
+
     def resolve(self, login: str, client_addr: str | None,
                 application: str | None) -> Operator | None:
         """The operator for a new connection: first matching rule, else role ``default``.

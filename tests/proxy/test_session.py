@@ -6,6 +6,7 @@ decision the rewriter made and checks what the session does with it on the wire.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 from proxy.session import Session, TxStatus, parse_error_fields
@@ -227,3 +228,31 @@ def test_strict_durability_holds_protected_result_until_its_record() -> None:
     s.from_client(q("select 1"))
     res = s.from_server(ROW_DESC + data_row(b"1") + complete("SELECT 1") + rfq())
     assert all(isinstance(c, bytes) for c in res.to_client)
+
+
+def notification(channel: str, payload: str, pid: int = 4242) -> bytes:
+    return frame(b"A", struct.pack("!I", pid) + channel.encode() + b"\x00" + payload.encode()
+                 + b"\x00")
+
+
+def test_notifications_of_unlisted_channels_are_dropped_for_a_masked_operator() -> None:
+    """Channels are database-wide; a session can be subscribed without a LISTEN pgveil saw
+    (a function's static LISTEN), so the wire filters what a masked operator receives."""
+    s, _ = make_session({})
+    s.view = dataclasses.replace(VIEW, limits=Limits(max_rows=3, listen=("ev_*",)))
+    s.from_client(q("select 1"))
+    secret = notification("raw_rows", '{"phone":"13900104729"}')
+    listed = notification("ev_orders", "ok")
+    back = ROW_DESC + secret + data_row(b"1") + listed + complete("SELECT 1") + rfq()
+    out = s.from_server(back)
+    assert b"".join(out.to_client) == ROW_DESC + data_row(b"1") + listed + complete("SELECT 1") \
+        + rfq()
+    idle = s.from_server(secret + listed)  # between statements
+    assert b"".join(idle.to_client) == listed
+
+
+def test_notifications_reach_an_unrestricted_operator_unchanged() -> None:
+    s, _ = make_session({})
+    s.view = dataclasses.replace(VIEW, unrestricted=True)
+    secret = notification("raw_rows", "anything")
+    assert b"".join(s.from_server(secret).to_client) == secret

@@ -4,6 +4,7 @@
   application or a DBA tool publishes rows (``pg_notify('events', row_to_json(c)::text)``)
   received whole raw rows of every branch. Masked roles may now LISTEN only to channels the
   policy lists (``listen_channels``, names or glob patterns); the suite's policy lists three.
+  Notifications of other channels are dropped on the wire too (a function can LISTEN).
 * The audit log's literal redaction ended a block comment at the first ``*/``; PostgreSQL
   nests them, so ``/* /* */ " */ phone = '186…' /* " */`` kept the raw phone in the record.
 
@@ -55,6 +56,30 @@ def test_listed_channel_and_the_dba_are_unaffected(leak: LeakChecker) -> None:
         assert _notifications(teller) == ["hello"]
         assert _notifications(dba) == ["for the dba"]
         teller.execute("unlisten *")
+
+
+def test_subscription_made_inside_a_function_delivers_nothing(leak: LeakChecker) -> None:
+    """A DBA's function with a static LISTEN in PL/pgSQL subscribes the caller's session
+    without a LISTEN statement: the notifications themselves are filtered by channel."""
+    with leak.connect("dba") as dba:
+        dba.execute("create or replace function h5_subscribe() returns int language plpgsql "
+                    "as $$ begin listen h5_fn_events; return 1; end $$")
+    try:
+        with leak.connect() as teller, leak.connect("dba") as dba:
+            teller.execute("listen sec_ch")
+            assert teller.execute("select h5_subscribe()").fetchone() == (1,)
+            assert teller.execute("select pg_listening_channels() order by 1").fetchall() == \
+                [("h5_fn_events",), ("sec_ch",)]
+            dba.execute("select pg_notify('h5_fn_events', row_to_json(c)::text) "
+                        "from customers c where id = 1")
+            dba.execute("notify sec_ch, 'listed'")
+            time.sleep(0.3)
+            got = _notifications(teller)
+            assert got == ["listed"], got
+            assert teller.execute("select 1").fetchone() == (1,)
+    finally:
+        with leak.connect("dba") as dba:
+            dba.execute("drop function if exists h5_subscribe()")
 
 
 def test_nested_comment_does_not_hide_a_literal_from_the_audit_log(leak: LeakChecker) -> None:
