@@ -548,8 +548,9 @@ class Session:
         event = AuditEvent(fields)
         run.event = event
         out.audit.append(event)
-        if d.protected and run.rows and self.operator is not None:
-            self.operator.add_rows(run.rows)
+        if d.protected and self.operator is not None:
+            # a lookup costs at least the values it presented, found or not
+            self.operator.add_rows(max(run.rows * d.row_weight, d.lookup_values))
 
     def _audit_fields(self, run: _StatementRun, decision_name: str) -> dict[str, Any]:
         """A statement's audit fields except rows, duration_ms and error."""
@@ -1774,8 +1775,11 @@ class Session:
             self._holding = None
         if run.counter_key is not None:
             self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + rows
-        if rows and self.operator is not None:
-            self.operator.add_rows(rows)
+        charge = rows * d.row_weight
+        if charge < d.lookup_values:  # see _audit
+            charge = d.lookup_values
+        if charge and self.operator is not None:
+            self.operator.add_rows(charge)
         keyed = self._keyed_count
         if keyed is not None:  # count_statement(name, kind) without its call
             counted = self._run_keys.get((name, d.kind))

@@ -28,6 +28,7 @@ import bisect
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from sqlglot import exp
@@ -106,6 +107,8 @@ class Core:
     allowed: list[tuple[int, int]] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)
     lookups: list[str] = field(default_factory=list)
+    lookup_values: int = 0
+    repeats: int = 0  # the most references to one protected table (a self-join: 2)
     reasons: list[str] = field(default_factory=list)
     tables: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
@@ -486,6 +489,19 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
             columns.append(qn)
     columns = list(dict.fromkeys(columns))
     reasons = _reasons(ctx, core, columns)
+    row_limit = _row_limit(ctx, tables)
+    weight = max(1, core.repeats) + (verdict.extra_carriers if verdict is not None else 0)
+    if weight > 1 and row_limit:
+        # one row carries ``weight`` customers (a self-join, lag(phone, k), pivots): the cap
+        # and the quota count customers, not rows
+        if row_limit < weight:
+            return _deny(core.kind, f"each row of this statement can carry {weight} rows of "
+                         f"customer data (self-joins, window functions, pivots): more than "
+                         f"max_rows ({row_limit}) for role {ctx.view.role}", text, tables,
+                         row_limit, prepared=core.prepared, cursor=core.cursor)
+        reasons.append(f"row weight {weight}: max_rows {row_limit} allows {row_limit // weight} "
+                       "rows")
+        row_limit //= weight
     action = Action.REWRITE if core.sql is not None and core.sql != text else Action.FORWARD
     return StatementDecision(
         action,
@@ -494,10 +510,12 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
         tables=tuple(tables),
         columns=tuple(columns),
         reasons=tuple(reasons),
-        row_limit=_row_limit(ctx, tables),
+        row_limit=row_limit,
+        row_weight=weight,
         cursor=core.cursor,
         prepared=core.prepared,
         lookups=tuple(core.lookups),
+        lookup_values=core.lookup_values,
         copy_out=core.copy_out,
         copy_in=core.copy_in,
     )
@@ -840,6 +858,7 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
     sub = substitute(tree, refs, idx, cv)
     edits = list(sub.edits)
     lookups = list(sub.lookups)
+    lookup_count = sub.lookup_values
     reasons: list[str] = []
     allowed: list[tuple[int, int]] = []
     top = next((r for r in refs if r.top), None)
@@ -852,6 +871,7 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
         dml = dml_rules(tree, top, idx, cv)
         edits.extend(dml.edits)
         allowed.append(dml.target_span)  # type: ignore[arg-type]
+        lookup_count += dml.lookup_values
         for qn in dml.lookups:
             if qn not in lookups:
                 lookups.append(qn)
@@ -873,6 +893,9 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
     core.allowed = [(spliced.map_offset(s), spliced.map_offset(s) + (e - s)) for s, e in allowed]
     core.aliases = {r.ref_name: r.table.name for r in sub.substituted if r.table is not None}
     core.lookups = lookups
+    core.lookup_values = lookup_count
+    core.repeats = max(Counter(r.table.name for r in sub.substituted
+                               if r.table is not None).values(), default=0)
     core.reasons = reasons
     core.tables = list(dict.fromkeys(
         [r.table.name for r in refs if r.table is not None and r.role in ("source", "target")]))

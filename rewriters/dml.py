@@ -43,6 +43,7 @@ from rewriters.substitute import (
     ident_value,
     literal_fits,
     literal_operand,
+    lookup_values,
     match_simple,
     resolve_column,
 )
@@ -54,6 +55,7 @@ class DmlResult:
     edits: list[Edit] = field(default_factory=list)
     target_span: tuple[int, int] | None = None
     lookups: list[str] = field(default_factory=list)
+    lookup_values: int = 0
     reasons: list[str] = field(default_factory=list)
 
 
@@ -209,6 +211,7 @@ def _update_or_delete(
                 moved.append((simple, col))
                 if lookup and col in ct.masked_cols:
                     qn = f"{ct.name}.{col}"
+                    res.lookup_values += lookup_values(qn, simple, cv)
                     if qn not in res.lookups:
                         res.lookups.append(qn)
                 continue

@@ -111,6 +111,9 @@ class Limits:
     # notification channels (names as PostgreSQL stores them, or glob patterns) a masked role
     # may LISTEN to: another session's NOTIFY payload can carry any data, unmasked
     listen: tuple[str, ...] = ()
+    # values one ``lookup`` conjunct may present (``phone IN (...)``): the masks show most of a
+    # value, so a long list of candidates would recover the hidden digits in a few statements
+    lookup_max_values: int = 10
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,10 @@ class StatementDecision:
     ``cursor``: name of the cursor a DECLARE creates, or the cursor a FETCH/MOVE reads.
     ``prepared``: name of the statement a SQL-level PREPARE creates or an EXECUTE runs.
     ``lookups``: qualified columns matched exactly on raw values (audited as lookups).
+    ``lookup_values``: how many values those lookups present; the statement is charged at least
+    that many rows against the quota, found or not (a guess that misses is not free).
+    ``row_weight``: how many rows of customer data one result row can carry (a self-join, lag,
+    pivots); ``row_limit`` is already divided by it and the quota is charged rows x weight.
     """
 
     action: Action
@@ -185,6 +192,8 @@ class StatementDecision:
     cursor: str | None = None
     prepared: str | None = None
     lookups: tuple[str, ...] = ()
+    lookup_values: int = 0
+    row_weight: int = 1
     copy_out: bool = False
     copy_in: bool = False
 

@@ -191,6 +191,7 @@ MaskValue = Annotated[
 AllowDeny = Annotated[Literal["allow", "deny"] | StrictBool,
                       _one_message("expected allow or deny")]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
 AttrValue = StrictStr | StrictInt | StrictFloat | StrictBool
 
 
@@ -258,6 +259,9 @@ class RoleModel(_Model):
         default_factory=dict, description="schema.table.column -> mask, replacing the default")
     lookup: list[StrictStr] = Field(default_factory=list,
                                     description="masked columns that may be matched exactly")
+    lookup_max_values: PositiveInt = Field(
+        10, description="values one lookup may present at once (col IN (...)); a longer list "
+                        "is denied")
     row_filters: Annotated[
         dict[StrictStr, Annotated[StrictStr | StrictBool, _one_message(
             "a row filter is a SQL predicate string")]],
@@ -355,6 +359,7 @@ class Role:
     reveal: frozenset[tuple[str, str]] = frozenset()
     masks: dict[tuple[str, str], MaskOverride] = field(default_factory=dict)
     lookup: frozenset[tuple[str, str]] = frozenset()
+    lookup_max_values: int = 10
     row_filters: dict[str, RowFilter] = field(default_factory=dict)
     max_rows: int | None = None
     quota_rows: int | None = None
@@ -788,6 +793,7 @@ class _Builder:
             reveal=frozenset(reveal),
             masks=overrides,
             lookup=frozenset(lookup),
+            lookup_max_values=rmodel.lookup_max_values,
             row_filters=self.row_filters(rname, rmodel),
             max_rows=None if rmodel.max_rows == "unlimited" else int(rmodel.max_rows),
             quota_rows=quota_rows,
@@ -1048,6 +1054,7 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         ddl=role.ddl,
         functions=role.functions,
         listen=tuple(dict.fromkeys(policy.listen + role.listen)),
+        lookup_max_values=role.lookup_max_values,
     )
     return OperatorView(
         login=operator.login,

@@ -487,6 +487,7 @@ class SourceEdit:
 class Substitution:
     edits: list[Edit] = field(default_factory=list)
     lookups: list[str] = field(default_factory=list)
+    lookup_values: int = 0  # values the lookups present (metered against the quota)
     substituted: list[Ref] = field(default_factory=list)
 
 
@@ -535,6 +536,17 @@ def source_edit(ref: Ref, idx: TokenIndex, extra: list[str]) -> Edit:
     return Edit(name_start, end, text, ((0, len(derived)),))
 
 
+def lookup_values(qn: str, simple: Simple, cv: CompiledView) -> int:
+    """How many values an exact lookup on ``qn`` presents; more than the role allows is
+    denied: a list of candidates for the digits a mask hides would recover them."""
+    n = len(simple.values)
+    cap = cv.view.limits.lookup_max_values
+    if n > cap:
+        raise Denied(f"a lookup on {qn} may present at most {cap} values at once for role "
+                     f"{cv.view.role} (lookup_max_values); this one has {n}")
+    return n
+
+
 def substitute(
     tree: exp.Expression, refs: list[Ref], idx: TokenIndex, cv: CompiledView
 ) -> Substitution:
@@ -577,6 +589,7 @@ def substitute(
                     out.edits.append(Edit(simple.start, simple.end, "TRUE"))
                     if lookup and col in ct.masked_cols:
                         qn = f"{ct.name}.{col}"
+                        out.lookup_values += lookup_values(qn, simple, cv)
                         if qn not in out.lookups:
                             out.lookups.append(qn)
         out.edits.append(source_edit(ref, idx, extra))

@@ -67,6 +67,17 @@ PACKING_AGGREGATES = frozenset({
 })
 
 
+# Aggregates whose result can be one row's value (``max(phone) FILTER (WHERE id = 3)``,
+# ``sum(CASE WHEN id = 3 THEN balance END)``): each call in a row can carry another customer.
+VALUE_AGGREGATES = frozenset({
+    "min", "max", "sum", "avg", "any_value", "mode", "percentile_disc", "percentile_cont",
+    "bit_and", "bit_or", "bit_xor", "bool_and", "bool_or", "every",
+})
+# Window functions that carry no other row's value.
+RANKING_WINDOWS = frozenset({"row_number", "rank", "dense_rank", "percent_rank", "cume_dist",
+                             "ntile", "count"})
+
+
 # Ordered-set aggregates that return an array when given an array of fractions.
 PERCENTILE_AGGREGATES = frozenset({"percentile_disc", "percentile_cont"})
 
@@ -96,6 +107,9 @@ class Verdict:
     tables: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     dependents: list[str] = field(default_factory=list)
+    # how many customers one result row can carry beyond its own: window calls that read
+    # other rows (lag, nth_value, a windowed max), and value aggregates after the first
+    extra_carriers: int = 0
 
 
 def _char_offsets(sql: str) -> list[int] | None:
@@ -198,6 +212,8 @@ class _Walker:
         self.substituted = bool(self.aliases)
         self.packing: list[str] = []  # row-packing constructs seen (aggregates, ARRAY(), ...)
         self.scalar_subqueries = 0  # the client's (SELECT ...) used as a value
+        self.window_carriers = 0  # window calls that bring another row's value
+        self.value_aggregates = 0  # aggregate calls that can be one row's value
 
     # -- helpers --
     def pos(self, location: Any) -> int | None:
@@ -242,6 +258,8 @@ class _Walker:
             # statement is a row cap spread over columns
             self.packing.append(f"{self.scalar_subqueries} scalar subqueries")
         touches = self.substituted or self.v.tables or self.v.dependents
+        if self.restricted and touches:
+            self.v.extra_carriers = self.window_carriers + max(0, self.value_aggregates - 1)
         if not (self.restricted and self.packing and touches and limits.max_rows is not None):
             return
         self.deny(f"{self.packing[0]} over customer data would pack more than max_rows "
@@ -487,6 +505,11 @@ class _Walker:
                           "is not allowed for masked roles")
         if self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
             self.deny(f"{name}() {_KEY_REASON}")
+        if body.get("over") is not None:
+            if name not in RANKING_WINDOWS:
+                self.window_carriers += 1
+        elif name in VALUE_AGGREGATES:
+            self.value_aggregates += 1
         if name in PACKING_AGGREGATES:
             self.packing.append(f"{name}()")
         elif name in PERCENTILE_AGGREGATES and not _scalar_number(

@@ -457,3 +457,17 @@ def test_quota_counts_only_rows_of_protected_tables(
         time.sleep(1.0)
         assert _read_20(conn) == 20
         assert _read_20(conn) == 20
+
+
+def test_lookups_that_find_nothing_still_use_the_quota(
+        quota_pair: tuple[PgveilProcess, PgveilProcess], logins: Callable[[str], str]) -> None:
+    """Each value a lookup presents costs a row of quota, found or not: guessing the hidden
+    digits of a phone through misses is not free (SPEC §4 lookup: "counts against the quota")."""
+    a, _ = quota_pair
+    guesses = [f"'1860000{i:04d}'" for i in range(60)]  # no customer has these phones
+    with connect(a, logins("sz")) as conn:
+        for start in range(0, 60, 10):  # six lookups of ten values: 60, the quota
+            sql = f"select id from customers where phone in ({', '.join(guesses[start:start + 10])})"
+            assert conn.execute(sql).fetchall() == []
+        with pytest.raises(pg_errors.InsufficientPrivilege, match="quota"):
+            conn.execute("select id from customers where id = 3").fetchall()

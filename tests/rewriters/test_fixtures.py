@@ -11,8 +11,12 @@ Format — blocks of::
     -- lookups: public.customers.id_number       optional checks on the (last) decision
     -- tables: public.customers
     -- kind: select
+    -- lookup_values: 1                             values the lookups present (quota charge)
+    -- row_weight: 2                                 rows of customer data one row can carry
+    -- row_limit: 25                                 the wire cap (max_rows / row_weight)
 
-or ``-- deny: <substring of the message>`` or ``-- forward`` instead of ``-- expect:``.
+or ``-- deny: <substring of the message>``, ``-- forward`` or ``-- rewritten`` (rewritten, text
+not compared) instead of ``-- expect:``.
 
 In expected SQL, ``{{customers}}`` stands for the derived table the role's view produces for
 ``customers`` (``CompiledTable.derived``): ``{{customers@public.customers}}`` when the client
@@ -33,7 +37,7 @@ from rewriters.model import Action, LexSettings
 from tests.rewriters.helpers import view
 
 FIXTURES = Path(__file__).parent / "fixtures"
-_DIRECTIVE = re.compile(r"^-- (as|expect|deny|forward|lookups|tables|kind|lex|columns)\b:?\s*(.*)$")
+_DIRECTIVE = re.compile(r"^-- (as|expect|deny|forward|rewritten|lookup_values|lookups|row_limit|row_weight|tables|kind|lex|columns)\b:?\s*(.*)$")
 _MACRO = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 
 
@@ -100,7 +104,7 @@ def load_cases(paths: list[Path] | None = None) -> list[Case]:
             if key == "lex":
                 current.lex = _lex(value)
                 continue
-            if key in ("expect", "deny", "forward"):
+            if key in ("expect", "deny", "forward", "rewritten"):
                 _flush(current, mode, buf)
                 current.outcome = key
                 if key == "deny":
@@ -148,6 +152,8 @@ def test_fixture(case: Case) -> None:
         assert denied is None, f"unexpected denial: {denied.message if denied else ''}"
         if case.outcome == "forward":
             assert all(d.action is Action.FORWARD for d in analysis.statements), analysis.sql
+        elif case.outcome == "rewritten":  # the text is another fixture's business
+            assert any(d.action is Action.REWRITE for d in analysis.statements), analysis.sql
         else:
             assert analysis.sql == expand(case.expected, case.role)
     last = analysis.statements[-1] if analysis.statements else None
@@ -162,3 +168,9 @@ def test_fixture(case: Case) -> None:
             assert last.columns == items
         elif key == "kind":
             assert last.kind == value
+        elif key == "lookup_values":
+            assert last.lookup_values == int(value)
+        elif key == "row_limit":
+            assert last.row_limit == (None if value == "none" else int(value))
+        elif key == "row_weight":
+            assert last.row_weight == int(value)

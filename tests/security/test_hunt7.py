@@ -8,6 +8,12 @@
 * A table with a foreign key onto a masked column (``h7_vip(phone) references
   customers(phone)``) holds copies of raw phones, and inserting into it answered "does this
   phone exist" for every branch. It now counts as reading customers: denied unless listed.
+* One result row could carry 120 customers (``lag(phone, k)``, ``nth_value``, FILTER pivots)
+  or ten (a ten-way self-join) past the teller's 50-row cap: the cap now counts rows of
+  customer data (tests/rewriters/fixtures/packing.sql has the weights).
+* Lookup lists of thousands of candidates recovered hidden digits: see
+  tests/rewriters/fixtures/lookup.sql (lookup_max_values) and the quota test in
+  tests/integration/test_grants_quota.py.
 """
 
 from __future__ import annotations
@@ -137,3 +143,28 @@ def test_foreign_key_onto_an_unmasked_column_stays_usable(leak: LeakChecker) -> 
     finally:
         with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
             dba.execute("drop table if exists public.h7_notes")
+
+
+# A teller's max_rows is 50 DataRows; one row could carry many customers' rows.
+LAGS = ", ".join(f"lag(phone, {k}) over w" for k in range(120))
+NTH = ", ".join(f"nth_value(name || '/' || phone, {k}) over w" for k in range(1, 101))
+PIVOT = ", ".join(f"max(id_number) filter (where id = {3 * k})" for k in range(1, 121))
+FAN = (", ".join(f"c{k}.phone" for k in range(10)) + " from customers c0 "
+       + " ".join(f"join customers c{k} on c{k}.id = c0.id + {3 * k}" for k in range(1, 10)))
+
+
+@pytest.mark.parametrize(("sql", "per_row"), [
+    pytest.param(f"select {LAGS} from customers where id > 0 window w as (order by id) "
+                 "limit 1 offset 119", 120, id="lag-offsets"),
+    pytest.param(f"select {NTH} from customers where id > 0 window w as (order by id rows "
+                 "between unbounded preceding and unbounded following) limit 1", 100,
+                 id="nth-value"),
+    pytest.param(f"select {PIVOT} from customers where id > 0", 120, id="filter-pivot"),
+    pytest.param(f"select {FAN} limit 50", 10, id="ten-way-self-join"),
+])
+def test_packed_rows_count_against_max_rows(leak: LeakChecker, sql: str, per_row: int) -> None:
+    r = leak.run([sql])
+    leak.check(r, sql)
+    assert r.alive
+    carried = len(r.rows) * per_row
+    assert r.denied or carried <= 50, f"{len(r.rows)} rows carrying {carried} customers"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.security.conftest import LeakChecker, Protocol, expect_rows
+from tests.security.conftest import LeakChecker, Protocol, expect_error, expect_rows
 
 IDS = "where id in (3, 6, 9)"
 
@@ -225,8 +225,17 @@ def test_lookup_with_parameter_never_reaches_other_branches(leak: LeakChecker) -
                         expect=expect_rows([(0,)]))
 
 
-def test_huge_lookup_list_matches_only_own_branch(leak: LeakChecker) -> None:
+def test_huge_lookup_list_is_refused(leak: LeakChecker) -> None:
+    """A list of candidates would recover the digits a mask hides (lookup_max_values)."""
     phones = ", ".join(f"'{c.phone}'" for c in leak.secrets.customers.values())
-    own = sum(1 for c in leak.secrets.customers.values() if c.branch == "SZ01")
+    received = leak.assert_no_leak(f"select count(*) from customers where phone in ({phones})",
+                                   expect=expect_error)
+    assert received.denied and "lookup_max_values" in received.describe()
+
+
+def test_lookup_list_within_the_cap_matches_only_own_branch(leak: LeakChecker) -> None:
+    some = list(leak.secrets.customers.values())[:10]  # ids 1-10: every branch
+    phones = ", ".join(f"'{c.phone}'" for c in some)
+    own = sum(1 for c in some if c.branch == "SZ01")
     leak.assert_no_leak(f"select count(*) from customers where phone in ({phones})",
                         expect=expect_rows([(own,)]))
