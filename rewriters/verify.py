@@ -56,6 +56,13 @@ STATEMENT_TEXT_RELATIONS = frozenset({"pg_stat_activity", "pg_prepared_statement
 STATEMENT_TEXT_FUNCTIONS = frozenset({"current_query", "pg_stat_get_activity",
                                       "pg_stat_get_backend_activity", "pg_stat_statements"})
 _KEY_REASON = "would reveal statement text that holds the hash mask's key material"
+# Other sessions' statement text: the literals other operators typed (a lookup's raw phone of
+# another branch) and the DBA's. PostgreSQL shows it for sessions of the same database role,
+# which several logins share in auth.mode userlist, and to members of pg_read_all_stats.
+OTHER_SESSIONS_TEXT = frozenset({"pg_stat_activity", "pg_stat_get_activity",
+                                 "pg_stat_get_backend_activity"})
+_OTHERS_REASON = ("would show other sessions' statement text (the values other operators "
+                  "typed); not allowed for masked roles")
 # Aggregates that pack many rows into one value: max_rows counts DataRows, so one row of
 # json_agg(c) would carry a whole branch. Denied on customer data for roles with a row cap.
 PACKING_AGGREGATES = frozenset({
@@ -445,7 +452,9 @@ class _Walker:
             self.dependent(dep)
         if self.restricted and relname in STATS_RELATIONS and schema in (None, "pg_catalog"):
             self.deny(f"catalog statistics ({relname}) are not allowed for masked roles")
-        if self.restricted and self.cv.hash_secret and relname in STATEMENT_TEXT_RELATIONS:
+        if self.restricted and relname in OTHER_SESSIONS_TEXT and schema in (None, "pg_catalog"):
+            self.deny(f"{relname} {_OTHERS_REASON}")
+        elif self.restricted and self.cv.hash_secret and relname in STATEMENT_TEXT_RELATIONS:
             self.deny(f"{relname} {_KEY_REASON}")
 
     def attribute_call(self, name: str) -> None:
@@ -503,7 +512,9 @@ class _Walker:
             if len(args) != harmless or named or body.get("func_variadic"):
                 self.deny(f"function {name}() with these arguments runs SQL given as text and "
                           "is not allowed for masked roles")
-        if self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
+        if name in OTHER_SESSIONS_TEXT:
+            self.deny(f"{name}() {_OTHERS_REASON}")
+        elif self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
             self.deny(f"{name}() {_KEY_REASON}")
         if body.get("over") is not None:
             if name not in RANKING_WINDOWS:

@@ -168,3 +168,13 @@ def test_packed_rows_count_against_max_rows(leak: LeakChecker, sql: str, per_row
     assert r.alive
     carried = len(r.rows) * per_row
     assert r.denied or carried <= 50, f"{len(r.rows)} rows carrying {carried} customers"
+
+
+def test_other_sessions_statement_text_is_refused(leak: LeakChecker) -> None:
+    """In auth.mode userlist several logins may share one upstream role, and PostgreSQL shows
+    the text of a same-role session's statement: another branch's teller's lookup literal."""
+    for sql in ("select pid, query from pg_stat_activity",
+                "select * from pg_catalog.pg_stat_get_activity(null)"):
+        r = leak.run([sql])
+        leak.check(r, sql)
+        assert r.denied and r.alive, r.describe()
