@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from proxy.protocol import NegotiateProtocolVersion
 from proxy.session import WITHHELD_RESULT, HeldResult, Output, Session, error_message
 from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS
 from rewriters.policy import PolicyError
@@ -460,7 +461,9 @@ class ClientConnection(asyncio.Protocol):
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
-        if self.session is not None:
+        if self.session is not None and not self.session.server_fatal:
+            # (after PostgreSQL's own FATAL -- terminated, idle timeout -- the client has
+            # the reason already: a second error would hide it from drivers that keep the last)
             self.rt.metrics.upstream_errors.inc()
             self.send_client(fatal(
                 "08006", "the connection to the PostgreSQL server was lost",
@@ -544,7 +547,20 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         params = parse_startup_params(packet)
+        self._negotiate_version(code, params)
         await self._login(packet, params)
+
+    def _negotiate_version(self, code: int, params: dict[str, str]) -> None:
+        """pgveil speaks protocol 3.0 on both legs. A client asking for a newer minor version
+        or for ``_pq_.`` extensions is told so (NegotiateProtocolVersion, before the
+        authentication exchange, where PostgreSQL would send it) and settles on 3.0; the
+        options never reach PostgreSQL, whose own 'v' the authentication relay would not
+        expect."""
+        options = [k for k in params if k.startswith("_pq_.")]
+        for k in options:
+            del params[k]
+        if code & 0xFFFF or options:
+            self.send_client(NegotiateProtocolVersion(PROTOCOL_3, tuple(options)).encode())
 
     async def _login(self, packet: bytes, params: dict[str, str]) -> None:
         user = params.get("user", "")

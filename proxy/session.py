@@ -188,8 +188,8 @@ class _Slot:
 
     A plain class for the same reason as :class:`_StatementRun` (two per extended batch)."""
 
-    __slots__ = ("changes", "converted", "failed", "hidden_z", "index", "kind", "portal_changes",
-                 "prepare_key", "runs", "started")
+    __slots__ = ("changes", "converted", "failed", "hidden_z", "in_copy", "index", "kind",
+                 "opens_copy", "portal_changes", "prepare_key", "runs", "started")
 
     def __init__(self, kind: str, *, runs: list[_StatementRun] | None = None,
                  started: float = 0.0, converted: bool = False,
@@ -215,6 +215,10 @@ class _Slot:
         # protected result (name, record before, its count before); taken back if the batch
         # failed
         self.portal_changes: list[tuple[bytes, Any, int]] | None = None
+        # COPY FROM STDIN (Session._copy_window): the window this slot's statement may open,
+        # and, for a Sync, the window it was sent in (PostgreSQL ignores it if the COPY began)
+        self.opens_copy = 0
+        self.in_copy = 0
 
     def __repr__(self) -> str:
         return f"_Slot({self.kind}, runs={len(self.runs)}, index={self.index})"
@@ -290,8 +294,15 @@ def raise_sql(sqlstate: str, message: str, hint: str | None = None) -> str:
             f"MESSAGE = ${tag}${message}${tag}${hint_sql}; END${outer}$")
 
 
-# Q P B E S C X F: SQL carriers, portal/statement bookkeeping, Terminate, FunctionCall
-_CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46))
+# Q P B E S C X F: SQL carriers, portal/statement bookkeeping, Terminate, FunctionCall;
+# c f: CopyDone / CopyFail end the data of a COPY FROM STDIN
+_CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x63, 0x66))
+# Statement text that may be a COPY FROM STDIN (a false hit only costs the fast paths for a
+# while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
+# Flush and fails the COPY on any other message (see Session._copy_window).
+_MAY_COPY_IN = re.compile(rb"(?i)stdin")
+# Client messages PostgreSQL rejects in COPY mode (Terminate and Flush are fine).
+_NOT_IN_COPY = frozenset((0x51, 0x50, 0x42, 0x45, 0x43, 0x46, 0x44))
 # C s I E Z S G H W: completions, errors, ReadyForQuery, ParameterStatus, COPY starts
 _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x57))
 
@@ -365,6 +376,22 @@ class Session:
         self._plain_kind = plain_kind if not audit_all else None
         self._plain_miss: tuple[bytes, str, str | None] | None = None
         self._dropped_channels: set[str] = set()  # logged once per session
+        # COPY FROM STDIN windows. PostgreSQL reads the client's stream in COPY mode from the
+        # COPY statement on until CopyDone/CopyFail (or its own error): it ignores a Sync sent
+        # in that stretch, and any Query/Parse/Bind/Execute fails the COPY and is consumed.
+        # Counting such a Sync as a request would leave a slot nobody answers, and every later
+        # result would be attributed to the statement before it (uncounted, unaudited).
+        # _copy_window: the window the client's stream is in (pending until the server's
+        # CopyInResponse, 0 = none); _copy_open: the window PostgreSQL is known to be in;
+        # _copy_stray: a window some other message was sent in. _copy_statements/_portals:
+        # statements and portals whose text may be a COPY FROM STDIN.
+        self.server_fatal = False  # PostgreSQL sent a FATAL: the shell adds no error of its own
+        self._copy_window = 0
+        self._copy_open = 0
+        self._copy_stray = 0
+        self._copy_epoch = 0
+        self._copy_statements: set[bytes] = set()
+        self._copy_portals: set[bytes] = set()
         self._plain_memo: dict[bytes, str] | None = None  # plain texts only
         self._plain_memoizable = plain_memoizable  # may this view's answers be memoised so
         self._plain_memo_view: OperatorView | None = None
@@ -407,6 +434,7 @@ class Session:
         # policy version it was decided under) — to re-decide it when the rules change
         self._parsed: dict[bytes, tuple[str, bytes, str]] = {}
         self._swallow = 0  # completions of messages pgveil injected, not to be forwarded
+        self._swallow_bind = 0  # the BindCompletes among them (_send_raise)
         # Parse/Close sent upstream and not yet answered, oldest first; and those of the batch
         # the client has not ended with Sync (or Query) yet (see _StatementChange)
         self._changes: deque[_StatementChange] = deque()
@@ -645,10 +673,33 @@ class Session:
             self._cbuf += buf[pos:]
         return out
 
+    def _open_copy_window(self, slot: _Slot) -> None:
+        self._copy_epoch += 1
+        slot.opens_copy = self._copy_window = self._copy_epoch
+        self._copy_open = self._copy_stray = 0
+
+    def _copy_window_message(self, mtype: int) -> None:
+        """A client message sent while a COPY FROM STDIN may be reading the stream."""
+        if mtype == 0x63 or mtype == 0x66:  # CopyDone / CopyFail: the data ends
+            self._copy_window = self._copy_open = 0
+        elif mtype in _NOT_IN_COPY:
+            if self._copy_open:
+                raise ProtocolViolation(
+                    f"message type {chr(mtype)!r} sent during COPY FROM STDIN data; end the "
+                    "COPY with CopyDone or CopyFail first")
+            self._copy_stray = self._copy_window
+
     def _client_message(self, mtype: int, frame: bytes, out: Output) -> None:
+        if self._copy_window:
+            self._copy_window_message(mtype)
         if mtype == 0x51:  # Query
             made = len(self._slots)
             self._on_query(frame, out)
+            if _MAY_COPY_IN.search(frame) is not None:
+                for slot in reversed(self._slots):
+                    if slot.kind == "query":
+                        self._open_copy_window(slot)
+                        break
             if self._batch_changes:  # a Query ends an extended batch like a Sync
                 new_slots = list(self._slots)[made:]
                 for slot in reversed(new_slots):
@@ -700,6 +751,10 @@ class Session:
                     self._send_raise(refused, out)
                     return
             self._portal_changed(portal, decision)
+            if stmt in self._copy_statements:
+                self._copy_portals.add(portal)
+            elif self._copy_portals:
+                self._copy_portals.discard(portal)
             out.to_server.append(frame)
         elif mtype == 0x45:  # Execute
             portal, _ = _cstr(frame, 5)
@@ -723,11 +778,17 @@ class Session:
                     self._declare_sent(d, run)
                 slot.runs.append(run)
             self._slots.append(slot)
+            if self._copy_portals and portal in self._copy_portals:
+                self._open_copy_window(slot)
             self.state = ProtocolState.BUSY
             out.to_server.append(frame)
         elif mtype == 0x53:  # Sync
+            if self._copy_open:  # PostgreSQL is reading COPY data: it ignores the Sync
+                out.to_server.append(frame)
+                return
             self._slots.append(_Slot("sync", started=self.clock(),
                                      changes=self._take_batch_changes()))
+            self._slots[-1].in_copy = self._copy_window
             if self._batch_portals or self._bound_in_batch:
                 self._slots[-1].portal_changes = self._batch_portals
                 self._batch_portals = []
@@ -877,7 +938,8 @@ class Session:
         for a repeat of a memoised protected SELECT (:class:`_ProtectedQuery`). None when
         :meth:`from_client` must handle it."""
         plain = self._plain_kind
-        if self._cbuf or self._batch_changes:
+        # (a COPY is never a plain kind: it reaches _client_message, which tracks its window)
+        if self._cbuf or self._batch_changes or self._copy_window:
             return None
         op = self.operator
         if op is not None:
@@ -1031,7 +1093,7 @@ class Session:
         force, either with no decision to track (pass-through) or a protected SELECT whose
         live checks (hours, quota, audit) cannot refuse it now. True when it is, with the
         slots the general path would have made; the caller forwards ``data`` unchanged."""
-        if self._cbuf or self._plain_kind is None or self._batch_changes:
+        if self._cbuf or self._plain_kind is None or self._batch_changes or self._copy_window:
             return False
         n = len(data)
         unpack = _U32.unpack_from
@@ -1055,6 +1117,8 @@ class Session:
                 data[pos + 5:pos + 5 + len(portal)] != portal:
             return False  # Execute of another portal
         stmt = data[zero + 1:stmt_end]
+        if self._copy_statements and stmt in self._copy_statements:
+            return False  # an Execute that may start COPY FROM STDIN (_client_message)
         entry = self._statements.get(stmt)
         if entry is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
             return False
@@ -1068,6 +1132,8 @@ class Session:
         old = self._portals.get(portal) if self._portals else None
         if old is not None and old[0].protected:
             return False  # the general path keeps it until the server answers the Bind
+        if self._copy_portals:
+            self._copy_portals.discard(portal)
         if entry is None:
             self._portals.pop(portal, None)
             self._slots.append(_Slot("execute"))
@@ -1380,6 +1446,11 @@ class Session:
         out.to_server.append(_frame(b"P", b"\x00" + sql + b"\x00\x00\x00"))
         out.to_server.append(_frame(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
         out.to_server.append(_frame(b"E", b"\x00\x00\x00\x00\x00"))
+        # the client asked for none of the raise's ParseComplete and BindComplete (PostgreSQL
+        # answers a failed Parse with the error alone); reset at ReadyForQuery, so a batch
+        # the server skipped before them leaves nothing behind
+        self._swallow += 1
+        self._swallow_bind += 1
         self._sent_change(0x31, b"", before)
         slot = _Slot("execute", runs=[_StatementRun(denied, self.clock(), denied=True)])
         self._slots.append(slot)
@@ -1467,6 +1538,10 @@ class Session:
         payload = frame[5:]
         name, pos = _cstr(payload, 0)
         raw, pos2 = _cstr(payload, pos)
+        if _MAY_COPY_IN.search(raw) is not None:
+            self._copy_statements.add(name)
+        elif self._copy_statements:
+            self._copy_statements.discard(name)
         rest = payload[pos2:]
         analysis = self._analyze_sql(raw)
         if len(analysis.statements) > 1 and not analysis.denied:
@@ -1614,9 +1689,13 @@ class Session:
                 if self.hold_protected:
                     self._refresh_holding()
             elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)) or (
-                    mtype == 0x32 and slots and slots[0].converted):
-                if not self._drop_server and mtype != 0x32:
+                    mtype == 0x32 and ((slots and slots[0].converted) or self._swallow_bind)):
+                if self._drop_server:
+                    pass
+                elif mtype != 0x32:
                     self._swallow -= 1
+                elif not (slots and slots[0].converted):
+                    self._swallow_bind -= 1
                 if pos > start:
                     flush(buf[start:pos])
                 start = end
@@ -1657,9 +1736,9 @@ class Session:
         ParameterStatus, COPY, a slot with runs, pgveil's own injected statements) stops it:
         the rest goes to :meth:`from_server` with ``skip``."""
         slots = self._slots
-        if self._sbuf or not slots or self._drop_server or self._swallow or \
+        if self._sbuf or not slots or self._drop_server or self._swallow or self._swallow_bind or \
                 self._abort_after_cap or self.state is not _BUSY or self._changes or \
-                self._portal_unsettled:
+                self._portal_unsettled or self._copy_window:
             return 0
         head = slots[0]
         if head.runs or head.kind not in _PLAIN_SLOTS:
@@ -1711,8 +1790,9 @@ class Session:
         ms) after the bookkeeping the general path would do; the shell submits the record and
         holds the bytes until it is durable. None: nothing was touched, use from_server."""
         slots = self._slots
-        if self._sbuf or self._drop_server or self._swallow or self._abort_after_cap or \
-                not slots or self._changes:
+        if self._sbuf or self._drop_server or self._swallow or self._swallow_bind or \
+                self._abort_after_cap or \
+                not slots or self._changes or self._copy_window:
             return None
         head = slots[0]
         runs = head.runs
@@ -1866,6 +1946,10 @@ class Session:
                     if s.started and self.observe_duration is not None:
                         self.observe_duration(self.clock() - s.started)
                     break
+            window = self._copy_window
+            if window and not self._copy_open and \
+                    not any(s.opens_copy == window for s in self._slots):
+                self._copy_window = self._copy_stray = 0  # its statement ended without COPY
             if self._abort_after_cap:
                 self._abort_after_cap = False
                 if status == "T" and all(s.kind == "hidden" for s in self._slots):
@@ -1880,7 +1964,7 @@ class Session:
                     self.state = ProtocolState.BUSY
                     return
             self._drop_server = False
-            self._swallow = 0
+            self._swallow = self._swallow_bind = 0
             self._batch_error = False
             if status == "I" and not self._slots and not self._bound_in_batch and \
                     not self._batch_portals:
@@ -1921,7 +2005,11 @@ class Session:
             return
         if mtype == 0x45:  # ErrorResponse
             self._batch_error = True
+            if self.state is ProtocolState.COPY_IN:  # PostgreSQL left COPY mode
+                self._copy_window = self._copy_open = 0
             fields = parse_error_fields(frame[5:])
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                self.server_fatal = True  # the server said why it ends the session
             if slot is not None and slot.converted and fields.get("C") in ("0A000", "26000"):
                 # "cached plan must not change result type" after DDL: prepare afresh next
                 # time. Our statement is gone (26000): something between pgveil and
@@ -1959,6 +2047,7 @@ class Session:
             return
         if mtype == 0x47:  # CopyInResponse
             self.state = ProtocolState.COPY_IN
+            self._copy_began(slot)
         elif mtype == 0x48:  # CopyOutResponse
             self.state = ProtocolState.COPY_OUT
         elif mtype == 0x57:  # CopyBothResponse
@@ -1973,6 +2062,30 @@ class Session:
             value, _ = _cstr(payload, pos)
             self._on_parameter(name.decode("latin-1"), value.decode("latin-1"))
         out.to_client.append(frame)
+
+    def _copy_began(self, slot: _Slot | None) -> None:
+        """CopyInResponse: PostgreSQL now reads the client's stream in COPY mode. The Syncs the
+        client sent after the COPY statement (before its CopyDone/CopyFail) are ignored there:
+        they get no ReadyForQuery, so their slots go. A Query/Parse/Bind/Execute sent in that
+        stretch fails the COPY and is consumed without an answer of its own: rather than
+        guess what PostgreSQL made of it, the session ends."""
+        window = slot.opens_copy if slot is not None else 0
+        later = list(self._slots)[1:]
+        if not window:  # a COPY pgveil did not foresee
+            if later:
+                raise ProtocolViolation("requests pipelined behind an unforeseen COPY FROM "
+                                        "STDIN")
+            self._copy_epoch += 1
+            self._copy_window = self._copy_open = self._copy_epoch
+            return
+        if self._copy_stray == window:
+            raise ProtocolViolation("statements sent inside COPY FROM STDIN data")
+        if any(s.in_copy == window for s in later):
+            kept = [s for s in self._slots if s.in_copy != window or s is slot]
+            self._slots.clear()
+            self._slots.extend(kept)
+        if self._copy_window == window:  # the client has not ended the data yet
+            self._copy_open = window
 
     def _scrub_error(self, frame: bytes, fields: dict[str, str]) -> bytes:
         """PostgreSQL's DETAIL of integrity and data errors quotes the raw row or key values

@@ -165,3 +165,30 @@ def test_sigterm_drains_in_flight_query(pgveil_factory) -> None:
     proxy.signal(signal.SIGTERM)
     t.join(15)
     assert result == [5]
+
+
+@pytest.mark.parametrize(("version", "options"), [
+    ((3 << 16) | 2, {}),
+    ((3 << 16), {"_pq_.w7_option": "on"}),
+    ((3 << 16) | 2, {"_pq_.a": "1", "_pq_.b": "2"}),
+])
+def test_newer_protocol_and_pq_options_are_negotiated_down(pgveil, version: int,
+                                                           options: dict[str, str]) -> None:
+    """PostgreSQL answers a newer minor version or unknown ``_pq_.`` options with
+    NegotiateProtocolVersion (3.0) before the authentication request; so does pgveil, and the
+    options never reach PostgreSQL (whose own 'v' a relayed login did not expect: it hung)."""
+    params = {"user": "dba", "database": "bank", **options}
+    body = struct.pack("!I", version) + b"".join(
+        k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()) + b"\x00"
+    with socket.create_connection(("127.0.0.1", pgveil.port), timeout=5) as s:
+        s.sendall(struct.pack("!I", len(body) + 4) + body)
+        answer = b""
+        while len(answer) < 5 or len(answer) < 1 + struct.unpack_from("!I", answer, 1)[0] + 9:
+            answer += s.recv(4096)
+    end = 1 + struct.unpack_from("!I", answer, 1)[0]
+    assert answer[:1] == b"v"
+    newest, count = struct.unpack_from("!II", answer, 5)
+    assert newest == 3 << 16
+    assert answer[13:end].split(b"\x00")[:count] == [k.encode() for k in options]
+    assert answer[end:end + 1] == b"R"  # then the authentication request, as directly
+    assert _alive(pgveil)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from proxy.session import Session, TxStatus, parse_error_fields
+import pytest
+
+from proxy.session import ProtocolViolation, Session, TxStatus, parse_error_fields
 from rewriters.model import (
     Action,
     Analysis,
@@ -256,3 +258,52 @@ def test_notifications_reach_an_unrestricted_operator_unchanged() -> None:
     s.view = dataclasses.replace(VIEW, unrestricted=True)
     secret = notification("raw_rows", "anything")
     assert b"".join(s.from_server(secret).to_client) == secret
+
+
+COPY_IN_RESPONSE = frame(b"G", b"\x00\x00\x01\x00\x00")
+
+
+def test_a_sync_pipelined_inside_copy_data_gets_no_slot() -> None:
+    """Query, CopyData, Sync, CopyDone in one write, before the CopyInResponse: PostgreSQL
+    reads the Sync in COPY mode and ignores it, so only the COPY's ReadyForQuery comes."""
+    s, _ = make_session({})
+    s.from_client(q("copy sink from stdin") + frame(b"d", b"x\n") + frame(b"S", b"")
+                  + frame(b"c", b""))
+    assert [slot.kind for slot in s._slots] == ["query", "sync"]
+    s.from_server(COPY_IN_RESPONSE)
+    assert [slot.kind for slot in s._slots] == ["query"]
+    s.from_server(complete("COPY 1") + rfq())
+    assert not s._slots and s._copy_window == 0
+    out = s.from_client(q("select 1"))
+    assert out.to_server == [q("select 1")]
+    assert [slot.kind for slot in s._slots] == ["query"]
+
+
+def test_a_copy_that_fails_before_copy_mode_keeps_the_syncs() -> None:
+    """No CopyInResponse (permission denied, no such table): PostgreSQL reads what followed
+    as usual, so the Sync is a request after all."""
+    s, _ = make_session({})
+    s.from_client(q("copy nowhere from stdin") + frame(b"S", b""))
+    s.from_server(frame(b"E", b"SERROR\x00C42P01\x00Mno such table\x00\x00") + rfq())
+    assert [slot.kind for slot in s._slots] == ["sync"]
+    s.from_server(rfq())
+    assert not s._slots and s._copy_window == 0
+
+
+def test_a_sync_after_copy_mode_began_is_forwarded_without_a_slot() -> None:
+    s, _ = make_session({})
+    s.from_client(q("copy sink from stdin"))
+    s.from_server(COPY_IN_RESPONSE)
+    out = s.from_client(frame(b"d", b"x\n") + frame(b"S", b"") + frame(b"c", b""))
+    assert b"".join(out.to_server) == frame(b"d", b"x\n") + frame(b"S", b"") + frame(b"c", b"")
+    assert [slot.kind for slot in s._slots] == ["query"]
+    s.from_server(complete("COPY 1") + rfq())
+    assert not s._slots
+
+
+def test_a_statement_inside_copy_data_is_a_protocol_violation() -> None:
+    s, _ = make_session({})
+    s.from_client(q("copy sink from stdin"))
+    s.from_server(COPY_IN_RESPONSE)
+    with pytest.raises(ProtocolViolation, match="COPY FROM STDIN"):
+        s.from_client(frame(b"d", b"x\n") + q("select 1"))

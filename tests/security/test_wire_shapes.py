@@ -198,3 +198,102 @@ def test_copy_fail_of_an_allowed_copy_keeps_the_session_in_step(leak: LeakChecke
     rows = _values(answers)
     assert len(rows) == 1 and b"*" in (rows[0][0] or b"")
     _assert_no_leak(leak, answers, "")
+
+
+@pytest.fixture
+def copy_sink(leak: LeakChecker) -> Iterator[str]:
+    """An unprotected table the teller may COPY into."""
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+        dba.execute("create table if not exists sec_copy_sink (note text)")
+        dba.execute("grant insert, select on sec_copy_sink to public")
+    yield "sec_copy_sink"
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+        dba.execute("drop table if exists sec_copy_sink")
+
+
+def _capped_and_audited(leak: LeakChecker, wire: Wire, marker: str) -> None:
+    """The next protected read is counted (stopped at max_rows 50) and audited."""
+    wire.sock.sendall(query(f"select id as {marker}, phone from customers "
+                            "where branch_id = 'SZ01'"))
+    answers = wire.messages()
+    rows = sum(1 for k, _ in answers if k == "D")
+    errors = [body for k, body in answers if k == "E"]
+    assert rows <= 50 and errors and b"C42501" in errors[0], (rows, errors)
+    deadline = time.monotonic() + 5
+    while marker not in leak.pgveil.audit_path.read_text(encoding="utf-8"):
+        assert time.monotonic() < deadline, "no audit record for the read after the COPY"
+        time.sleep(0.1)
+
+
+def test_a_sync_inside_copy_data_is_not_a_request(leak: LeakChecker, wire: Wire,
+                                                   copy_sink: str) -> None:
+    """PostgreSQL ignores a Sync in COPY mode; counted as a request it left pgveil one
+    ReadyForQuery behind, and the next read went out uncounted (666 rows past the 50-row cap)
+    and unaudited."""
+    wire.sock.sendall(query(f"copy {copy_sink} from stdin"))
+    assert wire.sock.recv(65536)[:1] == b"G"
+    wire.sock.sendall(msg(b"d", b"one\n") + SYNC + msg(b"c", b""))
+    assert [k for k, _ in wire.messages()] == ["C", "Z"]
+    _capped_and_audited(leak, wire, "after_sync_in_copy")
+
+
+def test_an_extended_copy_with_its_sync_sent_ahead(leak: LeakChecker, wire: Wire,
+                                                   copy_sink: str) -> None:
+    """libpq's way: Parse/Bind/Execute/Sync, the data, CopyDone and another Sync. The first
+    Sync falls inside the COPY and gets no ReadyForQuery."""
+    wire.sock.sendall(parse(b"", f"copy {copy_sink} from stdin".encode())
+                      + msg(b"B", b"\x00\x00" + struct.pack("!HHH", 0, 0, 0)) + execute() + SYNC)
+    head = wire.sock.recv(65536)
+    assert b"G" in head[:12], head  # ParseComplete, BindComplete, CopyInResponse
+    wire.sock.sendall(msg(b"d", b"two\n") + msg(b"c", b"") + SYNC)
+    assert [k for k, _ in wire.messages()] == ["C", "Z"]
+    _capped_and_audited(leak, wire, "after_extended_copy")
+
+
+def test_a_query_inside_copy_data_ends_the_session(leak: LeakChecker, copy_sink: str) -> None:
+    """PostgreSQL fails the COPY on it and consumes it without an answer of its own; pgveil
+    does not guess: FATAL 08P01, and nothing of the read is sent."""
+    with leak.connect(TELLER) as conn:
+        w = Wire(conn)
+        try:
+            w.sock.sendall(query(f"copy {copy_sink} from stdin"))
+            assert w.sock.recv(65536)[:1] == b"G"
+            w.sock.sendall(msg(b"d", b"three\n") + query("select id, phone from customers "
+                                                         "where branch_id = 'SZ01'"))
+            received = b""
+            while chunk := w.sock.recv(65536):
+                received += chunk
+            assert received[:1] == b"E" and b"C08P01" in received and b"D\x00" not in received
+        finally:
+            w.sock.detach()
+
+
+def test_a_denied_parse_is_answered_like_a_failed_one(wire: Wire) -> None:
+    """PostgreSQL answers a failed Parse with the error alone: the ParseComplete and
+    BindComplete of the statement pgveil raises the denial with are not the client's."""
+    got = wire.batch(parse(b"denied_stmt", b"select * from customers"),
+                     msg(b"D", b"Sdenied_stmt\x00"), SYNC)
+    assert got.types == ["E", "Z"] and got.sqlstates == ["42501"], got
+
+
+def test_a_terminated_backend_gives_one_error(leak: LeakChecker) -> None:
+    """pg_terminate_backend: the client gets PostgreSQL's FATAL 57P01 and nothing of pgveil's
+    (a second FATAL would hide the reason from drivers that keep the last error)."""
+    with leak.connect(TELLER) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        w = Wire(conn)
+        try:
+            with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+                dba.execute("select pg_terminate_backend(%s)", (pid,))
+            received = b""
+            while chunk := w.sock.recv(65536):
+                received += chunk
+        finally:
+            w.sock.detach()
+    errors, pos = [], 0
+    while pos + 5 <= len(received):
+        end = pos + 1 + struct.unpack_from("!I", received, pos + 1)[0]
+        if received[pos:pos + 1] == b"E":
+            errors.append(received[pos + 5:end])
+        pos = end
+    assert len(errors) == 1 and b"C57P01" in errors[0], errors
