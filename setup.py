@@ -44,11 +44,14 @@ def _compiled() -> list[str]:
 
 
 COMPILED = _compiled()
+# The sources' hashes as mypyc reads them, before the minutes of C compilation: a source edited
+# during a build must leave the build stale (proxy/_native.py then runs the source), not stamp
+# the old compiled code with the new text's hash.
+SOURCES = {path: hashlib.sha256((HERE / path).read_bytes()).hexdigest() for path in COMPILED}
 
 
 def _stamp() -> str:
-    sources = {path: hashlib.sha256((HERE / path).read_bytes()).hexdigest() for path in COMPILED}
-    return json.dumps({"group": GROUP, "sources": sources}, indent=1, sort_keys=True) + "\n"
+    return json.dumps({"group": GROUP, "sources": SOURCES}, indent=1, sort_keys=True) + "\n"
 
 
 class BuildNative(build_ext):

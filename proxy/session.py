@@ -301,6 +301,12 @@ _CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x6
 # while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
 # Flush and fails the COPY on any other message (see Session._copy_window).
 _MAY_COPY_IN = re.compile(rb"(?i)stdin")
+# PostgreSQL's limits on a client message's length (pqcomm.h): a Query, Parse, Bind, CopyData or
+# FunctionCall may be up to 1 GB, anything else 10 000 bytes. Longer is a broken stream, not
+# something to buffer.
+LARGE_MESSAGE_LIMIT = 0x3FFFFFFF
+SMALL_MESSAGE_LIMIT = 10000
+_LARGE_CLIENT_MESSAGES = frozenset((0x51, 0x50, 0x42, 0x64, 0x46))
 # Client messages PostgreSQL rejects in COPY mode (Terminate and Flush are fine).
 _NOT_IN_COPY = frozenset((0x51, 0x50, 0x42, 0x45, 0x43, 0x46, 0x44))
 # C s I E Z S G H W: completions, errors, ReadyForQuery, ParameterStatus, COPY starts
@@ -424,8 +430,12 @@ class Session:
         self.codec = python_codec(lex.client_encoding) or "utf-8"
         self.tx = TxStatus.IDLE
         self.state = ProtocolState.READY
+        # an incomplete message, and how many bytes it takes to go on (its header's length):
+        # until then a read only appends (a multi-megabyte row arrives in many reads)
         self._cbuf = bytearray()
+        self._cbuf_need = 0
         self._sbuf = bytearray()
+        self._sbuf_need = 0
         self._slots: deque[_Slot] = deque()
         # extended protocol: statement / portal name → (decision, client text)
         self._statements: dict[bytes, tuple[StatementDecision, str]] = {}
@@ -641,6 +651,8 @@ class Session:
         out = Output()
         if self._cbuf:
             self._cbuf += data
+            if len(self._cbuf) < self._cbuf_need:
+                return out
             buf = bytes(self._cbuf)
             self._cbuf.clear()
         else:
@@ -651,8 +663,10 @@ class Session:
         while n - pos >= 5:
             mtype = buf[pos]
             length = _U32.unpack_from(buf, pos + 1)[0]
-            if length < 4:
-                raise ProtocolViolation("invalid message length")
+            if length < 4 or (length > SMALL_MESSAGE_LIMIT and (
+                    length > LARGE_MESSAGE_LIMIT or mtype not in _LARGE_CLIENT_MESSAGES)):
+                raise ProtocolViolation(f"invalid message length {length} for message type "
+                                        f"{chr(mtype)!r}")
             end = pos + 1 + length
             if end > n:
                 break
@@ -671,6 +685,7 @@ class Session:
             to_server.append(buf[start:pos] if start or pos < n else buf)
         if pos < n:
             self._cbuf += buf[pos:]
+            self._cbuf_need = 1 + _U32.unpack_from(buf, pos + 1)[0] if n - pos >= 5 else 5
         return out
 
     def _open_copy_window(self, slot: _Slot) -> None:
@@ -1587,6 +1602,8 @@ class Session:
         out = Output()
         if self._sbuf:
             self._sbuf += data
+            if len(self._sbuf) < self._sbuf_need:
+                return out
             buf = bytes(self._sbuf)
             self._sbuf.clear()
         else:
@@ -1704,6 +1721,7 @@ class Session:
             flush(buf[start:pos] if start or pos < n else buf)
         if pos < n:
             self._sbuf += buf[pos:]
+            self._sbuf_need = 1 + _U32.unpack_from(buf, pos + 1)[0] if n - pos >= 5 else 5
         return out
 
     def _notification_allowed(self, frame: bytes) -> bool:

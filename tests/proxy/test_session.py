@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import time
 
 import pytest
 
@@ -307,3 +308,30 @@ def test_a_statement_inside_copy_data_is_a_protocol_violation() -> None:
     s.from_server(COPY_IN_RESPONSE)
     with pytest.raises(ProtocolViolation, match="COPY FROM STDIN"):
         s.from_client(frame(b"d", b"x\n") + q("select 1"))
+
+
+def test_a_large_message_in_many_reads_is_assembled_once() -> None:
+    """Each read used to copy everything buffered so far: quadratic in the message size."""
+    s, _ = make_session({})
+    big = q("select '" + "x" * (32 << 20) + "'")
+    sent: list[bytes] = []
+    started = time.perf_counter()
+    for i in range(0, len(big), 1 << 14):  # 2048 reads: the old way copied 32 GB
+        sent.extend(s.from_client(big[i:i + (1 << 14)]).to_server)
+    assert time.perf_counter() - started < 2.0
+    assert b"".join(sent) == big
+    server = frame(b"D", b"\x00\x01" + struct.pack("!i", 16 << 20) + b"y" * (16 << 20))
+    back: list[bytes] = []
+    for i in range(0, len(server), 1 << 16):
+        back.extend(s.from_server(server[i:i + (1 << 16)]).to_client)
+    assert b"".join(back) == server
+
+
+@pytest.mark.parametrize("header", [
+    b"Q" + struct.pack("!I", 0x7FFFFFF0),  # over PostgreSQL's 1 GB
+    b"S" + struct.pack("!I", 20000),  # a Sync is never that long
+])
+def test_an_impossible_message_length_is_refused_at_once(header: bytes) -> None:
+    s, _ = make_session({})
+    with pytest.raises(ProtocolViolation, match="invalid message length"):
+        s.from_client(header + b"x" * 100)
