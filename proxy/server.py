@@ -533,8 +533,12 @@ class ClientConnection(asyncio.Protocol):
                     await self.rt.handle_cancel(pid, key)
                 self.close()
                 return
-            if code >> 16 != 3:
-                raise ValueError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+            if code >> 16 != 3:  # PostgreSQL's words and SQLSTATE
+                self.send_client(fatal(
+                    "0A000", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                             "server supports 3.0 to 3.0"))
+                self.close()
+                return
             break
         if tls_mode == "require" and not self.tls:
             self.send_client(fatal("28000", "pgveil requires TLS (tls.mode: require)",

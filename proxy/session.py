@@ -823,6 +823,10 @@ class Session:
             out.to_server.append(frame)
         elif mtype == 0x46:  # FunctionCall: calls any function by OID, invisible to SQL analysis
             if self.view.unrestricted:
+                # answered by FunctionCallResponse and ReadyForQuery: a request of its own, or
+                # its ReadyForQuery would close the slot of whatever is pipelined behind it
+                self._slots.append(_Slot("query", started=self.clock()))
+                self.state = ProtocolState.BUSY
                 out.to_server.append(frame)
                 return
             denied = StatementDecision(

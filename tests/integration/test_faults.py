@@ -192,3 +192,13 @@ def test_newer_protocol_and_pq_options_are_negotiated_down(pgveil, version: int,
     assert answer[13:end].split(b"\x00")[:count] == [k.encode() for k in options]
     assert answer[end:end + 1] == b"R"  # then the authentication request, as directly
     assert _alive(pgveil)
+
+
+def test_an_unsupported_major_version_is_refused_like_postgresql_does(pgveil) -> None:
+    body = struct.pack("!I", 4 << 16) + b"user\x00dba\x00\x00"
+    with socket.create_connection(("127.0.0.1", pgveil.port), timeout=5) as s:
+        s.sendall(struct.pack("!I", len(body) + 4) + body)
+        answer = s.recv(4096)
+    assert answer[:1] == b"E" and b"C0A000" in answer
+    assert b"unsupported frontend protocol 4.0" in answer
+    assert _alive(pgveil)

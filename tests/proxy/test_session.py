@@ -335,3 +335,20 @@ def test_an_impossible_message_length_is_refused_at_once(header: bytes) -> None:
     s, _ = make_session({})
     with pytest.raises(ProtocolViolation, match="invalid message length"):
         s.from_client(header + b"x" * 100)
+
+
+def test_a_function_call_pipelined_with_a_query_is_a_request_of_its_own() -> None:
+    """The DBA's FunctionCall (psql's \\lo_* use it) is answered by FunctionCallResponse and
+    ReadyForQuery; without a slot of its own, that ReadyForQuery closed the Query behind it,
+    whose answer then went missing (the 'V' with it)."""
+    s, _ = make_session({})
+    s.view = dataclasses.replace(VIEW, unrestricted=True)
+    call = frame(b"F", struct.pack("!IHHI", 1, 0, 0, 0) + b"\x00\x00")
+    out = s.from_client(call + q("select 1"))
+    assert b"".join(out.to_server) == call + q("select 1")
+    assert [slot.kind for slot in s._slots] == ["query", "query"]
+    answer = frame(b"V", struct.pack("!i", 1) + b"5") + rfq()
+    result = ROW_DESC + data_row(b"1") + complete("SELECT 1") + rfq()
+    back = s.from_server(answer + result)
+    assert b"".join(back.to_client) == answer + result
+    assert not s._slots
