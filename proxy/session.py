@@ -188,8 +188,8 @@ class _Slot:
 
     A plain class for the same reason as :class:`_StatementRun` (two per extended batch)."""
 
-    __slots__ = ("changes", "converted", "failed", "hidden_z", "in_copy", "index", "kind",
-                 "opens_copy", "portal_changes", "prepare_key", "runs", "started")
+    __slots__ = ("changes", "converted", "failed", "hidden_z", "in_copy", "index", "injected",
+                 "kind", "opens_copy", "portal_changes", "prepare_key", "runs", "started")
 
     def __init__(self, kind: str, *, runs: list[_StatementRun] | None = None,
                  started: float = 0.0, converted: bool = False,
@@ -219,6 +219,8 @@ class _Slot:
         # and, for a Sync, the window it was sent in (PostgreSQL ignores it if the COPY began)
         self.opens_copy = 0
         self.in_copy = 0
+        # pgveil's own Parse+Bind ahead of this Execute (_send_raise): completions to swallow
+        self.injected = 0
 
     def __repr__(self) -> str:
         return f"_Slot({self.kind}, runs={len(self.runs)}, index={self.index})"
@@ -444,7 +446,6 @@ class Session:
         # policy version it was decided under) — to re-decide it when the rules change
         self._parsed: dict[bytes, tuple[str, bytes, str]] = {}
         self._swallow = 0  # completions of messages pgveil injected, not to be forwarded
-        self._swallow_bind = 0  # the BindCompletes among them (_send_raise)
         # Parse/Close sent upstream and not yet answered, oldest first; and those of the batch
         # the client has not ended with Sync (or Query) yet (see _StatementChange)
         self._changes: deque[_StatementChange] = deque()
@@ -1465,13 +1466,11 @@ class Session:
         out.to_server.append(_frame(b"P", b"\x00" + sql + b"\x00\x00\x00"))
         out.to_server.append(_frame(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00"))
         out.to_server.append(_frame(b"E", b"\x00\x00\x00\x00\x00"))
-        # the client asked for none of the raise's ParseComplete and BindComplete (PostgreSQL
-        # answers a failed Parse with the error alone); reset at ReadyForQuery, so a batch
-        # the server skipped before them leaves nothing behind
-        self._swallow += 1
-        self._swallow_bind += 1
         self._sent_change(0x31, b"", before)
         slot = _Slot("execute", runs=[_StatementRun(denied, self.clock(), denied=True)])
+        # the client asked for none of the raise's ParseComplete and BindComplete (PostgreSQL
+        # answers a failed Parse with the error alone): they come while this slot is the head
+        slot.injected = 2
         self._slots.append(slot)
 
     # -- statement changes the server has not answered (see _StatementChange) ---------------
@@ -1710,13 +1709,14 @@ class Session:
                 if self.hold_protected:
                     self._refresh_holding()
             elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)) or (
-                    mtype == 0x32 and ((slots and slots[0].converted) or self._swallow_bind)):
+                    mtype == 0x32 and slots and slots[0].converted) or (
+                    (mtype == 0x31 or mtype == 0x32) and slots and slots[0].injected):
                 if self._drop_server:
                     pass
+                elif (mtype == 0x31 or mtype == 0x32) and slots and slots[0].injected:
+                    slots[0].injected -= 1
                 elif mtype != 0x32:
                     self._swallow -= 1
-                elif not (slots and slots[0].converted):
-                    self._swallow_bind -= 1
                 if pos > start:
                     flush(buf[start:pos])
                 start = end
@@ -1758,7 +1758,7 @@ class Session:
         ParameterStatus, COPY, a slot with runs, pgveil's own injected statements) stops it:
         the rest goes to :meth:`from_server` with ``skip``."""
         slots = self._slots
-        if self._sbuf or not slots or self._drop_server or self._swallow or self._swallow_bind or \
+        if self._sbuf or not slots or self._drop_server or self._swallow or \
                 self._abort_after_cap or self.state is not _BUSY or self._changes or \
                 self._portal_unsettled or self._copy_window:
             return 0
@@ -1812,8 +1812,7 @@ class Session:
         ms) after the bookkeeping the general path would do; the shell submits the record and
         holds the bytes until it is durable. None: nothing was touched, use from_server."""
         slots = self._slots
-        if self._sbuf or self._drop_server or self._swallow or self._swallow_bind or \
-                self._abort_after_cap or \
+        if self._sbuf or self._drop_server or self._swallow or self._abort_after_cap or \
                 not slots or self._changes or self._copy_window:
             return None
         head = slots[0]
@@ -1986,7 +1985,7 @@ class Session:
                     self.state = ProtocolState.BUSY
                     return
             self._drop_server = False
-            self._swallow = self._swallow_bind = 0
+            self._swallow = 0
             self._batch_error = False
             if status == "I" and not self._slots and not self._bound_in_batch and \
                     not self._batch_portals:

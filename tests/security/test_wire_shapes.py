@@ -274,6 +274,11 @@ def test_a_denied_parse_is_answered_like_a_failed_one(wire: Wire) -> None:
     got = wire.batch(parse(b"denied_stmt", b"select * from customers"),
                      msg(b"D", b"Sdenied_stmt\x00"), SYNC)
     assert got.types == ["E", "Z"] and got.sqlstates == ["42501"], got
+    # behind an allowed statement of the same batch, whose own completions stay in place
+    bind_unnamed = msg(b"B", b"\x00\x00" + struct.pack("!HHH", 0, 0, 0))
+    got = wire.batch(parse(b"", b"select 1"), bind_unnamed, execute(),
+                     parse(b"", b"select * from customers"), bind_unnamed, execute(), SYNC)
+    assert got.types == ["1", "2", "D", "C", "E", "Z"] and got.sqlstates == ["42501"], got
 
 
 def test_a_terminated_backend_gives_one_error(leak: LeakChecker) -> None:
