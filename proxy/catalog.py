@@ -29,7 +29,7 @@ from collections.abc import Collection, Iterable, Mapping
 import asyncpg
 
 from rewriters.model import Catalog, CatalogColumn
-from rewriters.verify import STATS_RELATIONS
+from rewriters.verify import OTHER_SESSIONS_TEXT, STATS_RELATIONS
 
 _SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
 
@@ -239,8 +239,9 @@ FROM pg_catalog.pg_class c
 WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace AND c.relname = ANY ($1::text[])
 """
 
-# Views over them: PostgreSQL records no dependency on a pinned catalog such as pg_statistic,
-# so the definition is matched by name ($2: a regular expression of the names).
+# Views over them (and over pg_stat_activity): PostgreSQL records no dependency on a pinned
+# catalog such as pg_statistic, so the definition is matched by name ($2: a regular expression
+# of the names).
 _STATS_VIEWS_SQL = """
 SELECT c.oid::int8 AS id, n.nspname AS nsp, c.relname AS name
 FROM pg_catalog.pg_class c
@@ -457,7 +458,8 @@ async def _dependents(conn: asyncpg.Connection, protected_oids: dict[int, str],
             names[node] = f"pg_catalog.{r['name']}"
             reads[node] = set(everything)
             sources.add(node)
-        stats_words = r"\m(" + "|".join(sorted(STATS_RELATIONS)) + r")\M"
+        # (and views over other sessions' statement text: the literals other operators typed)
+        stats_words = r"\m(" + "|".join(sorted(STATS_RELATIONS | OTHER_SESSIONS_TEXT)) + r")\M"
         for r in await conn.fetch(_STATS_VIEWS_SQL, system, stats_words):
             node = ("rel", int(r["id"]))
             names[node] = f"{r['nsp']}.{r['name']}"

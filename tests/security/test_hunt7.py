@@ -24,7 +24,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from tests.security.conftest import LeakChecker, Received
+from tests.security.conftest import LeakChecker, Received, dba_objects
 
 ABSENT = {"phone": "13999999999", "id_number": "110105199901019999",
           "email": "nobody-h7@example.com"}
@@ -178,3 +178,20 @@ def test_other_sessions_statement_text_is_refused(leak: LeakChecker) -> None:
         r = leak.run([sql])
         leak.check(r, sql)
         assert r.denied and r.alive, r.describe()
+
+
+@pytest.fixture
+def sessions_view(leak: LeakChecker) -> Iterator[LeakChecker]:
+    with dba_objects(
+            leak, ["create view public.h7_sessions as select pid, query from pg_stat_activity",
+                   "grant select on public.h7_sessions to public"],
+            "drop view if exists public.h7_sessions", "select count(*) from h7_sessions") as dba:
+        yield dba
+
+
+def test_a_dba_view_over_other_sessions_text_is_refused(sessions_view: LeakChecker) -> None:
+    """PostgreSQL records no dependency on the pinned pg_stat_activity: the view's definition
+    is matched by name, like views over pg_stats."""
+    r = sessions_view.run(["select query from h7_sessions"])
+    sessions_view.check(r, "select query from h7_sessions")
+    assert r.denied and r.alive, r.describe()
