@@ -451,9 +451,9 @@ async def _dependents(conn: asyncpg.Connection, protected_oids: dict[int, str],
         names[("rel", oid)] = name
     reads: dict[Node, set[str]] = {("rel", oid): {name} for oid, name in protected_oids.items()}
     everything = set(protected_oids.values())
-    sources: set[Node] = set()  # planner statistics: they read everything, are no dependents
+    sources: set[Node] = set()  # statistics, others' statement text: read all, no dependents
     if everything:
-        for r in await conn.fetch(_STATS_SQL, sorted(STATS_RELATIONS)):
+        for r in await conn.fetch(_STATS_SQL, sorted(STATS_RELATIONS | OTHER_SESSIONS_TEXT)):
             node: Node = ("rel", int(r["id"]))
             names[node] = f"pg_catalog.{r['name']}"
             reads[node] = set(everything)

@@ -184,14 +184,19 @@ def test_other_sessions_statement_text_is_refused(leak: LeakChecker) -> None:
 def sessions_view(leak: LeakChecker) -> Iterator[LeakChecker]:
     with dba_objects(
             leak, ["create view public.h7_sessions as select pid, query from pg_stat_activity",
-                   "grant select on public.h7_sessions to public"],
-            "drop view if exists public.h7_sessions", "select count(*) from h7_sessions") as dba:
+                   "grant select on public.h7_sessions to public",
+                   "create function public.h7_queries() returns setof text language sql "
+                   "as $$ select query from pg_catalog.pg_stat_activity $$"],
+            "drop view if exists public.h7_sessions; drop function if exists "
+            "public.h7_queries()", "select count(*) from h7_sessions") as dba:
         yield dba
 
 
-def test_a_dba_view_over_other_sessions_text_is_refused(sessions_view: LeakChecker) -> None:
-    """PostgreSQL records no dependency on the pinned pg_stat_activity: the view's definition
-    is matched by name, like views over pg_stats."""
-    r = sessions_view.run(["select query from h7_sessions"])
-    sessions_view.check(r, "select query from h7_sessions")
+@pytest.mark.parametrize("sql", ["select query from h7_sessions", "select * from h7_queries()"])
+def test_dba_objects_over_other_sessions_text_are_refused(sessions_view: LeakChecker,
+                                                          sql: str) -> None:
+    """PostgreSQL records no dependency on the pinned pg_stat_activity: a view's definition is
+    matched by name, and a function body naming it counts, as for pg_stats."""
+    r = sessions_view.run([sql])
+    sessions_view.check(r, sql)
     assert r.denied and r.alive, r.describe()
