@@ -239,6 +239,10 @@ FROM pg_catalog.pg_class c
 WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace AND c.relname = ANY ($1::text[])
 """
 
+# Pinned catalog relations that count as reading every protected table: planner statistics
+# (sample values) and other sessions' statement text (the literals other operators typed).
+_NAMED_ONLY = STATS_RELATIONS | OTHER_SESSIONS_TEXT
+
 # Views over them (and over pg_stat_activity): PostgreSQL records no dependency on a pinned
 # catalog such as pg_statistic, so the definition is matched by name ($2: a regular expression
 # of the names).
@@ -453,13 +457,13 @@ async def _dependents(conn: asyncpg.Connection, protected_oids: dict[int, str],
     everything = set(protected_oids.values())
     sources: set[Node] = set()  # statistics, others' statement text: read all, no dependents
     if everything:
-        for r in await conn.fetch(_STATS_SQL, sorted(STATS_RELATIONS | OTHER_SESSIONS_TEXT)):
+        for r in await conn.fetch(_STATS_SQL, sorted(_NAMED_ONLY)):
             node: Node = ("rel", int(r["id"]))
             names[node] = f"pg_catalog.{r['name']}"
             reads[node] = set(everything)
             sources.add(node)
         # (and views over other sessions' statement text: the literals other operators typed)
-        stats_words = r"\m(" + "|".join(sorted(STATS_RELATIONS | OTHER_SESSIONS_TEXT)) + r")\M"
+        stats_words = r"\m(" + "|".join(sorted(_NAMED_ONLY)) + r")\M"
         for r in await conn.fetch(_STATS_VIEWS_SQL, system, stats_words):
             node = ("rel", int(r["id"]))
             names[node] = f"{r['nsp']}.{r['name']}"

@@ -282,6 +282,14 @@ def parse_error_fields(payload: bytes) -> dict[str, str]:
     return out
 
 
+def _quota_charge(d: StatementDecision, rows: int) -> int:
+    """Quota rows a protected statement costs: rows of customer data (a row that carries several
+    counts as that many, ``row_weight``), and a lookup at least the values it presented, found
+    or not."""
+    charge = rows * d.row_weight
+    return charge if charge >= d.lookup_values else d.lookup_values
+
+
 def raise_sql(sqlstate: str, message: str, hint: str | None = None) -> str:
     """SQL that makes PostgreSQL raise our error, so its transaction state follows PostgreSQL's
     own rules. The message is dollar-quoted with a tag it cannot contain."""
@@ -384,6 +392,7 @@ class Session:
         self._plain_kind = plain_kind if not audit_all else None
         self._plain_miss: tuple[bytes, str, str | None] | None = None
         self._dropped_channels: set[str] = set()  # logged once per session
+        self.server_fatal = False  # PostgreSQL sent a FATAL: the shell adds no error of its own
         # COPY FROM STDIN windows. PostgreSQL reads the client's stream in COPY mode from the
         # COPY statement on until CopyDone/CopyFail (or its own error): it ignores a Sync sent
         # in that stretch, and any Query/Parse/Bind/Execute fails the COPY and is consumed.
@@ -393,7 +402,6 @@ class Session:
         # CopyInResponse, 0 = none); _copy_open: the window PostgreSQL is known to be in;
         # _copy_stray: a window some other message was sent in. _copy_statements/_portals:
         # statements and portals whose text may be a COPY FROM STDIN.
-        self.server_fatal = False  # PostgreSQL sent a FATAL: the shell adds no error of its own
         self._copy_window = 0
         self._copy_open = 0
         self._copy_stray = 0
@@ -588,8 +596,7 @@ class Session:
         run.event = event
         out.audit.append(event)
         if d.protected and self.operator is not None:
-            # a lookup costs at least the values it presented, found or not
-            self.operator.add_rows(max(run.rows * d.row_weight, d.lookup_values))
+            self.operator.add_rows(_quota_charge(d, run.rows))
 
     def _audit_fields(self, run: _StatementRun, decision_name: str) -> dict[str, Any]:
         """A statement's audit fields except rows, duration_ms and error."""
@@ -1876,11 +1883,8 @@ class Session:
             self._holding = None
         if run.counter_key is not None:
             self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + rows
-        charge = rows * d.row_weight
-        if charge < d.lookup_values:  # see _audit
-            charge = d.lookup_values
-        if charge and self.operator is not None:
-            self.operator.add_rows(charge)
+        if self.operator is not None:
+            self.operator.add_rows(_quota_charge(d, rows))
         keyed = self._keyed_count
         if keyed is not None:  # count_statement(name, kind) without its call
             counted = self._run_keys.get((name, d.kind))
