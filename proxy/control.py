@@ -906,13 +906,16 @@ class ControlStore:
             async with self._pool.acquire(timeout=self._connect_timeout) as conn:
                 batch, self._pending = self._pending, {}
                 if batch:
+                    # counted as unseen while the write is in flight: a statement gated
+                    # meanwhile must not find these rows in neither place
+                    _merge(self._unseen, batch)
                     try:
                         await self._flush_with(conn, batch)
                     except BaseException:
                         # Unknown outcome: re-add (over-counting is the safe side).
+                        _merge(self._unseen, batch, -1)
                         _merge(self._pending, batch)
                         raise
-                    _merge(self._unseen, batch)
                 keys = list(self._tracked)
                 await self._refresh(conn, keys, t)
                 added_since = {login for login, _ in set(self._tracked) - set(keys)}
@@ -974,11 +977,19 @@ class ControlStore:
                 self._shared.pop(key, None)
 
 
-def _merge(into: dict[str, dict[int, int]], batch: Mapping[str, Mapping[int, int]]) -> None:
+def _merge(into: dict[str, dict[int, int]], batch: Mapping[str, Mapping[int, int]],
+           sign: int = 1) -> None:
+    """Add (``sign`` -1: take back) ``batch``'s rows per login and bucket."""
     for login, per in batch.items():
         dst = into.setdefault(login, {})
         for bucket, rows in per.items():
-            dst[bucket] = dst.get(bucket, 0) + rows
+            left = dst.get(bucket, 0) + sign * rows
+            if left:
+                dst[bucket] = left
+            else:
+                dst.pop(bucket, None)
+        if not dst:
+            del into[login]
 
 
 __all__ = [

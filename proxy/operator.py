@@ -76,7 +76,8 @@ class OperatorState:
                  rebuild: Callable[[str], OperatorView],
                  policy_view: Callable[[], tuple[str, OperatorView | None]] | None = None,
                  policy_version: Callable[[], str] | None = None,
-                 epoch: list[int] | None = None):
+                 epoch: list[int] | None = None,
+                 reservations: dict[str, int] | None = None):
         # ``epoch[0]`` changes whenever the policy or a catalog changes (Runtime.epoch): until
         # it does, ``policy_version`` need not be asked (``current`` runs per statement)
         self.epoch_ref = epoch
@@ -91,6 +92,9 @@ class OperatorState:
         self.generation_seen = -1
         self._view = base
         self.grant_id: str | None = None
+        # quota rows held by statements of this login that are returning rows now, in any
+        # session of this process (Runtime.quota_reservations): see reserve()
+        self.reservations: dict[str, int] = {} if reservations is None else reservations
 
     def stale(self) -> bool:
         """Whether :meth:`current` could return another view than last time (inline in hot
@@ -137,16 +141,48 @@ class OperatorState:
             self._view = view
             self.generation_seen = -1  # re-apply grants on the new base
 
-    def quota_exceeded(self, view: OperatorView) -> str | None:
+    def quota_room(self, view: OperatorView) -> int | None:
+        """Quota rows this login may still be charged: the quota less the rows charged in the
+        window and the rows held by its statements returning rows now; None: no quota."""
         limits = view.limits
         if limits.quota_rows is None or limits.quota_seconds is None:
             return None
         used = self.quota.quota_used(view.login, limits.quota_seconds)
-        if used >= limits.quota_rows:
-            return (f"quota of {limits.quota_rows} protected rows per "
-                    f"{_period(limits.quota_seconds)} exhausted for {view.login} (role "
-                    f"{view.role}); it frees up as older reads leave the window")
-        return None
+        return limits.quota_rows - used - self.reservations.get(self.base.login, 0)
+
+    def quota_exceeded(self, view: OperatorView, need: int = 1) -> str | None:
+        """Why a statement that costs at least ``need`` quota rows (a lookup: the values it
+        presents) may not start now; None when it may."""
+        room = self.quota_room(view)
+        if room is None or room >= need:
+            return None
+        return self.quota_message(view, need)
+
+    def quota_message(self, view: OperatorView, need: int = 1) -> str:
+        limits = view.limits
+        text = (f"quota of {limits.quota_rows} protected rows per "
+                f"{_period(limits.quota_seconds or 0)} exhausted for {view.login} (role "
+                f"{view.role})")
+        if need > 1:
+            text += f": this statement presents {need} lookup values, each charged as a row"
+        return text + "; it frees up as older reads leave the window"
+
+    def reserve(self, rows: int) -> None:
+        """Hold ``rows`` of quota for a statement that is returning rows: concurrent statements
+        of the same login (pipelined, or in other sessions) see less room, so together they
+        cannot read past the quota before any of them is charged. Released when charged."""
+        if rows > 0:
+            login = self.base.login
+            self.reservations[login] = self.reservations.get(login, 0) + rows
+
+    def release(self, rows: int) -> None:
+        if rows > 0:
+            login = self.base.login
+            left = self.reservations.get(login, 0) - rows
+            if left > 0:
+                self.reservations[login] = left
+            else:
+                self.reservations.pop(login, None)
 
     def add_rows(self, rows: int) -> None:
         """Count rows against the quota — only while one applies (a role without a quota, or

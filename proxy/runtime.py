@@ -114,6 +114,7 @@ class Runtime:
         self._auth_pool: Any = None
         self.control: Any = None
         self.local_quota = LocalQuota()
+        self.quota_reservations: dict[str, int] = {}  # OperatorState.reserve, per login
         self.clients: set[ClientConnection] = set()
         self.tasks, self.spawn = spawn_holder()
         self.audit: Any = None
@@ -383,7 +384,8 @@ class Runtime:
             view, self.control, self.control or self.local_quota,
             lambda role: self._rebuild_view(view, role, database),
             policy_view=lambda: self._current_policy_view(login, ip, application, database),
-            policy_version=lambda: self.view_version(database), epoch=self.epoch)
+            policy_version=lambda: self.view_version(database), epoch=self.epoch,
+            reservations=self.quota_reservations)
         if self.control is not None and view.limits.quota_seconds:
             self.spawn(self.control.refresh_quota(view.login, view.limits.quota_seconds))
         available = (lambda: self.audit.available) if self.audit is not None else (lambda: True)

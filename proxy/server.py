@@ -246,6 +246,8 @@ class ClientConnection(asyncio.Protocol):
         self._track_idle = runtime.config.listen.idle_timeout > 0  # the idle reaper's input
         self._counted = False
         self.over_capacity = False
+        # the audit error of statements still running when the connection ends (Session.abandon)
+        self._ended_because = "the session ended before the statement completed"
 
     def channel_binding(self) -> bytes | None:
         """tls-server-end-point data of pgveil's own certificate, when the client is on TLS."""
@@ -312,6 +314,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reader.feed_eof()
+        self._ended_because = ("the client disconnected before the statement completed; "
+                               "its outcome is unknown")
         was_busy = self.session is not None and bool(self.session._slots)
         if was_busy and self.backend_key is not None:
             # the client vanished mid-query: don't leave PostgreSQL working for nobody
@@ -461,6 +465,8 @@ class ClientConnection(asyncio.Protocol):
     def upstream_lost(self, exc: Exception | None) -> None:
         if self.closed:
             return
+        self._ended_because = ("the connection to PostgreSQL was lost before the statement "
+                               "completed; its outcome is unknown")
         if self.session is not None and not self.session.server_fatal:
             # (after PostgreSQL's own FATAL -- terminated, idle timeout -- the client has
             # the reason already: a second error would hide it from drivers that keep the last)
@@ -476,6 +482,13 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self._counted:
             self.rt.connection_closed(self)
+        if self.session is not None:
+            try:
+                ended = self.session.abandon(self._ended_because)
+                for ev in ended.audit:
+                    self.rt.submit_audit(ev.fields)
+            except Exception:  # noqa: BLE001 - the transports below must close regardless
+                log.exception("recording the statements of an ended session failed")
         if self.upstream is not None and self.upstream.transport is not None:
             with contextlib.suppress(Exception):
                 if not self.upstream.transport.is_closing():

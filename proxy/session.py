@@ -34,7 +34,7 @@ import re
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -124,6 +124,11 @@ class Output:
         self.close = False
 
 
+# _StatementRun.room: no quota applies / one applies and the run has not claimed its share yet
+UNLIMITED_ROOM = 1 << 62
+QUOTA_UNCLAIMED = -1
+
+
 class _StatementRun:
     """One statement being executed upstream, attributed results and counted rows.
 
@@ -131,18 +136,28 @@ class _StatementRun:
     statement on the hot path, and mypyc compiles this constructor natively, where a
     dataclass's generated ``__init__`` stays interpreted."""
 
-    __slots__ = ("capped", "counter_key", "decision", "declare_pending", "denied", "done",
-                 "error", "event", "form", "held", "held_bytes", "hidden", "rows", "source",
-                 "started")
+    __slots__ = ("binding", "capped", "counter_key", "decision", "declare_pending", "denied",
+                 "done", "error", "event", "form", "held", "held_bytes", "hidden",
+                 "quota_capped", "reserved", "room", "rows", "source", "started")
 
     def __init__(self, decision: StatementDecision, started: float, *,
                  counter_key: tuple[str, str] | None = None, source: str = "",
-                 denied: bool = False, hidden: bool = False, form: Any = None) -> None:
+                 denied: bool = False, hidden: bool = False, form: Any = None,
+                 room: int = UNLIMITED_ROOM) -> None:
         self.decision = decision
         self.started = started
         self.rows = 0
+        # rows it may return before the operator's quota stops it: QUOTA_UNCLAIMED until its
+        # first row claims a share of the quota (Session._claim_quota)
+        self.room = room
+        self.reserved = 0  # quota rows held for it (OperatorState.reserve) until it is charged
+        self.quota_capped = False  # capped by the quota rather than by max_rows
         # ("portal"|"cursor", name): cumulative counting
         self.counter_key: tuple[str, str] | None = counter_key
+        # an Execute of the unnamed portal: which Bind of it (Session._unnamed_binds) made the
+        # portal it runs; its rows count towards the next Execute only while no later Bind
+        # replaced the portal (pipelined Bind/Execute pairs each start from zero)
+        self.binding = 0
         self.capped = False
         self.denied = denied
         self.error: str | None = None
@@ -461,6 +476,8 @@ class Session:
         self._prepared_version: dict[str, str] = {}  # SQL-level PREPARE → policy version
         self._prepared_source: dict[str, str] = {}  # SQL-level PREPARE → the client's text
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
+        self._reserved = 0  # quota rows this session's runs hold (_claim_quota)
+        self._unnamed_binds = 0  # Binds of the unnamed portal sent (_StatementRun.binding)
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
         # Portals (Bind) and cursors (DECLARE) share one namespace on the server: Execute
@@ -555,11 +572,14 @@ class Session:
         protected = [s for s in analysis.statements if s.protected]
         if not protected:
             return None
-        return self._live_gate(protected[0])
+        return self._live_gate(protected[0], protected)
 
-    def _live_gate(self, first: StatementDecision) -> StatementDecision | None:
+    def _live_gate(self, first: StatementDecision,
+                   statements: Sequence[StatementDecision] | None = None
+                   ) -> StatementDecision | None:
         """The checks of a protected statement that depend on time and live state (hours,
-        quota, audit availability), made each time it runs; ``first``: its decision."""
+        quota, audit availability), made each time it runs; ``first``: its decision,
+        ``statements``: all of the request's, when it has several (their lookups add up)."""
         limits = self.view.limits
         if limits.hours is not None and not _within_hours(limits.hours, limits.timezone,
                                                           self.now()):
@@ -571,7 +591,8 @@ class Session:
                         f"{self.view.role} only between {limits.hours[0]} and "
                         f"{limits.hours[1]} ({limits.timezone})")
         if self.operator is not None:
-            exhausted = self.operator.quota_exceeded(self.view)
+            exhausted = self._quota_gate(statements) if statements is not None else \
+                self.operator.quota_exceeded(self.view, max(1, first.lookup_values))
             if exhausted is not None:
                 return StatementDecision(
                     action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
@@ -583,6 +604,75 @@ class Session:
                 message=f"statement on {', '.join(first.tables)} refused: the audit log "
                         "cannot be written (audit.on_failure: block)")
         return None
+
+    def _quota_gate(self, statements: Sequence[StatementDecision]) -> str | None:
+        """Why these protected statements (one request) may not start under the quota: there
+        must be room for a row, and for every value their lookups present (each costs a row,
+        found or not). What they return is held to the quota as it arrives (_claim_quota)."""
+        if self.operator is None:
+            return None
+        need = sum(st.lookup_values for st in statements if st.protected)
+        return self.operator.quota_exceeded(self.view, max(1, need))
+
+    def _quota_room0(self, d: StatementDecision) -> int:
+        """A new run's ``room``: unclaimed when the quota applies to it."""
+        if d.protected and self.operator is not None and self.view.limits.quota_rows is not None:
+            return QUOTA_UNCLAIMED
+        return UNLIMITED_ROOM
+
+    def _claim_quota(self, run: _StatementRun) -> None:
+        """A run's first row: take its share of the operator's quota. The quota is charged when
+        a statement completes, so without a share a request of fourteen capped SELECTs, or
+        twenty sessions of one login, would all start under the quota and together read far
+        past it. The share -- what is left of the quota after everything charged and every
+        share held, up to what the run may return under max_rows -- is held until the run is
+        charged; rows beyond it are stopped like rows beyond max_rows."""
+        if run.room != QUOTA_UNCLAIMED:
+            return
+        op = self.operator
+        room = op.quota_room(self.view) if op is not None else None
+        if op is None or room is None:  # a grant lifted the quota meanwhile
+            run.room = UNLIMITED_ROOM
+            return
+        d = run.decision
+        weight = d.row_weight if d.row_weight > 1 else 1
+        share = room if room > 0 else 0
+        if d.row_limit is not None:
+            prior = self._counts.get(run.counter_key, 0) if run.counter_key else 0
+            share = min(share, max(0, d.row_limit - prior) * weight)
+        run.room = share // weight
+        run.reserved = share
+        self._reserved += share
+        op.reserve(share)
+
+    def _release_run(self, run: _StatementRun) -> None:
+        if self.operator is not None:
+            self.operator.release(run.reserved)
+        self._reserved -= run.reserved
+        run.reserved = 0
+
+    def abandon(self, reason: str) -> Output:
+        """The connection ended with statements still running upstream: their audit records
+        (the rows the client got so far, charged to the quota; ``reason`` as the error, the
+        outcome unknown) -- without them a client that hangs up mid-result would have read
+        rows no record mentions."""
+        out = Output()
+        for slot in self._slots:
+            for run in slot.runs[slot.index:]:
+                if not (run.done or run.denied or run.hidden):
+                    run.done = True
+                    self._audit(out, run, self._decision_name(run.decision), error=reason)
+        self.release_quota()
+        return out
+
+    def release_quota(self) -> None:
+        """The connection ended: give back the quota its unfinished runs held."""
+        if self._reserved and self.operator is not None:
+            self.operator.release(self._reserved)
+        self._reserved = 0
+        for slot in self._slots:
+            for run in slot.runs:
+                run.reserved = 0
 
     def _audit(self, out: Output, run: _StatementRun, decision_name: str,
                error: str | None = None) -> None:
@@ -596,6 +686,8 @@ class Session:
         run.event = event
         out.audit.append(event)
         if d.protected and self.operator is not None:
+            if run.reserved:
+                self._release_run(run)
             self.operator.add_rows(_quota_charge(d, run.rows))
 
     def _audit_fields(self, run: _StatementRun, decision_name: str) -> dict[str, Any]:
@@ -615,7 +707,9 @@ class Session:
                 self._audit_lists.clear()
             self._audit_lists[id(d.reasons)] = memo
         reasons = memo[4]
-        if run.capped:
+        if run.quota_capped:
+            reasons = ["quota exhausted", *reasons]
+        elif run.capped:
             reasons = [f"row limit {d.row_limit} exceeded", *reasons]
         fields.update(
             role=self.view.role,  # a role=… grant changes it for the statements it covers
@@ -796,7 +890,10 @@ class Session:
                     key = self._portal_key(portal)
                 if floor and self._counts.get(key, 0) < floor:
                     self._counts[key] = floor
-                run = _StatementRun(d, self.clock(), counter_key=key, source=text)
+                run = _StatementRun(d, self.clock(), counter_key=key, source=text,
+                                    room=self._quota_room0(d))
+                if not portal:
+                    run.binding = self._unnamed_binds
                 if not is_cursor and d.cursor and d.kind == "declare":
                     self._declare_sent(d, run)
                 slot.runs.append(run)
@@ -911,6 +1008,8 @@ class Session:
         comes back if the batch failed."""
         old = self._portal_record(portal)
         key = self._portal_key(portal)
+        if not portal:
+            self._unnamed_binds += 1
         if old is not None and old[0].protected:
             count = max(self._counts.get(key, 0), old[3])
             change = (portal, old, count)
@@ -1055,11 +1154,12 @@ class Session:
         limits = view.limits
         if limits.hours is not None or not self.audit_available() or (
                 limits.quota_rows is not None and self.operator is not None
-                and self.operator.quota_exceeded(view) is not None):
+                and self.operator.quota_exceeded(
+                    view, max(1, entry.decision.lookup_values)) is not None):
             return None  # _policy_gate decides (and explains a denial)
         now = self.clock()
         run = _StatementRun(entry.decision, now, source=frame[5:-1].decode("ascii"),
-                            form=entry.form)
+                            form=entry.form, room=self._quota_room0(entry.decision))
         self._slots.append(_Slot("query", runs=[run], started=now, converted=True))
         self.state = _BUSY
         if self._on_memo_hit is not None:
@@ -1161,6 +1261,8 @@ class Session:
             return False  # the general path keeps it until the server answers the Bind
         if self._copy_portals:
             self._copy_portals.discard(portal)
+        if not portal:
+            self._unnamed_binds += 1
         if entry is None:
             self._portals.pop(portal, None)
             self._slots.append(_Slot("execute"))
@@ -1171,13 +1273,15 @@ class Session:
                     self._audit_form is None or limits.hours is not None or \
                     not self.audit_available() or (
                         limits.quota_rows is not None and op is not None
-                        and op.quota_exceeded(view) is not None):
+                        and op.quota_exceeded(view, max(1, d.lookup_values)) is not None):
                 return False
             key = self._portal_key(portal)
             self._portals[portal] = entry
             self._counts.pop(key, None)
-            self._slots.append(_Slot("execute", runs=[_StatementRun(
-                d, self.clock(), counter_key=key, source=entry[1])]))
+            run = _StatementRun(d, self.clock(), counter_key=key, source=entry[1],
+                                room=self._quota_room0(d))
+            run.binding = self._unnamed_binds if not portal else 0
+            self._slots.append(_Slot("execute", runs=[run]))
         self._slots.append(_Slot("sync", started=self.clock()))
         self.state = _BUSY
         return True
@@ -1254,7 +1358,8 @@ class Session:
                     sources[i] if sources else st.sql)
                 self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
             text = source if single else (sources[i] if sources else st.sql)
-            run = _StatementRun(st, now, counter_key=key, source=text)
+            run = _StatementRun(st, now, counter_key=key, source=text,
+                                room=self._quota_room0(st))
             if declare:
                 self._declare_sent(st, run)
             slot.runs.append(run)
@@ -1665,18 +1770,21 @@ class Session:
                     if run is not None:
                         run.rows += 1
                         limit = run.decision.row_limit
-                        if limit is not None:
-                            total = run.rows + (self._counts.get(run.counter_key, 0)
-                                                if run.counter_key else 0)
-                            if run.capped or total > limit:
-                                if pos > start:
-                                    flush(buf[start:pos])
-                                start = end
-                                if not run.capped:
-                                    run.capped = True
-                                    out.cancel = True
-                                    self.capped_run = run
-                                run.rows -= 1
+                        over_limit = limit is not None and run.rows + (
+                            self._counts.get(run.counter_key, 0)
+                            if run.counter_key else 0) > limit
+                        if run.rows > run.room and not run.capped and not over_limit:
+                            self._claim_quota(run)
+                        if run.capped or over_limit or run.rows > run.room:
+                            if pos > start:
+                                flush(buf[start:pos])
+                            start = end
+                            if not run.capped:
+                                run.capped = True
+                                run.quota_capped = not over_limit
+                                out.cancel = True
+                                self.capped_run = run
+                            run.rows -= 1
                     elif self._drop_server:
                         if pos > start:
                             flush(buf[start:pos])
@@ -1713,6 +1821,17 @@ class Session:
                     if pos > start:
                         to_client.insert(mark, buf[start:pos])
                     start = end
+                if (mtype == 0x47 or mtype == 0x57) and holding is not None and \
+                        holding.held is not None and not holding.done:
+                    # COPY FROM STDIN: the client sends the data the statement waits for only
+                    # once it has the CopyInResponse. What is held so far goes out now; the
+                    # completion is still held for the record.
+                    if end > start:
+                        flush(buf[start:end])
+                        start = end
+                    to_client.extend(holding.held)
+                    holding.held = []
+                    holding.held_bytes = 0
                 if self.hold_protected:
                     self._refresh_holding()
             elif self._drop_server or (self._swallow and mtype in (0x31, 0x33)) or (
@@ -1872,6 +1991,10 @@ class Session:
         if limit is not None and rows + (self._counts.get(run.counter_key, 0)
                                          if run.counter_key is not None else 0) > limit:
             return None  # the general path caps it
+        if rows > run.room:
+            self._claim_quota(run)
+            if rows > run.room:
+                return None  # the general path stops it at the quota
         name = "rewritten" if d.action is _REWRITE else "allowed"
         if form is None:
             form = self._form_for(run, name)
@@ -1881,9 +2004,12 @@ class Session:
         run.rows, run.done, run.held = rows, True, None
         if self._holding is run:
             self._holding = None
-        if run.counter_key is not None:
+        if run.counter_key is not None and (not run.binding
+                                            or run.binding == self._unnamed_binds):
             self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + rows
         if self.operator is not None:
+            if run.reserved:
+                self._release_run(run)
             self.operator.add_rows(_quota_charge(d, rows))
         keyed = self._keyed_count
         if keyed is not None:  # count_statement(name, kind) without its call
@@ -1943,7 +2069,8 @@ class Session:
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
             if not run.denied and not run.hidden:
                 self._settle_prepared(run.decision, error)
-            if run.counter_key is not None:
+            if run.counter_key is not None and (not run.binding
+                                                or run.binding == self._unnamed_binds):
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
             if not run.denied:
                 name = "failed" if error else self._decision_name(run.decision)
@@ -1963,6 +2090,10 @@ class Session:
             # pop up to and including the slot this ReadyForQuery closes
             while self._slots:
                 s = self._slots.popleft()
+                if self._reserved:
+                    for r in s.runs:
+                        if r.reserved:  # ended without a completion (an error before it)
+                            self._release_run(r)
                 if s.changes:
                     self._settle_changes(s.changes)
                 if s.portal_changes is not None:
@@ -2129,8 +2260,14 @@ class Session:
         return _frame(b"E", body + b"\x00")
 
     def _row_limit_error(self, run: _StatementRun) -> bytes:
-        limit = run.decision.row_limit
         what = ", ".join(run.decision.tables) or "protected data"
+        if run.quota_capped and self.operator is not None:
+            return error_message(
+                DENY_SQLSTATE, self.operator.quota_message(self.view),
+                detail=f"the statement read more rows of {what} than the quota had left; "
+                       "rows beyond it were not sent",
+                hint="ask for a grant that lifts the quota")
+        limit = run.decision.row_limit
         return error_message(
             DENY_SQLSTATE, f"row limit of {limit} exceeded for role {self.view.role}",
             detail=f"the statement read more than {limit} rows of {what}; "

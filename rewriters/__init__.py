@@ -77,7 +77,7 @@ The passes, in order (each a small pure module)
     generated spans, the approved DML target, a CTE reference or a lock target is a violation
     (this one check catches DML targets, ``DELETE ... USING``, TRUNCATE, ``COPY customers``,
     ``U&"..."`` names and gaps nobody thought of); so are SQL-in-strings functions
-    (``query_to_xml``, ``dblink``, ``ts_stat`` ...), ``::regclass``, ``pg_stats``, role switching,
+    (``query_to_xml``, ``dblink``, ``ts_stat`` ...), ``pg_stats``, role switching,
     catalog dependents the policy does not list, SQL text handed to functions, row packing on
     customer data for roles with ``max_rows`` (``json_agg`` / ``string_agg`` / ``array_agg`` ...,
     ``ARRAY(subquery)``, ``WITH RECURSIVE``: one row must not carry a branch), and — for a view

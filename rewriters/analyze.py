@@ -878,6 +878,13 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
         reasons.extend(dml.reasons)
         if top.table.row_filter is not None:
             reasons.append(f"row filter {view.role}: {top.table.name}")
+    cap = view.limits.lookup_max_values
+    if lookup_count > cap:
+        # per statement, not per list: 37 UNION ALL branches of 10 candidates each would
+        # test every ID number a mask leaves possible in one round trip
+        raise Denied(f"a statement may present at most {cap} lookup values at once for role "
+                     f"{view.role} (lookup_max_values); this one presents {lookup_count} "
+                     f"across its lookups on {', '.join(lookups)}")
     if kind == "select" and view.limits.unbounded is Unbounded.DENY  and not explain:
         hit = unbounded_read(tree, refs, view.limits.max_rows)
         if hit is not None:

@@ -257,9 +257,10 @@ def literal_parameter(text: str) -> tuple[int, str]:
 
 def _server_sql(sql_t: _Text, sql: str, norm: Normalized) -> str | None:
     """The template's text with ``$1..$n`` in the literals' places, or None when a parameter
-    could mean something else than the literal it replaces: an integer that is a whole item
-    after a comma in a statement with ORDER/GROUP/PARTITION BY or DISTINCT (``GROUP BY a, 2``
-    names the second output column; ``$1`` there is a constant)."""
+    could mean something else than the literal it replaces: an integer after a comma or an
+    opening parenthesis in a statement with ORDER/GROUP/PARTITION BY or DISTINCT (``GROUP BY
+    a, 2``, ``DISTINCT ON (2)`` and ``ORDER BY (2)`` name the second output column; ``$1``
+    there is a constant, one group or no order at all)."""
     if _WORD_BY.search(sql) is not None:
         for text, (start, _end) in zip(norm.literals, norm.spans, strict=True):
             if text[0] == "'":
@@ -267,7 +268,7 @@ def _server_sql(sql_t: _Text, sql: str, norm: Normalized) -> str | None:
             j = start - 1
             while j >= 0 and sql[j] in _WS:
                 j -= 1
-            if j >= 0 and sql[j] == ",":
+            if j >= 0 and sql[j] in ",(":
                 return None
     out = [sql_t.parts[0]]
     for slot, part in zip(sql_t.slots, sql_t.parts[1:], strict=True):

@@ -11,7 +11,7 @@ the server runs — and walks every node:
   CTE, ``DELETE ... USING``, ``TRUNCATE``, ``COPY customers``, an ``U&"\\0063ustomers"`` sqlglot
   never saw, a gap nobody thought of — is a violation;
 * functions that take SQL or relation names as strings (``query_to_xml``, ``ts_stat``,
-  ``dblink``, ``crosstab`` ...), ``::regclass``, statistics relations (``pg_stats``), role
+  ``dblink``, ``crosstab`` ...), statistics relations (``pg_stats``), role
   switching (``SET ROLE``, ``SET SESSION AUTHORIZATION``, ``set_config('role', ..)``, ``ALTER
   ROLE .. SET role``), and catalog dependents (views / functions reading protected tables) the
   policy does not list are violations for restricted roles;
@@ -37,7 +37,7 @@ from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS, CompiledTable, Com
 STATS_RELATIONS = frozenset({"pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs",
                              "pg_statistic_ext", "pg_statistic_ext_data"})
 DENIED_FUNCTIONS = frozenset({
-    "ts_stat", "to_regclass", "pg_mcv_list_items", "connectby", "pg_read_file",
+    "ts_stat", "pg_mcv_list_items", "connectby", "pg_read_file",
     "pg_read_binary_file", "lo_import", "lo_export", "get_raw_page", "heap_page_items",
     "tuple_data_split", "heap_tuple_infomask_flags", "bt_page_items", "brin_page_items",
     "gin_leafpage_items", "hash_page_items",
@@ -83,6 +83,73 @@ VALUE_AGGREGATES = frozenset({
 # Window functions that carry no other row's value.
 RANKING_WINDOWS = frozenset({"row_number", "rank", "dense_rank", "percent_rank", "cume_dist",
                              "ntile", "count"})
+
+
+# Aggregates that add their arguments up with the precision of numeric (131072 digits) or of a
+# bit string: ``sum(x * 10::numeric ^ (7 * id))`` puts every row's value in its own digits, so
+# one result row carries a whole branch. On customer data, a role with a row cap may give them
+# only a bounded summand (see _bounded_summand): a column, a constant, a little arithmetic.
+ACCUMULATING_AGGREGATES = frozenset({
+    "sum", "avg", "bit_and", "bit_or", "bit_xor", "stddev", "stddev_pop", "stddev_samp",
+    "variance", "var_pop", "var_samp", "covar_pop", "covar_samp", "corr", "regr_avgx",
+    "regr_avgy", "regr_intercept", "regr_r2", "regr_slope", "regr_sxx", "regr_sxy", "regr_syy",
+})
+# Functions of a bounded summand: none of them scales a value by something a row chooses.
+_SUMMAND_FUNCTIONS = frozenset({
+    "abs", "round", "trunc", "floor", "ceil", "ceiling", "sign", "mod", "date_part", "extract",
+    "length", "char_length", "character_length", "octet_length", "int2", "int4", "int8",
+    "numeric", "float4", "float8",
+})
+_SUMMAND_OPERATORS = frozenset({"+", "-", "*", "/", "%"})
+_SUMMAND_MAX_OPERATORS = 4  # sum(qty * price * (1 - discount)) needs three
+_SUMMAND_MAX_BRANCHES = 3  # CASE WHEN level = 'vip' THEN balance ELSE 0 END needs one
+
+
+def _bounded_summand(args: list[Any]) -> bool:
+    """Whether an accumulating aggregate's arguments cannot give each row digits of its own.
+
+    Allowed: columns, constants, parameters, casts, ``+ - * / %`` (at most four operators in
+    all: a chain of multiplications builds the large factors a positional code needs), CASE
+    with at most three branches whose results are themselves bounded (its conditions may be
+    anything: they only choose), COALESCE, NULLIF, GREATEST/LEAST and a few functions that
+    scale nothing (:data:`_SUMMAND_FUNCTIONS`). Anything else -- ``^``, ``power()``,
+    ``<<``, ``||`` then a cast, ``repeat()``, a subquery -- is treated as packing."""
+    budget = [_SUMMAND_MAX_OPERATORS, _SUMMAND_MAX_BRANCHES]
+
+    def bounded(value: Any) -> bool:
+        if value is None:
+            return True
+        n = _node(value)
+        if n is None:
+            return False
+        kind, body = n
+        if kind in ("ColumnRef", "A_Const", "ParamRef"):
+            return True
+        if kind == "TypeCast":
+            return bounded(body.get("arg"))
+        if kind == "A_Expr":
+            op = _strings(body.get("name"))
+            if body.get("kind") == "AEXPR_OP" and len(op) == 1 and op[0] in _SUMMAND_OPERATORS:
+                budget[0] -= 1
+            elif body.get("kind") != "AEXPR_NULLIF":
+                return False
+            return budget[0] >= 0 and bounded(body.get("lexpr")) and bounded(body.get("rexpr"))
+        if kind == "CaseExpr":
+            branches = body.get("args") or []
+            budget[1] -= len(branches)
+            return budget[1] >= 0 and all(
+                bounded((_node(w) or ("", {}))[1].get("result")) for w in branches
+            ) and bounded(body.get("defresult"))
+        if kind in ("CoalesceExpr", "MinMaxExpr"):
+            return all(bounded(a) for a in body.get("args") or [])
+        if kind == "FuncCall":
+            names = _strings(body.get("funcname"))
+            return (bool(names) and names[-1] in _SUMMAND_FUNCTIONS
+                    and names[:-1] in ([], ["pg_catalog"]) and body.get("over") is None
+                    and all(bounded(a) for a in body.get("args") or []))
+        return False
+
+    return all(bounded(a) for a in args)
 
 
 # Ordered-set aggregates that return an array when given an array of fractions.
@@ -314,8 +381,6 @@ class _Walker:
             wrapped = _node(type_name)
             fields = wrapped[1] if wrapped else type_name if isinstance(type_name, dict) else {}
             names = _strings(fields.get("names"))
-            if self.restricted and names and names[-1].lower() == "regclass":
-                self.deny("casts to regclass are not allowed for masked roles")
             if names and not self.inside(self.pos(body.get("location")), self.generated):
                 # a domain whose CHECK calls a function reading protected data
                 dep = self.cv.resolve_dependent(names[-2] if len(names) >= 2 else None,
@@ -496,8 +561,6 @@ class _Walker:
             return
         if self.inside(self.pos(body.get("location")), self.generated):
             return
-        if name == "regclass" and len(body.get("args") or []) == 1:
-            self.deny("casts to regclass are not allowed for masked roles")  # regclass('t')
         if (
             name in DENIED_FUNCTIONS
             or name.startswith(DENIED_FUNCTION_PREFIXES)
@@ -523,6 +586,8 @@ class _Walker:
             self.value_aggregates += 1
         if name in PACKING_AGGREGATES:
             self.packing.append(f"{name}()")
+        elif name in ACCUMULATING_AGGREGATES and not _bounded_summand(body.get("args") or []):
+            self.packing.append(f"{name}() of a computed value")
         elif name in PERCENTILE_AGGREGATES and not _scalar_number(
                 (body.get("args") or [None])[0]):
             # percentile_disc(ARRAY[0, 0.01, ...]) WITHIN GROUP (ORDER BY col) returns one

@@ -506,6 +506,60 @@ def test_audit_all_records_unprotected_statements(pgveil_factory: Callable[..., 
     assert [r["rows"] for r in recs] == [3, 1, 1]
 
 
+@pytest.mark.parametrize("durability", ["batch", "strict"])
+def test_a_client_hanging_up_mid_result_still_gets_its_record(
+        pgveil_factory: Callable[..., PgveilProcess], durability: str) -> None:
+    """A statement on a customer table whose client disconnects while it runs: one record,
+    with the rows the client was sent (batch durability streams them) and the reason."""
+    from tests.harness.wire import query
+    proc = pgveil_factory({"audit": {"durability": durability}})
+    sql = ("select c.id, c.phone, repeat('x', 4000) as pad, "
+           "pg_sleep(case when c.id = 40 then 30 else 0 end) as hang_up_marker "
+           "from customers c where c.id <= 40 order by c.id")
+    conn = psycopg.connect(proc.dsn("dba"), autocommit=True)
+    sock = socket.socket(fileno=conn.pgconn.socket)
+    sock.settimeout(10)
+    got = b""
+    try:
+        sock.sendall(query(sql))
+        if durability == "batch":  # rows stream: wait for some of them
+            while got.count(b"D\x00") < 5:
+                got += sock.recv(65536)
+        else:  # strict: the result waits for its record, which waits for the result
+            time.sleep(1.0)
+    finally:
+        sock.close()
+        conn.pgconn.finish()
+    assert _wait(lambda: any("hang_up_marker" in str(r.get("statement"))
+                             for r in statement_records(proc.audit_path)))
+    rec = next(r for r in statement_records(proc.audit_path)
+               if "hang_up_marker" in str(r.get("statement")))
+    assert rec["decision"] == "allowed" and rec["tables"] == [CUST]
+    assert "client disconnected" in rec["error"]
+    if durability == "batch":
+        assert rec["rows"] >= 5
+    else:
+        assert rec["rows"] >= 0
+
+
+def test_copy_from_stdin_into_a_protected_table_under_strict_durability(
+        pgveil_factory: Callable[..., PgveilProcess]) -> None:
+    """The record of a COPY FROM waits for its completion, and its completion for the data:
+    the CopyInResponse must reach the client at once (it was held with the result: a hang)."""
+    proc = pgveil_factory({"audit": {"durability": "strict"}})
+    with psycopg.connect(proc.dsn("dba"), autocommit=True) as conn:
+        conn.execute("set statement_timeout = '20s'")
+        with conn.cursor() as cur:
+            with cur.copy("copy orders (customer_id, amount, note) from stdin") as copy:
+                copy.write_row((3, "1.50", "strict-copy-in"))
+            assert cur.rowcount == 1
+        assert conn.execute("delete from orders where note = 'strict-copy-in'").rowcount == 1
+    proc.stop()
+    kinds = [(r["kind"], r["rows"], r["error"]) for r in statement_records(proc.audit_path)
+             if "orders" in str(r.get("statement")) and str(r.get("statement")).startswith("copy")]
+    assert kinds == [("copy", 0, None)]  # one record, no error
+
+
 # --------------------------------------------------------------------------- on_failure
 
 

@@ -25,6 +25,9 @@ QUERIES = [
     "select count(*) from customers where id > {}",
     "select c.id, a.card_no from customers c join accounts a on a.customer_id = c.id "
     "where c.id = {} order by 1, 2",
+    # a position in parentheses is still a position (not a constant $n): one group per level
+    "select distinct on (2) id, level from customers where id < 4{} order by 2, 1",
+    "select id, level from customers where id < 4{} order by (2) desc, id",
 ]
 
 

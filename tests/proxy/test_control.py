@@ -307,6 +307,28 @@ async def test_quota_is_shared_between_stores(control_db: str) -> None:
             assert await c.refresh_quota(who, 3600) == 42
 
 
+async def test_own_rows_count_while_their_flush_is_in_flight(control_db: str) -> None:
+    """The ticker's write of this process's rows takes a round trip; a statement gated
+    meanwhile must still see them (they were in neither the pending nor the flushed set)."""
+    async with stores(control_db, 1, flush_interval=0.05) as (a,):
+        who = login()
+        assert await a.refresh_quota(who, 3600) == 0
+        seen: list[int] = []
+        real = a._flush_with
+
+        async def observed(conn: object, batch: dict[str, dict[int, int]]) -> None:
+            seen.append(a.quota_used(who, 3600))  # before the write
+            await real(conn, batch)
+            seen.append(a.quota_used(who, 3600))  # written, not yet refreshed
+
+        a._flush_with = observed  # type: ignore[method-assign]
+        a.add_rows(who, 7)
+        await wait_until(lambda: len(seen) >= 2, 2.0)
+        assert seen[:2] == [7, 7]
+        await asyncio.sleep(0.2)
+        assert a.quota_used(who, 3600) == 7  # refreshed: counted once
+
+
 async def test_quota_window_slides(control_db: str) -> None:
     async with stores(control_db, 2, flush_interval=0.2) as (a, b):
         who = login()

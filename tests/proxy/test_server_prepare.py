@@ -214,6 +214,10 @@ def test_positional_integers_are_never_parameters() -> None:
     assert _template_form("select * from customers where id in (3, 6) order by name, 1") \
         is None
     assert _template_form("select * from customers where id in (3, 6)") is not None
+    # ... and so do ORDER BY (2) and DISTINCT ON (2): parentheses do not make an expression
+    # (tests/integration/test_server_prepare_live.py runs both against PostgreSQL)
+    assert _template_form("select id, level from customers where id < 40 order by (2) desc") \
+        is None
 
 
 def test_a_vanished_statement_stops_preparing_on_the_connection() -> None:
