@@ -143,13 +143,13 @@ class _StatementRun:
     def __init__(self, decision: StatementDecision, started: float, *,
                  counter_key: tuple[str, str] | None = None, source: str = "",
                  denied: bool = False, hidden: bool = False, form: Any = None,
-                 room: int = UNLIMITED_ROOM) -> None:
+) -> None:
         self.decision = decision
         self.started = started
         self.rows = 0
         # rows it may return before the operator's quota stops it: QUOTA_UNCLAIMED until its
         # first row claims a share of the quota (Session._claim_quota)
-        self.room = room
+        self.room = UNLIMITED_ROOM
         self.reserved = 0  # quota rows held for it (OperatorState.reserve) until it is charged
         self.quota_capped = False  # capped by the quota rather than by max_rows
         # ("portal"|"cursor", name): cumulative counting
@@ -478,6 +478,7 @@ class Session:
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
         self._reserved = 0  # quota rows this session's runs hold (_claim_quota)
         self._unnamed_binds = 0  # Binds of the unnamed portal sent (_StatementRun.binding)
+        self._batch_lookups = 0  # lookup values the Binds since the last Sync present
         self.prepared: dict[str, StatementDecision] = {}  # SQL-level PREPARE
         self.cursors: dict[str, StatementDecision] = {}  # SQL-level DECLARE
         # Portals (Bind) and cursors (DECLARE) share one namespace on the server: Execute
@@ -572,7 +573,23 @@ class Session:
         protected = [s for s in analysis.statements if s.protected]
         if not protected:
             return None
-        return self._live_gate(protected[0], protected)
+        too_many = self._lookup_cap(protected, sum(st.lookup_values for st in protected))
+        return too_many or self._live_gate(protected[0], protected)
+
+    def _lookup_cap(self, statements: Sequence[StatementDecision], presented: int
+                    ) -> StatementDecision | None:
+        """lookup_max_values holds for a whole request (a Query message, the Binds up to a
+        Sync), not only per statement: 37 statements of 10 candidates each would test every ID
+        number a mask leaves possible in one round trip."""
+        cap = self.view.limits.lookup_max_values
+        if presented <= cap:
+            return None
+        first = statements[0]
+        return StatementDecision(
+            action=Action.DENY, sql=first.sql, kind=first.kind, tables=first.tables,
+            columns=first.columns, reasons=("lookup_max_values",),
+            message=f"a request may present at most {cap} lookup values at once for role "
+                    f"{self.view.role} (lookup_max_values); this one presents {presented}")
 
     def _live_gate(self, first: StatementDecision,
                    statements: Sequence[StatementDecision] | None = None
@@ -614,11 +631,19 @@ class Session:
         need = sum(st.lookup_values for st in statements if st.protected)
         return self.operator.quota_exceeded(self.view, max(1, need))
 
-    def _quota_room0(self, d: StatementDecision) -> int:
-        """A new run's ``room``: unclaimed when the quota applies to it."""
+    def _quota_start(self, run: _StatementRun) -> _StatementRun:
+        """A new run under the quota: its rows claim a share when they come (``room``), and
+        a lookup holds a row for each value it presents from now on -- it is charged them
+        found or not, and lookups pipelined behind it, or in other sessions, must see them
+        spent before it completes."""
+        d = run.decision
         if d.protected and self.operator is not None and self.view.limits.quota_rows is not None:
-            return QUOTA_UNCLAIMED
-        return UNLIMITED_ROOM
+            run.room = QUOTA_UNCLAIMED
+            if d.lookup_values:
+                run.reserved = d.lookup_values
+                self._reserved += d.lookup_values
+                self.operator.reserve(d.lookup_values)
+        return run
 
     def _claim_quota(self, run: _StatementRun) -> None:
         """A run's first row: take its share of the operator's quota. The quota is charged when
@@ -636,14 +661,17 @@ class Session:
             return
         d = run.decision
         weight = d.row_weight if d.row_weight > 1 else 1
-        share = room if room > 0 else 0
+        held = run.reserved  # a lookup's values: rows it is charged anyway
+        share = room + held if room > 0 else held
         if d.row_limit is not None:
             prior = self._counts.get(run.counter_key, 0) if run.counter_key else 0
             share = min(share, max(0, d.row_limit - prior) * weight)
+        if share < held:
+            share = held
         run.room = share // weight
         run.reserved = share
-        self._reserved += share
-        op.reserve(share)
+        self._reserved += share - held
+        op.reserve(share - held)
 
     def _release_run(self, run: _StatementRun) -> None:
         if self.operator is not None:
@@ -860,7 +888,9 @@ class Session:
                 # each run of a prepared statement meets the hours, the quota and the audit
                 if self.operator is not None:
                     self.view = self.operator.current()
-                refused = self._live_gate(decision[0])
+                self._batch_lookups += decision[0].lookup_values
+                refused = self._lookup_cap(decision[:1], self._batch_lookups) or \
+                    self._live_gate(decision[0])
                 if refused is not None:
                     self._portals.pop(portal, None)
                     self._source = decision[1]  # the audit record's statement
@@ -890,8 +920,8 @@ class Session:
                     key = self._portal_key(portal)
                 if floor and self._counts.get(key, 0) < floor:
                     self._counts[key] = floor
-                run = _StatementRun(d, self.clock(), counter_key=key, source=text,
-                                    room=self._quota_room0(d))
+                run = self._quota_start(_StatementRun(d, self.clock(), counter_key=key,
+                                                      source=text))
                 if not portal:
                     run.binding = self._unnamed_binds
                 if not is_cursor and d.cursor and d.kind == "declare":
@@ -908,6 +938,7 @@ class Session:
                 return
             self._slots.append(_Slot("sync", started=self.clock(),
                                      changes=self._take_batch_changes()))
+            self._batch_lookups = 0
             self._slots[-1].in_copy = self._copy_window
             if self._batch_portals or self._bound_in_batch:
                 self._slots[-1].portal_changes = self._batch_portals
@@ -1158,8 +1189,8 @@ class Session:
                     view, max(1, entry.decision.lookup_values)) is not None):
             return None  # _policy_gate decides (and explains a denial)
         now = self.clock()
-        run = _StatementRun(entry.decision, now, source=frame[5:-1].decode("ascii"),
-                            form=entry.form, room=self._quota_room0(entry.decision))
+        run = self._quota_start(_StatementRun(
+            entry.decision, now, source=frame[5:-1].decode("ascii"), form=entry.form))
         self._slots.append(_Slot("query", runs=[run], started=now, converted=True))
         self.state = _BUSY
         if self._on_memo_hit is not None:
@@ -1220,7 +1251,8 @@ class Session:
         force, either with no decision to track (pass-through) or a protected SELECT whose
         live checks (hours, quota, audit) cannot refuse it now. True when it is, with the
         slots the general path would have made; the caller forwards ``data`` unchanged."""
-        if self._cbuf or self._plain_kind is None or self._batch_changes or self._copy_window:
+        if self._cbuf or self._plain_kind is None or self._batch_changes or self._copy_window \
+                or self._batch_lookups:
             return False
         n = len(data)
         unpack = _U32.unpack_from
@@ -1278,8 +1310,8 @@ class Session:
             key = self._portal_key(portal)
             self._portals[portal] = entry
             self._counts.pop(key, None)
-            run = _StatementRun(d, self.clock(), counter_key=key, source=entry[1],
-                                room=self._quota_room0(d))
+            run = self._quota_start(_StatementRun(d, self.clock(), counter_key=key,
+                                                  source=entry[1]))
             run.binding = self._unnamed_binds if not portal else 0
             self._slots.append(_Slot("execute", runs=[run]))
         self._slots.append(_Slot("sync", started=self.clock()))
@@ -1305,6 +1337,16 @@ class Session:
         if prefix and denied is None:  # EXECUTE now reads the re-prepared statements' decisions
             analysis = self._analyze_sql(raw)
             denied = analysis.denied
+        before: tuple[StatementDecision, ...] = ()
+        if denied is not None and not prefix:
+            before = _statements_before(analysis.statements, denied)
+            if before:
+                # PostgreSQL runs the statements ahead of a failing one (BEGIN, an INSERT) and
+                # only then fails: so does pgveil, with the same live checks they would meet
+                first = Analysis(sql="", statements=before)
+                gate = self._policy_gate(first) or self._prepare_collision(first)
+                if gate is not None:
+                    denied, before = gate, ()
         denied = denied or self._policy_gate(analysis) or self._prepare_collision(analysis)
         slot = _Slot("query", started=self.clock())
         if prefix and denied is None:
@@ -1319,11 +1361,15 @@ class Session:
         self.state = ProtocolState.BUSY
         if denied is not None:
             self._deny_runs(analysis, denied, out)
+            ahead = b""
+            if before:
+                self._track_statements(slot, before, len(analysis.statements))
+                ahead = self._encode_sql("; ".join(st.sql for st in before) + "; ")
             run = _StatementRun(denied, self.clock(), denied=True)
             slot.runs.append(run)
             self._slots.append(slot)
             sql = raise_sql(denied.sqlstate or DENY_SQLSTATE, denied.message)
-            out.to_server.append(_frame(b"Q", sql.encode("utf-8") + b"\x00"))
+            out.to_server.append(_frame(b"Q", ahead + sql.encode("utf-8") + b"\x00"))
             return
         if not self.audit_all and not any(
                 st.tables or st.cursor or st.prepared or _is_deallocate(st)
@@ -1342,27 +1388,8 @@ class Session:
             return
         nothing_pending = not self._slots
         tx_before = self.tx
-        now = self.clock()
         single = len(analysis.statements) == 1
-        source = self._source
-        sources = None if single else _split_sources(source, len(analysis.statements))
-        for i, st in enumerate(analysis.statements):
-            key = None
-            declare = bool(st.cursor and st.kind == "declare")
-            if st.cursor and not declare:
-                key = ("cursor", st.cursor)
-            if st.prepared and st.kind == "prepare":
-                self.prepared[st.prepared] = st
-                self._prepared_version[st.prepared] = self.view.policy_version
-                self._prepared_source[st.prepared] = source if single else (
-                    sources[i] if sources else st.sql)
-                self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
-            text = source if single else (sources[i] if sources else st.sql)
-            run = _StatementRun(st, now, counter_key=key, source=text,
-                                room=self._quota_room0(st))
-            if declare:
-                self._declare_sent(st, run)
-            slot.runs.append(run)
+        self._track_statements(slot, analysis.statements, len(analysis.statements))
         self._slots.append(slot)
         form = analysis.server_form if self.server_prepare and single and not prefix else None
         if form is not None and nothing_pending and self._send_prepared(form, slot, out):
@@ -1375,6 +1402,31 @@ class Session:
         if form is not None and nothing_pending and tx_before is not TxStatus.FAILED and \
                 analysis.statements[0].kind == "select":
             self._prepare_upstream(form, out, in_block=tx_before is TxStatus.IN_TRANSACTION)
+
+    def _track_statements(self, slot: _Slot, statements: Sequence[StatementDecision],
+                          total: int) -> None:
+        """A run in ``slot`` for each of these statements of a simple Query whose text holds
+        ``total`` statements, with the PREPARE / DECLARE bookkeeping their answers settle."""
+        now = self.clock()
+        single = total == 1
+        source = self._source
+        sources = None if single else _split_sources(source, total)
+        for i, st in enumerate(statements):
+            key = None
+            declare = bool(st.cursor and st.kind == "declare")
+            if st.cursor and not declare:
+                key = ("cursor", st.cursor)
+            if st.prepared and st.kind == "prepare":
+                self.prepared[st.prepared] = st
+                self._prepared_version[st.prepared] = self.view.policy_version
+                self._prepared_source[st.prepared] = source if single else (
+                    sources[i] if sources else st.sql)
+                self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
+            text = source if single else (sources[i] if sources else st.sql)
+            run = self._quota_start(_StatementRun(st, now, counter_key=key, source=text))
+            if declare:
+                self._declare_sent(st, run)
+            slot.runs.append(run)
 
     # ------------------------------------------------------------------ server-side prepare
     def _send_prepared(self, form: ServerForm, slot: _Slot, out: Output) -> bool:
@@ -2322,6 +2374,16 @@ def _force_changed(analysis: Analysis) -> Analysis:
 
     return dataclasses.replace(analysis, statements=(
         dataclasses.replace(first, action=Action.REWRITE), *rest))
+
+
+def _statements_before(statements: Sequence[StatementDecision], denied: StatementDecision
+                       ) -> tuple[StatementDecision, ...]:
+    """The statements of a simple Query ahead of its (first) refused one, when they may run."""
+    for i, st in enumerate(statements):
+        if st is denied:
+            ahead = tuple(statements[:i])
+            return ahead if all(a.action is not Action.DENY for a in ahead) else ()
+    return ()
 
 
 def _split_sources(sql: str, count: int) -> list[str] | None:

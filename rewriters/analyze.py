@@ -387,6 +387,24 @@ def _deny(kind: str, message: str, text: str, tables: list[str] | None = None,
                              **kw)  # type: ignore[arg-type]
 
 
+def _sqlglot_parameters(text: str, tokens: list[Token]) -> str:
+    """``text`` with each parameter ``$n`` written ``@n``, for sqlglot only: it reads ``$1,$2``
+    (pgJDBC's ``IN (?,?)``) as the start of a string dollar-quoted with the tag ``1,`` (in
+    PostgreSQL a tag cannot start with a digit) and gives up. ``@n`` is the same Parameter
+    node to sqlglot, rendered back as ``$n``, at the same offsets."""
+    out: list[str] = []
+    pos = 0
+    for t in tokens:
+        if t.kind is Tok.PARAM:
+            out.append(text[pos:t.start])
+            out.append("@" + t.text[1:])
+            pos = t.end
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def _slice_tokens(tokens: list[Token], starts: list[int], start: int, end: int
                   ) -> list[Token]:
     """The tokens of ``sql[start:end]`` (a statement span: it starts and ends on token
@@ -842,7 +860,7 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
     if not m.tables:
         return core  # no protected table can be read without being named; verify() covers U&
     try:
-        tree = parse_one(text)
+        tree = parse_one(_sqlglot_parameters(text, tokens))
     except Denied as e:
         raise Denied(f"cannot analyse statement that references {m.names}: {e}") from None
     idx = TokenIndex(text, tokens)

@@ -41,9 +41,12 @@ POSTGRES = Postgres()
 #   pg_read, lo_import, lo_export   server files, i.e. the table's data files
 #   raw_page, page_items           pageinspect reads raw heap pages
 #   set_config, authorization      role switching (set_config('role', ..), SET SESSION AUTHORIZATION)
+#   xpath_table   contrib xml2: runs SELECT ... FROM <relation given as a string>
+#   pgrowlocks    contrib: the row locks of a relation given as a string
 _RISKY_SUBSTRINGS = (
     "u&", "xml", "ts_stat", "ts_rewrite", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
     "pg_read", "lo_import", "lo_export", "raw_page", "page_items", "set_config", "authorization",
+    "xpath_table", "pgrowlocks",
 )
 # Settings a masked role may not change (rewriters.verify refuses SET / set_config of them,
 # proxy.server a startup parameter or option): switching the database role, and the settings

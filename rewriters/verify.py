@@ -27,6 +27,7 @@ offsets before comparing with the rewriter's spans.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -37,7 +38,7 @@ from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS, CompiledTable, Com
 STATS_RELATIONS = frozenset({"pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs",
                              "pg_statistic_ext", "pg_statistic_ext_data"})
 DENIED_FUNCTIONS = frozenset({
-    "ts_stat", "pg_mcv_list_items", "connectby", "pg_read_file",
+    "ts_stat", "pg_mcv_list_items", "xpath_table", "pgrowlocks", "connectby", "pg_read_file",
     "pg_read_binary_file", "lo_import", "lo_export", "get_raw_page", "heap_page_items",
     "tuple_data_split", "heap_tuple_infomask_flags", "bt_page_items", "brin_page_items",
     "gin_leafpage_items", "hash_page_items",
@@ -70,7 +71,7 @@ PACKING_AGGREGATES = frozenset({
     "json_object_agg", "jsonb_object_agg", "json_object_agg_strict", "jsonb_object_agg_strict",
     "json_object_agg_unique", "jsonb_object_agg_unique", "json_object_agg_unique_strict",
     "jsonb_object_agg_unique_strict", "json_arrayagg", "json_objectagg", "xmlagg", "range_agg",
-    "multirange_agg",
+    "multirange_agg", "int_array_aggregate", "array_accum",
 })
 
 
@@ -101,6 +102,7 @@ _SUMMAND_FUNCTIONS = frozenset({
     "numeric", "float4", "float8",
 })
 _SUMMAND_OPERATORS = frozenset({"+", "-", "*", "/", "%"})
+_BOUNDED_AGGREGATES = ACCUMULATING_AGGREGATES | {"count", "min", "max"}
 _SUMMAND_MAX_OPERATORS = 4  # sum(qty * price * (1 - discount)) needs three
 _SUMMAND_MAX_BRANCHES = 3  # CASE WHEN level = 'vip' THEN balance ELSE 0 END needs one
 
@@ -144,7 +146,10 @@ def _bounded_summand(args: list[Any]) -> bool:
             return all(bounded(a) for a in body.get("args") or [])
         if kind == "FuncCall":
             names = _strings(body.get("funcname"))
-            return (bool(names) and names[-1] in _SUMMAND_FUNCTIONS
+            # (count/min/max/sum/... of a bounded value: a derived table's column traced by
+            # _SourceTrace; the aggregate's own scope checks what it reads)
+            return (bool(names) and (names[-1] in _SUMMAND_FUNCTIONS
+                                     or names[-1] in _BOUNDED_AGGREGATES)
                     and names[:-1] in ([], ["pg_catalog"]) and body.get("over") is None
                     and all(bounded(a) for a in body.get("args") or []))
         return False
@@ -261,6 +266,177 @@ def _strings(items: Any) -> list[str]:
     return out
 
 
+class _SourceTrace:
+    """Where the columns an accumulating aggregate adds up come from.
+
+    ``sum(v)`` is a bounded summand by itself, but ``v`` may be ``x * 10::numeric ^ (7 * id)``
+    computed in a derived table, a CTE or a LATERAL subquery, or a factor joined from
+    ``generate_series`` or ``VALUES``: the positional code then lives outside the aggregate.
+    A column an accumulating aggregate reads must come from a table (a protected table's
+    generated derived table counts as one), or from a derived table / CTE whose select list
+    defines it as a bounded summand of such columns (traced a few levels deep). Anything else
+    -- a function's or VALUES' column, ``*``, an unresolvable name -- counts as packing."""
+
+    MAX_DEPTH = 4
+
+    def __init__(self, generated: Callable[[Any], bool]) -> None:
+        self.generated = generated  # is this node's location inside pgveil's text?
+        self.ctes: dict[str, dict[str, Any]] = {}
+
+    def find(self, tree: dict[str, Any]) -> str | None:
+        """The first accumulating aggregate (name) whose sources are not bounded."""
+        selects: list[dict[str, Any]] = []
+        for kind, body in _nodes(tree):
+            if kind == "CommonTableExpr":
+                q = _node(body.get("ctequery"))
+                if q is not None and q[0] == "SelectStmt":
+                    self.ctes[str(body.get("ctename", ""))] = q[1]
+            elif kind == "SelectStmt":
+                selects.append(body)
+        for sel in selects:
+            scope = self.scope(sel)
+            for clause in ("targetList", "havingClause", "sortClause"):
+                for kind, body in _own_nodes(sel.get(clause)):
+                    if kind != "FuncCall":
+                        continue
+                    names = _strings(body.get("funcname"))
+                    if not names or names[-1] not in ACCUMULATING_AGGREGATES:
+                        continue
+                    for ckind, cbody in _own_nodes(body.get("args")):
+                        if ckind == "ColumnRef" and not self.column_ok(
+                                _strings(cbody.get("fields")), scope, 0):
+                            return names[-1]
+        return None
+
+    def scope(self, sel: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        """FROM items by name: ("table", None), ("sub", SelectStmt body) or ("other", None)."""
+        out: dict[str, tuple[str, Any]] = {}
+
+        def add(item: Any) -> None:
+            n = _node(item)
+            if n is None:
+                return
+            kind, b = n
+            alias = str((b.get("alias") or {}).get("aliasname", "") or "")
+            if kind == "RangeVar":
+                rel = str(b.get("relname", ""))
+                if not b.get("schemaname") and rel in self.ctes:
+                    out[alias or rel] = ("sub", self.ctes[rel])
+                else:
+                    out[alias or rel] = ("table", None)
+            elif kind == "RangeSubselect":
+                q = _node(b.get("subquery"))
+                if q is not None and q[0] == "SelectStmt" and self.generated(q[1]):
+                    out[alias] = ("table", None)  # a protected table, substituted
+                elif q is not None and q[0] == "SelectStmt":
+                    out[alias] = ("sub", q[1])
+                else:
+                    out[alias] = ("other", None)
+            elif kind == "JoinExpr":
+                add(b.get("larg"))
+                add(b.get("rarg"))
+                if alias:
+                    out[alias] = ("other", None)
+            else:  # RangeFunction, RangeTableFunc, ...
+                out[alias or kind] = ("other", None)
+
+        for item in sel.get("fromClause") or []:
+            add(item)
+        return out
+
+    def column_ok(self, fields: list[str], scope: dict[str, tuple[str, Any]],
+                  depth: int) -> bool:
+        if not fields or fields[-1] == "*" or depth > self.MAX_DEPTH:
+            return False
+        if len(fields) >= 2:
+            source = scope.get(fields[-2])
+            if source is None:  # schema.table.column: a table unless shadowed
+                return all(k == "table" for k, _ in scope.values())
+            sources = [source]
+        else:
+            sources = list(scope.values())
+        if all(k == "table" for k, _ in sources):
+            return True
+        found = False
+        for kind, sub in sources:
+            if kind == "other":
+                return False  # its columns are unknown: it may define this one
+            if kind == "sub":
+                expr = self.defining(sub, fields[-1])
+                if expr is _MISSING:
+                    continue
+                found = True
+                if not self.expr_ok(expr, sub, depth + 1):
+                    return False
+        return found or all(k != "sub" for k, _ in sources)
+
+    def defining(self, sel: dict[str, Any], column: str) -> Any:
+        """The select-list expression that defines ``column`` in ``sel`` (_MISSING: none)."""
+        if sel.get("op") not in (None, "SETOP_NONE"):
+            return _MISSING  # a set operation: its branches would all need tracing
+        for item in sel.get("targetList") or []:
+            n = _node(item)
+            if n is None:
+                continue
+            name = n[1].get("name")
+            val = n[1].get("val")
+            if name is None:
+                ref = _node(val)
+                if ref is not None and ref[0] == "ColumnRef":
+                    name = (_strings(ref[1].get("fields")) or [None])[-1]
+            if name == column:
+                return val
+        return _MISSING
+
+    def expr_ok(self, expr: Any, sel: dict[str, Any], depth: int) -> bool:
+        if not _bounded_summand([expr]):
+            return False
+        scope = self.scope(sel)
+        return all(self.column_ok(_strings(b.get("fields")), scope, depth)
+                   for k, b in _own_nodes(expr) if k == "ColumnRef")
+
+
+_MISSING = object()
+
+
+def _nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every node under ``value``, depth first."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            n = _node(v)
+            if n is not None:
+                yield n
+                stack.extend(n[1].values())
+            else:
+                stack.extend(v.values())
+
+
+def _own_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The nodes of an expression, not descending into subqueries (they have scopes of their
+    own, which _SourceTrace.find visits as SELECTs)."""
+    yield from _nodes_until(value, ("SubLink", "SelectStmt", "RangeSubselect"))
+
+
+def _nodes_until(value: Any, stop: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            n = _node(v)
+            if n is None:
+                stack.extend(v.values())
+                continue
+            yield n
+            if n[0] not in stop:
+                stack.extend(n[1].values())
+
+
 class _Walker:
     def __init__(
         self,
@@ -288,6 +464,7 @@ class _Walker:
         self.scalar_subqueries = 0  # the client's (SELECT ...) used as a value
         self.window_carriers = 0  # window calls that bring another row's value
         self.value_aggregates = 0  # aggregate calls that can be one row's value
+        self.accumulating = 0  # sum/avg/bit_or/... calls (see _SourceTrace)
 
     # -- helpers --
     def pos(self, location: Any) -> int | None:
@@ -299,6 +476,14 @@ class _Walker:
 
     def inside(self, pos: int | None, spans: list[tuple[int, int]]) -> bool:
         return pos is not None and any(s <= pos < e for s, e in spans)
+
+    def generated_select(self, sel: dict[str, Any]) -> bool:
+        """Is this SELECT pgveil's own text (a protected table's derived table)?"""
+        for item in sel.get("targetList") or []:
+            n = _node(item)
+            if n is not None:
+                return self.inside(self.pos(n[1].get("location")), self.generated)
+        return False
 
     def deny(self, message: str) -> None:
         if message not in self.v.violations:
@@ -332,6 +517,11 @@ class _Walker:
             # statement is a row cap spread over columns
             self.packing.append(f"{self.scalar_subqueries} scalar subqueries")
         touches = self.substituted or self.v.tables or self.v.dependents
+        if self.restricted and touches and self.accumulating and not self.packing and \
+                limits.max_rows is not None:
+            name = _SourceTrace(self.generated_select).find({self.v.node_type: self.v.node})
+            if name is not None:
+                self.packing.append(f"{name}() of a value computed outside it")
         if self.restricted and touches:
             self.v.extra_carriers = self.window_carriers + max(0, self.value_aggregates - 1)
         if not (self.restricted and self.packing and touches and limits.max_rows is not None):
@@ -586,8 +776,10 @@ class _Walker:
             self.value_aggregates += 1
         if name in PACKING_AGGREGATES:
             self.packing.append(f"{name}()")
-        elif name in ACCUMULATING_AGGREGATES and not _bounded_summand(body.get("args") or []):
-            self.packing.append(f"{name}() of a computed value")
+        elif name in ACCUMULATING_AGGREGATES:
+            self.accumulating += 1
+            if not _bounded_summand(body.get("args") or []):
+                self.packing.append(f"{name}() of a computed value")
         elif name in PERCENTILE_AGGREGATES and not _scalar_number(
                 (body.get("args") or [None])[0]):
             # percentile_disc(ARRAY[0, 0.01, ...]) WITHIN GROUP (ORDER BY col) returns one

@@ -1086,6 +1086,12 @@ def sec_db(pg: PostgresCluster) -> Iterator[PostgresCluster]:
     finally:
         with psycopg.connect(pg.dsn("dba"), autocommit=True) as conn:
             conn.execute(TEARDOWN_SQL)
+        # the quota rows read here (teller quotas raised to a million) must not use up the
+        # fixture quota of the tests that run after this package on the cluster (the control
+        # database of tests.harness.pgveil_proc)
+        with psycopg.connect(pg.dsn("dba", db="postgres"), autocommit=True) as conn:
+            conn.execute("DO $$ BEGIN IF pg_catalog.to_regclass('pgveil.quota_buckets') "
+                         "IS NOT NULL THEN DELETE FROM pgveil.quota_buckets; END IF; END $$")
 
 
 @pytest.fixture(scope="package")

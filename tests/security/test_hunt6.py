@@ -120,6 +120,8 @@ def test_listen_spellings(leak: LeakChecker, listen: str, channel: str) -> None:
             res = "ACCEPTED"
         except psycopg.Error as exc:
             res = f"{type(exc).__name__} {exc.sqlstate}: {str(exc)[:150]}"
+            # "begin; <refused>; commit": BEGIN ran, the block failed (as in PostgreSQL)
+            teller.execute("rollback")
         chans = teller.execute("select pg_listening_channels()").fetchall()
         with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
             dba.execute("select pg_notify(%s, row_to_json(c)::text) from customers c "

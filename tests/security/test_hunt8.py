@@ -267,3 +267,24 @@ def test_catalog_introspection_with_regclass_works_for_masked_roles(leak: LeakCh
             psycopg.connect(leak.pgveil.dsn(login), autocommit=True) as proxied:
         for sql in statements:
             assert proxied.execute(sql).fetchall() == direct.execute(sql).fetchall(), sql
+
+
+def test_a_refused_statement_in_a_multi_statement_query_runs_what_is_ahead_of_it(
+        leak: LeakChecker) -> None:
+    """PostgreSQL runs BEGIN and the INSERT ahead of a failing statement and leaves the block
+    failed; pgveil did nothing at all and left the session idle (the application's next
+    statements then autocommitted)."""
+    from tests.harness.wire import open_wire, query
+    with open_wire(leak.pgveil.dsn("teller_sz01")) as w:
+        got = w.batch(query("begin; insert into sec_sink values ('h8-ahead'); "
+                            "select * from customers; commit"))
+        assert got.types == ["C", "C", "E", "Z"] and got.sqlstates == ["42501"], got
+        inside = w.batch(query("select count(*) from sec_sink where t = 'h8-ahead'"))
+        assert inside.sqlstates == ["25P02"], inside  # the block failed, as in PostgreSQL
+        w.batch(query("rollback"))
+        # without BEGIN: the implicit transaction is rolled back with the refusal
+        got = w.batch(query("insert into sec_sink values ('h8-implicit'); "
+                            "select * from customers"))
+        assert got.types == ["C", "E", "Z"], got
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+        assert dba.execute("select count(*) from sec_sink where t like 'h8-%'").fetchone() == (0,)
