@@ -266,6 +266,9 @@ def _strings(items: Any) -> list[str]:
     return out
 
 
+_Source = tuple[str, Any, list[str]]  # (kind, SelectStmt body or None, column alias list)
+
+
 class _SourceTrace:
     """Where the columns an accumulating aggregate adds up come from.
 
@@ -274,154 +277,168 @@ class _SourceTrace:
     ``generate_series`` or ``VALUES``: the positional code then lives outside the aggregate.
     A column an accumulating aggregate reads must come from a table (a protected table's
     generated derived table counts as one), or from a derived table / CTE whose select list
-    defines it as a bounded summand of such columns (traced a few levels deep). Anything else
-    -- a function's or VALUES' column, ``*``, an unresolvable name -- counts as packing."""
+    defines it as a bounded summand of such columns (traced a few levels deep).
+
+    Names resolve as PostgreSQL resolves them: innermost FROM first, then the enclosing
+    queries' (an aggregate of an outer column, ``(SELECT sum(v))``, reads the outer query's
+    rows); a column alias list renames by position (``s(v, w)``). A function's or VALUES'
+    column, a qualifier that names nothing, ``*``, a CTE name defined twice in the statement:
+    all count as packing."""
 
     MAX_DEPTH = 4
 
     def __init__(self, generated: Callable[[Any], bool]) -> None:
-        self.generated = generated  # is this node's location inside pgveil's text?
-        self.ctes: dict[str, dict[str, Any]] = {}
+        self.generated = generated  # is this SELECT pgveil's text (a protected table)?
+        self.ctes: dict[str, tuple[dict[str, Any], list[str]]] = {}
+        self.ambiguous: set[str] = set()
 
     def find(self, tree: dict[str, Any]) -> str | None:
         """The first accumulating aggregate (name) whose sources are not bounded."""
-        selects: list[dict[str, Any]] = []
         for kind, body in _nodes(tree):
-            if kind == "CommonTableExpr":
-                q = _node(body.get("ctequery"))
-                if q is not None and q[0] == "SelectStmt":
-                    self.ctes[str(body.get("ctename", ""))] = q[1]
-            elif kind == "SelectStmt":
-                selects.append(body)
-        for sel in selects:
-            scope = self.scope(sel)
-            for clause in ("targetList", "havingClause", "sortClause"):
-                for kind, body in _own_nodes(sel.get(clause)):
-                    if kind != "FuncCall":
-                        continue
-                    names = _strings(body.get("funcname"))
-                    if not names or names[-1] not in ACCUMULATING_AGGREGATES:
-                        continue
-                    for ckind, cbody in _own_nodes(body.get("args")):
-                        if ckind == "ColumnRef" and not self.column_ok(
-                                _strings(cbody.get("fields")), scope, 0):
-                            return names[-1]
+            if kind != "CommonTableExpr":
+                continue
+            name = str(body.get("ctename", ""))
+            q = _node(body.get("ctequery"))
+            if name in self.ctes or q is None or q[0] != "SelectStmt":
+                self.ambiguous.add(name)
+            else:
+                self.ctes[name] = (q[1], _strings(body.get("aliascolnames")))
+        for kind, body in _nodes(tree, ("SelectStmt",)):
+            if kind == "SelectStmt":
+                found = self.check(body, [])
+                if found is not None:
+                    return found
         return None
 
-    def scope(self, sel: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-        """FROM items by name: ("table", None), ("sub", SelectStmt body) or ("other", None)."""
-        out: dict[str, tuple[str, Any]] = {}
+    def check(self, sel: dict[str, Any], parents: list[dict[str, _Source]]) -> str | None:
+        scopes = [*parents, self.scope(sel)]
+        for clause in ("targetList", "havingClause", "sortClause", "valuesLists"):
+            for kind, body in _own_nodes(sel.get(clause)):
+                if kind != "FuncCall":
+                    continue
+                names = _strings(body.get("funcname"))
+                if not names or names[-1] not in ACCUMULATING_AGGREGATES:
+                    continue
+                for ckind, cbody in _own_nodes(body.get("args")):
+                    if ckind == "ColumnRef" and not self.column_ok(
+                            _strings(cbody.get("fields")), scopes, 0):
+                        return names[-1]
+        for value in sel.values():  # subqueries, CTE bodies, set-operation branches
+            for kind, body in _nodes(value, ("SelectStmt",)):
+                if kind == "SelectStmt":
+                    found = self.check(body, scopes)
+                    if found is not None:
+                        return found
+        return None
+
+    def scope(self, sel: dict[str, Any]) -> dict[str, _Source]:
+        """FROM items by name: ("table" | "sub" | "other", SelectStmt body, column aliases)."""
+        out: dict[str, _Source] = {}
 
         def add(item: Any) -> None:
             n = _node(item)
             if n is None:
                 return
             kind, b = n
-            alias = str((b.get("alias") or {}).get("aliasname", "") or "")
+            alias = b.get("alias") or {}
+            name = str(alias.get("aliasname", "") or "")
+            colnames = _strings(alias.get("colnames"))
             if kind == "RangeVar":
                 rel = str(b.get("relname", ""))
-                if not b.get("schemaname") and rel in self.ctes:
-                    out[alias or rel] = ("sub", self.ctes[rel])
+                if not b.get("schemaname") and rel in self.ambiguous:
+                    out[name or rel] = ("other", None, [])
+                elif not b.get("schemaname") and rel in self.ctes:
+                    query, cte_cols = self.ctes[rel]
+                    out[name or rel] = ("sub", query, colnames or cte_cols)
                 else:
-                    out[alias or rel] = ("table", None)
+                    out[name or rel] = ("table", None, [])
             elif kind == "RangeSubselect":
                 q = _node(b.get("subquery"))
                 if q is not None and q[0] == "SelectStmt" and self.generated(q[1]):
-                    out[alias] = ("table", None)  # a protected table, substituted
+                    out[name] = ("gen", q[1], colnames)  # a protected table, substituted
                 elif q is not None and q[0] == "SelectStmt":
-                    out[alias] = ("sub", q[1])
+                    out[name] = ("sub", q[1], colnames)
                 else:
-                    out[alias] = ("other", None)
+                    out[name] = ("other", None, [])
             elif kind == "JoinExpr":
                 add(b.get("larg"))
                 add(b.get("rarg"))
-                if alias:
-                    out[alias] = ("other", None)
+                if name:
+                    out[name] = ("other", None, [])
             else:  # RangeFunction, RangeTableFunc, ...
-                out[alias or kind] = ("other", None)
+                out[name or f"#{len(out)}"] = ("other", None, [])
 
         for item in sel.get("fromClause") or []:
             add(item)
         return out
 
-    def column_ok(self, fields: list[str], scope: dict[str, tuple[str, Any]],
+    def column_ok(self, fields: list[str], scopes: list[dict[str, _Source]],
                   depth: int) -> bool:
         if not fields or fields[-1] == "*" or depth > self.MAX_DEPTH:
             return False
+        column = fields[-1]
         if len(fields) >= 2:
-            source = scope.get(fields[-2])
-            if source is None:  # schema.table.column: a table unless shadowed
-                return all(k == "table" for k, _ in scope.values())
-            sources = [source]
-        else:
-            sources = list(scope.values())
-        if all(k == "table" for k, _ in sources):
-            return True
-        found = False
-        for kind, sub in sources:
-            if kind == "other":
-                return False  # its columns are unknown: it may define this one
-            if kind == "sub":
-                expr = self.defining(sub, fields[-1])
-                if expr is _MISSING:
-                    continue
-                found = True
-                if not self.expr_ok(expr, sub, depth + 1):
-                    return False
-        return found or all(k != "sub" for k, _ in sources)
+            for scope in reversed(scopes):
+                source = scope.get(fields[-2])
+                if source is not None:
+                    return self.source_ok(source, column, scopes, depth)
+            return len(fields) >= 3  # schema.table.column: a table's
+        for level, scope in enumerate(reversed(scopes)):
+            found = False
+            for source in scope.values():
+                kind, sel, colnames = source
+                if kind == "other":
+                    return False  # its columns are unknown: it may define this one
+                if kind in ("sub", "gen") and self.defining(sel, column, colnames) is not _MISSING:
+                    found = True
+                    if not self.source_ok(source, column, scopes[:len(scopes) - level], depth):
+                        return False
+            if found:
+                return True
+        return True  # a plain table's column (pgveil does not know those tables' columns)
 
-    def defining(self, sel: dict[str, Any], column: str) -> Any:
-        """The select-list expression that defines ``column`` in ``sel`` (_MISSING: none)."""
+    def source_ok(self, source: _Source, column: str, scopes: list[dict[str, _Source]],
+                  depth: int) -> bool:
+        kind, sel, colnames = source
+        if kind in ("table", "gen"):
+            return True
+        if kind != "sub":
+            return False
+        expr = self.defining(sel, column, colnames)
+        if expr is _MISSING or not _bounded_summand([expr]):
+            return False
+        inner = [*scopes, self.scope(sel)]  # LATERAL: the sub may read the outer FROM
+        return all(self.column_ok(_strings(b.get("fields")), inner, depth + 1)
+                   for k, b in _own_nodes(expr) if k == "ColumnRef")
+
+    @staticmethod
+    def defining(sel: dict[str, Any], column: str, colnames: list[str]) -> Any:
+        """The select-list expression that defines ``column`` in ``sel`` (_MISSING: none),
+        with the column alias list applied by position."""
         if sel.get("op") not in (None, "SETOP_NONE"):
             return _MISSING  # a set operation: its branches would all need tracing
-        for item in sel.get("targetList") or []:
+        for i, item in enumerate(sel.get("targetList") or []):
             n = _node(item)
             if n is None:
                 continue
-            name = n[1].get("name")
             val = n[1].get("val")
+            name = n[1].get("name")
             if name is None:
                 ref = _node(val)
                 if ref is not None and ref[0] == "ColumnRef":
                     name = (_strings(ref[1].get("fields")) or [None])[-1]
+            if i < len(colnames):
+                name = colnames[i]
             if name == column:
                 return val
         return _MISSING
-
-    def expr_ok(self, expr: Any, sel: dict[str, Any], depth: int) -> bool:
-        if not _bounded_summand([expr]):
-            return False
-        scope = self.scope(sel)
-        return all(self.column_ok(_strings(b.get("fields")), scope, depth)
-                   for k, b in _own_nodes(expr) if k == "ColumnRef")
 
 
 _MISSING = object()
 
 
-def _nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every node under ``value``, depth first."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            n = _node(v)
-            if n is not None:
-                yield n
-                stack.extend(n[1].values())
-            else:
-                stack.extend(v.values())
-
-
-def _own_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The nodes of an expression, not descending into subqueries (they have scopes of their
-    own, which _SourceTrace.find visits as SELECTs)."""
-    yield from _nodes_until(value, ("SubLink", "SelectStmt", "RangeSubselect"))
-
-
-def _nodes_until(value: Any, stop: tuple[str, ...]) -> Iterator[tuple[str, dict[str, Any]]]:
+def _nodes(value: Any, stop: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every node under ``value``, depth first; not below nodes of the ``stop`` types."""
     stack = [value]
     while stack:
         v = stack.pop()
@@ -435,6 +452,12 @@ def _nodes_until(value: Any, stop: tuple[str, ...]) -> Iterator[tuple[str, dict[
             yield n
             if n[0] not in stop:
                 stack.extend(n[1].values())
+
+
+def _own_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The nodes of an expression, not descending into subqueries (they have scopes of their
+    own, which _SourceTrace.find visits as SELECTs)."""
+    yield from _nodes(value, ("SubLink", "SelectStmt", "RangeSubselect"))
 
 
 class _Walker:

@@ -40,6 +40,7 @@ import os
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -52,7 +53,7 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.localpg import PostgresCluster, clean_env, client_binary
+from proxy.localpg import PostgresCluster, clean_env, client_binary, password_for
 from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
 
 # --------------------------------------------------------------------------- scope of each login
@@ -1138,6 +1139,44 @@ def sec_pgveil(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
         yield proc
     finally:
         proc.cleanup()
+
+
+QUOTA = 60  # the teller quota of q60
+
+
+@pytest.fixture(scope="module")
+def q60(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
+        ) -> Iterator[PgveilProcess]:
+    """A second pgveil on the security cluster whose policy gives tellers 60 rows per hour
+    (the quota tests: test_hunt8.py, test_hunt9.py)."""
+    from tests.integration.test_grants_quota import policy_with_teller_quota
+
+    proc = PgveilProcess(sec_db, policy_path=policy_with_teller_quota(
+        tmp_path_factory.mktemp("q60"), QUOTA))
+    try:
+        proc.start()
+        yield proc
+    finally:
+        proc.cleanup()
+
+
+@pytest.fixture
+def new_teller(sec_db: PostgresCluster) -> Iterator[Callable[[], str]]:
+    """Fresh logins matching teller_sz* (role teller, branch SZ01): each a quota of its own."""
+    made: list[str] = []
+
+    def make() -> str:
+        login = f"teller_sz_q_{uuid.uuid4().hex[:8]}"
+        sec_db.psql(f"create role {login} login password '{password_for(login)}'",
+                    db="postgres")
+        made.append(login)
+        return login
+
+    try:
+        yield make
+    finally:
+        for login in made:
+            sec_db.psql(f"drop role if exists {login}", db="postgres")
 
 
 @pytest.fixture(scope="package")

@@ -16,57 +16,16 @@ from __future__ import annotations
 
 import datetime
 import threading
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
-from proxy.localpg import PostgresCluster, password_for
-from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
-from tests.security.conftest import LeakChecker
+from tests.harness.pgveil_proc import PgveilProcess
+from tests.security.conftest import QUOTA, LeakChecker
 
-QUOTA = 60
 CAP = 50  # the teller's max_rows
-
-
-@pytest.fixture(scope="module")
-def q60(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
-        ) -> Iterator[PgveilProcess]:
-    """A second pgveil on the security cluster whose policy gives tellers 60 rows per hour."""
-    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
-    policy["roles"]["teller"]["quota"] = {"rows": QUOTA, "per": "1h"}
-    path = Path(tmp_path_factory.mktemp("h8-quota")) / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
-                    encoding="utf-8")
-    proc = PgveilProcess(sec_db, policy_path=path)
-    try:
-        proc.start()
-        yield proc
-    finally:
-        proc.cleanup()
-
-
-@pytest.fixture
-def new_teller(sec_db: PostgresCluster) -> Iterator[Callable[[], str]]:
-    """A fresh login matching teller_sz* (role teller, branch SZ01): a quota of its own."""
-    made: list[str] = []
-
-    def make() -> str:
-        login = f"teller_sz_h8_{uuid.uuid4().hex[:8]}"
-        sec_db.psql(f"create role {login} login password '{password_for(login)}'",
-                    db="postgres")
-        made.append(login)
-        return login
-
-    try:
-        yield make
-    finally:
-        for login in made:
-            sec_db.psql(f"drop role if exists {login}", db="postgres")
 
 
 def _rows_of(cur: psycopg.Cursor[Any]) -> int:

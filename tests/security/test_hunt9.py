@@ -22,8 +22,7 @@ import psycopg
 
 from tests.harness.pgveil_proc import PgveilProcess
 from tests.harness.wire import SYNC, Wire, bind, execute, open_wire, parse, query
-from tests.security.conftest import LeakChecker
-from tests.security.test_hunt8 import QUOTA, new_teller, q60  # noqa: F401 - fixtures
+from tests.security.conftest import QUOTA, LeakChecker
 
 
 def _idn_blocks(leak: LeakChecker) -> tuple[str, list[list[str]]]:
@@ -109,3 +108,15 @@ def test_jdbc_style_parameters_without_spaces(leak: LeakChecker) -> None:
         got = w.batch(parse(b"", b"select id, phone from customers where id in ($1,$2)"),
                       bind(b"", b"3", b"1"), execute(), SYNC)
     assert got.rows == 1 and not got.sqlstates, got  # customer 1 is another branch's
+
+
+def test_sum_of_an_outer_column_in_a_scalar_subquery_is_packing(leak: LeakChecker) -> None:
+    """Hunt 10: (SELECT sum(v)) aggregates the outer query's rows; an alias list renames by
+    position. Both carried the branch in one row past the first trace."""
+    p = "(left(phone,3)||right(phone,4))::numeric * 10::numeric ^ (7*(id/3))"
+    for sql in (f"select (select sum(v))::text from (select {p} as v from customers "
+                "where id > 0) s",
+                f"select sum(v)::text from (select {p} as w, id as v from customers "
+                "where id > 0) s(v, w)"):
+        r = leak.assert_no_leak(sql)
+        assert r.denied and "would pack more than max_rows" in r.describe(), r.describe()
