@@ -387,14 +387,14 @@ class _SourceTrace:
             found = False
             for source in scope.values():
                 kind, sel, colnames = source
-                if kind == "other":
-                    return False  # its columns are unknown: it may define this one
                 if kind in ("sub", "gen") and self.defining(sel, column, colnames) is not _MISSING:
                     found = True
                     if not self.source_ok(source, column, scopes[:len(scopes) - level], depth):
                         return False
             if found:
                 return True
+            if any(kind == "other" for kind, _, _ in scope.values()):
+                return False  # a function's or VALUES' columns are unknown: it may be one
         return True  # a plain table's column (pgveil does not know those tables' columns)
 
     def source_ok(self, source: _Source, column: str, scopes: list[dict[str, _Source]],
