@@ -2378,11 +2378,14 @@ def _force_changed(analysis: Analysis) -> Analysis:
 
 def _statements_before(statements: Sequence[StatementDecision], denied: StatementDecision
                        ) -> tuple[StatementDecision, ...]:
-    """The statements of a simple Query ahead of its (first) refused one, when they may run."""
+    """The statements of a simple Query ahead of its (first) refused one, when they may run:
+    none is refused, and none is an EXECUTE (a SQL-level prepared statement may need preparing
+    again under rules changed since, which _on_query does only for a request it forwards)."""
     for i, st in enumerate(statements):
         if st is denied:
             ahead = tuple(statements[:i])
-            return ahead if all(a.action is not Action.DENY for a in ahead) else ()
+            ok = all(a.action is not Action.DENY and a.kind != "execute" for a in ahead)
+            return ahead if ok else ()
     return ()
 
 

@@ -12,7 +12,13 @@ import time
 
 import pytest
 
-from proxy.session import ProtocolViolation, Session, TxStatus, parse_error_fields
+from proxy.session import (
+    ProtocolViolation,
+    Session,
+    TxStatus,
+    _statements_before,
+    parse_error_fields,
+)
 from rewriters.model import (
     Action,
     Analysis,
@@ -352,3 +358,18 @@ def test_a_function_call_pipelined_with_a_query_is_a_request_of_its_own() -> Non
     back = s.from_server(answer + result)
     assert b"".join(back.to_client) == answer + result
     assert not s._slots
+
+
+def test_statements_ahead_of_a_refusal_run_only_when_nothing_needs_deciding_again() -> None:
+    """A refused statement in a multi-statement Query: the ones ahead run as in PostgreSQL,
+    unless one of them is refused too or is an EXECUTE (its PREPARE may need redoing under
+    rules changed since, which only the forwarding path does)."""
+    begin = StatementDecision(Action.FORWARD, "begin", "transaction")
+    insert = StatementDecision(Action.FORWARD, "insert into t values (1)", "insert")
+    execute = StatementDecision(Action.FORWARD, "execute p", "execute", prepared="p")
+    refused = StatementDecision(Action.DENY, "select * from customers", "select")
+    assert _statements_before((begin, insert, refused), refused) == (begin, insert)
+    assert _statements_before((refused, begin), refused) == ()
+    assert _statements_before((begin, execute, refused), refused) == ()
+    other = StatementDecision(Action.DENY, "select * from accounts", "select")
+    assert _statements_before((other, begin, refused), refused) == ()
