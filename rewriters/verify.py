@@ -387,7 +387,12 @@ class _SourceTrace:
             found = False
             for source in scope.values():
                 kind, sel, colnames = source
-                if kind in ("sub", "gen") and self.defining(sel, column, colnames) is not _MISSING:
+                if kind not in ("sub", "gen"):
+                    continue
+                expr = self.defining(sel, column, colnames)
+                if expr is _UNKNOWN:
+                    return False  # SELECT *, a set operation, VALUES: it may define this one
+                if expr is not _MISSING:
                     found = True
                     if not self.source_ok(source, column, scopes[:len(scopes) - level], depth):
                         return False
@@ -405,7 +410,7 @@ class _SourceTrace:
         if kind != "sub":
             return False
         expr = self.defining(sel, column, colnames)
-        if expr is _MISSING or not _bounded_summand([expr]):
+        if expr is _MISSING or expr is _UNKNOWN or not _bounded_summand([expr]):
             return False
         inner = [*scopes, self.scope(sel)]  # LATERAL: the sub may read the outer FROM
         return all(self.column_ok(_strings(b.get("fields")), inner, depth + 1)
@@ -413,10 +418,11 @@ class _SourceTrace:
 
     @staticmethod
     def defining(sel: dict[str, Any], column: str, colnames: list[str]) -> Any:
-        """The select-list expression that defines ``column`` in ``sel`` (_MISSING: none),
-        with the column alias list applied by position."""
-        if sel.get("op") not in (None, "SETOP_NONE"):
-            return _MISSING  # a set operation: its branches would all need tracing
+        """The select-list expression that defines ``column`` in ``sel``, with the column
+        alias list applied by position; _MISSING when none does, _UNKNOWN when the select
+        list cannot say (a set operation, VALUES, ``*``): then any column may come from it."""
+        if sel.get("op") not in (None, "SETOP_NONE") or sel.get("valuesLists"):
+            return _UNKNOWN
         for i, item in enumerate(sel.get("targetList") or []):
             n = _node(item)
             if n is None:
@@ -427,6 +433,8 @@ class _SourceTrace:
                 ref = _node(val)
                 if ref is not None and ref[0] == "ColumnRef":
                     name = (_strings(ref[1].get("fields")) or [None])[-1]
+                    if name == "*":
+                        return _UNKNOWN
             if i < len(colnames):
                 name = colnames[i]
             if name == column:
@@ -435,6 +443,7 @@ class _SourceTrace:
 
 
 _MISSING = object()
+_UNKNOWN = object()
 
 
 def _nodes(value: Any, stop: tuple[str, ...] = ()) -> Iterator[tuple[str, dict[str, Any]]]:

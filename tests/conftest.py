@@ -16,13 +16,14 @@ pure tests only).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy.localpg import PostgresCluster
+from proxy.localpg import PostgresCluster, password_for
 from tests.harness.pgveil_proc import PgveilProcess
 
 _LIVE_FIXTURES = frozenset({"pg", "pgveil", "pgveil_factory"})
@@ -71,6 +72,24 @@ def pgveil_factory(pg: PostgresCluster) -> Iterator[PgveilFactory]:
     finally:
         for proc in reversed(made):
             proc.cleanup()
+
+
+@pytest.fixture
+def logins(pg: PostgresCluster) -> Iterator[Callable[[str], str]]:
+    """``make("sz")`` → a new login matching ``teller_sz*``; all dropped after the test."""
+    made: list[str] = []
+
+    def make(branch: str = "sz") -> str:
+        login = f"teller_{branch}_{uuid.uuid4().hex[:10]}"
+        pg.psql(f"create role {login} login password '{password_for(login)}'", db="postgres")
+        made.append(login)
+        return login
+
+    try:
+        yield make
+    finally:
+        for login in made:
+            pg.psql(f"drop role if exists {login}", db="postgres")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -310,3 +310,13 @@ __all__ = [
     "deep_merge",
     "pgveil_command",
 ]
+
+
+def policy_with_teller_quota(directory: Path, rows: int) -> Path:
+    """A copy of the fixture policy with another teller quota."""
+    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    policy["roles"]["teller"]["quota"] = {"rows": rows, "per": "1h"}
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
+                    encoding="utf-8")
+    return path

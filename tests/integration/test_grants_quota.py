@@ -28,8 +28,8 @@ import pytest
 import yaml
 from psycopg import errors as pg_errors
 
-from proxy.localpg import PostgresCluster, clean_env, password_for
-from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
+from proxy.localpg import PostgresCluster, clean_env
+from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess, policy_with_teller_quota
 
 GRANT_ID = re.compile(r"^g_[0-9a-f]{12}$")
 ROWS_200 = "select id from customers where id <= 600"  # 200 SZ01 rows: over the teller cap
@@ -42,34 +42,6 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in clean_env().items() if not k.startswith("PGVEIL_")}
     return subprocess.run([sys.executable, "-m", "proxy", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-@pytest.fixture
-def logins(pg: PostgresCluster) -> Iterator[Callable[[str], str]]:
-    """``make("sz")`` → a new login matching ``teller_sz*``; all dropped after the test."""
-    made: list[str] = []
-
-    def make(branch: str = "sz") -> str:
-        login = f"teller_{branch}_{uuid.uuid4().hex[:10]}"
-        pg.psql(f"create role {login} login password '{password_for(login)}'", db="postgres")
-        made.append(login)
-        return login
-
-    try:
-        yield make
-    finally:
-        for login in made:
-            pg.psql(f"drop role if exists {login}", db="postgres")
-
-
-def policy_with_teller_quota(directory: Path, rows: int) -> Path:
-    """A copy of the fixture policy with another teller quota."""
-    policy = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
-    policy["roles"]["teller"]["quota"] = {"rows": rows, "per": "1h"}
-    path = directory / "policy.yaml"
-    path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
-                    encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

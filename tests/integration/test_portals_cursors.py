@@ -27,7 +27,6 @@ from tests.harness.wire import (
     parse,
     query,
 )
-from tests.integration.test_grants_quota import logins  # noqa: F401 - fixture
 
 MANY = b"select id, phone from customers where level >= $1"  # 666 rows of SZ01 for $1 = 1
 

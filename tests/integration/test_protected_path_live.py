@@ -18,8 +18,8 @@ import psycopg
 import psycopg2
 import pytest
 
+from tests.harness.pgveil_proc import policy_with_teller_quota
 from tests.integration.test_audit_live import pgveil_cli
-from tests.integration.test_grants_quota import logins, policy_with_teller_quota  # noqa: F401 - fixture
 
 IDS = (3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36)  # branch SZ01 ids of one and two digits
 SIMPLE = [

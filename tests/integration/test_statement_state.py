@@ -19,7 +19,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness.wire import SYNC, Wire, bind, close_statement, execute, open_wire, parse
-from tests.integration.test_grants_quota import logins  # noqa: F401 - fixture
 
 MANY = b"select id from customers where level >= $1"  # 666 rows of SZ01 for $1 = 1
 

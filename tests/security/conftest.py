@@ -40,7 +40,6 @@ import os
 import re
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -53,8 +52,8 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.localpg import PostgresCluster, clean_env, client_binary, password_for
-from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess
+from proxy.localpg import PostgresCluster, clean_env, client_binary
+from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilProcess, policy_with_teller_quota
 
 # --------------------------------------------------------------------------- scope of each login
 
@@ -1149,8 +1148,6 @@ def q60(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
         ) -> Iterator[PgveilProcess]:
     """A second pgveil on the security cluster whose policy gives tellers 60 rows per hour
     (the quota tests: test_hunt8.py, test_hunt9.py)."""
-    from tests.integration.test_grants_quota import policy_with_teller_quota
-
     proc = PgveilProcess(sec_db, policy_path=policy_with_teller_quota(
         tmp_path_factory.mktemp("q60"), QUOTA))
     try:
@@ -1161,22 +1158,9 @@ def q60(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture
-def new_teller(sec_db: PostgresCluster) -> Iterator[Callable[[], str]]:
+def new_teller(logins: Callable[[str], str]) -> Callable[[], str]:
     """Fresh logins matching teller_sz* (role teller, branch SZ01): each a quota of its own."""
-    made: list[str] = []
-
-    def make() -> str:
-        login = f"teller_sz_q_{uuid.uuid4().hex[:8]}"
-        sec_db.psql(f"create role {login} login password '{password_for(login)}'",
-                    db="postgres")
-        made.append(login)
-        return login
-
-    try:
-        yield make
-    finally:
-        for login in made:
-            sec_db.psql(f"drop role if exists {login}", db="postgres")
+    return lambda: logins("sz")
 
 
 @pytest.fixture(scope="package")
