@@ -603,9 +603,12 @@ class ClientConnection(asyncio.Protocol):
             return
         refused = None if view.unrestricted else refused_startup_setting(params)
         if refused is not None:
+            effect = ("would make the backend a replication sender, streaming rows by "
+                      "commands that are not SQL" if refused.startswith("replication=") else
+                      "would switch the database role or send the rewritten statements' "
+                      "internals to the client")
             self.send_client(fatal(
-                "42501", f"startup setting {refused!r} would switch the database role or send "
-                f"the rewritten statements' internals to the client, escaping the policy for "
+                "42501", f"startup setting {refused!r} {effect}, escaping the policy for "
                 f"role {view.role}"))
             self.close()
             return
@@ -702,13 +705,23 @@ class ClientConnection(asyncio.Protocol):
 # Settings a masked role may not choose at startup, as a startup parameter of their own or
 # inside ``options`` (-c name=value); rewriters.verify refuses the same through SET/set_config.
 _GUARDED_SETTINGS = tuple(sorted(ROLE_SETTINGS | DEBUG_SETTINGS))
+# the values of the ``replication`` startup key that keep a normal backend (parse_bool_with_len)
+_NOT_REPLICATION = ("false", "off", "no", "0", "f", "n", "of", "fa", "fal", "fals")
 
 
 def refused_startup_setting(params: dict[str, str]) -> str | None:
-    """The startup parameter (``name=value``) that would escape the policy, or None."""
+    """The startup parameter (``name=value``) that would escape the policy, or None.
+
+    ``replication`` (anything PostgreSQL does not read as false) makes the backend a WAL
+    sender: ``START_REPLICATION`` streams every change of every table, ``BASE_BACKUP`` the
+    data files, ``CREATE_REPLICATION_SLOT ... EXPORT_SNAPSHOT`` hands out a snapshot -- raw
+    rows through commands that are not SQL and name no table.
+    """
     for key, value in params.items():
         low = _setting_name(key)
         if low in _GUARDED_SETTINGS:
+            return f"{key}={value}"
+        if key == "replication" and value.strip().lower() not in _NOT_REPLICATION:
             return f"{key}={value}"
         if low == "options":
             # PostgreSQL splits options on unescaped whitespace, drops the backslashes and

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import enum
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -1174,27 +1175,38 @@ def leak(sec_db: PostgresCluster, sec_pgveil: PgveilProcess, secrets: Secrets
         checker.close()
 
 
+_SENTINELS = itertools.count()
+
+
 @contextlib.contextmanager
 def dba_objects(leak: LeakChecker, setup: Sequence[str], teardown: str, probe: str,
                 timeout: float = 30.0) -> Iterator[LeakChecker]:
     """Objects a DBA created (``setup``, run as dba in order) for the length of a module.
 
     pgveil learns about them from its catalog poll, so this waits until the teller is denied
-    ``probe`` (a statement reading one of the new dependents), and drops them (``teardown``)
-    afterwards, also when a test failed.
+    ``probe`` (a statement reading one of the new dependents) and a sentinel function created
+    after the whole setup, and drops them (``teardown``) afterwards, also when a test failed.
+    The sentinel matters: a poll can read its (consistent) snapshot halfway through the setup,
+    when ``probe``'s object exists but later ones do not; a catalog that holds the sentinel was
+    read after all of them.
     """
+    sentinel = f"public.sec_sentinel_{os.getpid()}_{next(_SENTINELS)}"
     with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
         conn.execute(teardown)
         for sql in setup:
             conn.execute(sql)
+        conn.execute(f"CREATE FUNCTION {sentinel}() RETURNS bigint LANGUAGE sql STABLE "
+                     "AS 'SELECT count(*) FROM public.customers'")
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        pending = [f"select {sentinel}()", probe]
+        while pending:
             with leak.connect() as conn:
                 try:
-                    conn.execute(probe)
+                    conn.execute(pending[0])
                 except psycopg.errors.InsufficientPrivilege:
-                    break
+                    pending.pop(0)
+                    continue
                 except psycopg.Error:
                     pass  # e.g. the catalog is not read yet and PostgreSQL refused it
             assert time.monotonic() < deadline, "pgveil did not pick up the new catalog"
@@ -1203,3 +1215,4 @@ def dba_objects(leak: LeakChecker, setup: Sequence[str], teardown: str, probe: s
     finally:
         with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
             conn.execute(teardown)
+            conn.execute(f"DROP FUNCTION IF EXISTS {sentinel}()")

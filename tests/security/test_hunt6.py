@@ -419,3 +419,18 @@ def test_atomic_body_replaced(leak: LeakChecker) -> None:
         _wait_polls()
         r = checker.run(sql)
         verdict(checker, f"atomic after replace (pg_depend {before}->{after}) " + sql, r, sql)
+
+
+@pytest.mark.parametrize("replication", ["database", "true", "on", "1", "yes", "TRUE"])
+def test_replication_connections_are_refused(leak: LeakChecker, replication: str) -> None:
+    """A WAL sender streams rows by commands that are not SQL (START_REPLICATION, BASE_BACKUP,
+    an exported snapshot): a masked role may not open one, whatever its role attributes."""
+    with pytest.raises(psycopg.OperationalError) as info:
+        leak.connect(replication=replication).close()
+    assert "replication sender" in str(info.value)
+    assert "escaping the policy for role teller" in str(info.value)
+
+
+def test_replication_off_is_a_normal_session(leak: LeakChecker) -> None:
+    with leak.connect(replication="false") as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
