@@ -136,9 +136,10 @@ class _StatementRun:
     statement on the hot path, and mypyc compiles this constructor natively, where a
     dataclass's generated ``__init__`` stays interpreted."""
 
-    __slots__ = ("binding", "capped", "counter_key", "decision", "declare_pending", "denied",
-                 "done", "error", "event", "form", "held", "held_bytes", "hidden",
-                 "quota_capped", "reserved", "room", "rows", "source", "started")
+    __slots__ = ("binding", "capped", "counter_key", "decision", "declare_over",
+                 "declare_pending", "denied", "done", "error", "event", "form", "held",
+                 "held_bytes", "hidden", "quota_capped", "reserved", "room", "rows", "source",
+                 "started")
 
     def __init__(self, decision: StatementDecision, started: float, *,
                  counter_key: tuple[str, str] | None = None, source: str = "",
@@ -170,8 +171,10 @@ class _StatementRun:
         self.event: AuditEvent | None = None
         self.form: Any = form  # its audit form, when the hot path made the run (see _form_for)
         # a DECLARE of a name that held a protected cursor: recorded only once the server
-        # answers it (see Session._declare_sent)
+        # answers it (see Session._declare_sent); the portal record of that name when it was
+        # sent: a DECLARE that succeeds shows it closed
         self.declare_pending = False
+        self.declare_over: tuple[StatementDecision, str] | None = None
 
     def __repr__(self) -> str:
         return (f"_StatementRun({self.decision.kind}, rows={self.rows}, done={self.done}, "
@@ -1078,6 +1081,7 @@ class Session:
         old = self._portal_record(d.cursor.encode(self.codec, "replace"))
         if old is not None and old[0].protected:
             run.declare_pending = True
+            run.declare_over = self._portals.get(d.cursor.encode(self.codec, "replace"))
             return
         self.cursors[d.cursor] = d
         self._counts.pop(("cursor", d.cursor), None)
@@ -2119,6 +2123,13 @@ class Session:
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
+                # so the portal of that name bound before it was closed (SQL CLOSE), unless a
+                # Bind sent meanwhile replaced the record (it then failed: the name is taken)
+                over = run.declare_over
+                if over is not None:
+                    name = d.cursor.encode(self.codec, "replace")  # type: ignore[union-attr]
+                    if self._portals.get(name) is over:
+                        del self._portals[name]
             if not run.denied and not run.hidden:
                 self._settle_prepared(run.decision, error)
             if run.counter_key is not None and (not run.binding

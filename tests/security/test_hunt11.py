@@ -1,0 +1,63 @@
+"""Bypass hunt 11 (protocol and session level) and this session's own fixes.
+
+* a portal bound with the extended protocol, closed by SQL ``CLOSE`` and its name re-used by a
+  ``DECLARE``: the next Execute of the name runs the new cursor, which pgveil had capped and
+  audited as the old protected SELECT (a false denial and a wrong audit record);
+* the ``replication`` startup parameter is refused for masked roles (test_hunt6.py).
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+import psycopg
+
+from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse, query
+from tests.security.conftest import LeakChecker
+
+FLUSH = msg(b"H", b"")
+
+
+def test_declare_over_a_closed_portal_name_runs_as_the_new_cursor(leak: LeakChecker) -> None:
+    app = f"h11-{uuid.uuid4().hex[:8]}"
+    conn = psycopg.connect(leak.pgveil.dsn("teller_sz01"), autocommit=True, application_name=app)
+    w = Wire(conn)
+    try:
+        w.batch(query("begin"))
+        w.sock.sendall(parse(b"", b"select id, phone from customers where id > 0 order by id")
+                       + bind(b"", portal=b"p") + execute(b"p", 30) + FLUSH)
+        first = w.batch(query("close p; declare p cursor for select 1 from "
+                              "generate_series(1, 100)"))
+        assert first.rows == 30 and not first.sqlstates, first
+        got = w.batch(execute(b"p"), SYNC)
+        assert got.rows == 100 and not got.sqlstates, got
+        w.batch(query("rollback"))
+    finally:
+        w.sock.detach()
+        conn.close()
+    # strict durability: every record is written before the result it belongs to is sent
+    records = [json.loads(line) for line in leak.pgveil.audit_path.read_text().splitlines()
+               if app in line]
+    assert records and not [r for r in records if r.get("decision") == "blocked"], records
+
+
+def test_a_portal_bound_after_such_a_declare_keeps_its_row_cap(leak: LeakChecker) -> None:
+    """The same, with the cursor closed again and the name bound to a protected SELECT in the
+    same pipeline, before the DECLARE's answer: that portal is still capped at max_rows."""
+    conn = psycopg.connect(leak.pgveil.dsn("teller_sz01"), autocommit=True)
+    w = Wire(conn)
+    protected = b"select id, phone from customers where id > 0 order by id"
+    try:
+        w.batch(query("begin"))
+        w.sock.sendall(parse(b"", protected) + bind(b"", portal=b"p") + execute(b"p", 30) + FLUSH)
+        w.sock.sendall(query("close p; declare p cursor for select 1 from "
+                             "generate_series(1, 100); close p")
+                       + parse(b"", protected) + bind(b"", portal=b"p") + FLUSH)
+        first = w.batch()  # the flushed 30 rows and the Query, up to its ReadyForQuery
+        assert first.rows == 30 and not first.sqlstates, first
+        got = w.batch(execute(b"p"), SYNC)  # after the DECLARE's answer
+        assert got.rows <= 50 and got.sqlstates == ["42501"], got
+        w.batch(query("rollback"))
+    finally:
+        w.sock.detach()
+        conn.close()
