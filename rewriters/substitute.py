@@ -524,6 +524,8 @@ def source_edit(ref: Ref, idx: TokenIndex, extra: list[str]) -> Edit:
         before -= 2
     if last + 1 < len(sig) and sig[last + 1].kind is Tok.OP and sig[last + 1].text == "*":
         end = sig[last + 1].end  # ``customers *``: include descendant tables (the default)
+    if t.args.get("sample") is not None:
+        return _sampled_edit(ref, idx, name_start, end, extra)
     derived = ct.derived(idx.sql[name_start:end], extra)
     if before >= 0 and sig[before].keyword == "table":
         # ``TABLE customers`` is ``SELECT * FROM customers``.
@@ -534,6 +536,74 @@ def source_edit(ref: Ref, idx: TokenIndex, extra: list[str]) -> Edit:
         return Edit(name_start, end, derived, ((0, len(derived)),))
     text = f"{derived} AS {quote_ident(ref.ref_name)}"
     return Edit(name_start, end, text, ((0, len(derived)),))
+
+
+# what a TABLESAMPLE clause moved into a derived table may hold: its keywords, the method's
+# name, numbers, parameters and arithmetic -- no name that could read a table
+_SAMPLE_TOKENS = (Tok.NUMBER, Tok.PARAM)
+_SAMPLE_TEXT = frozenset({"(", ")", ",", "+", "-", "*", "/"})
+
+
+def _sampled_edit(ref: Ref, idx: TokenIndex, name_start: int, name_end: int,
+                  extra: list[str]) -> Edit:
+    """``customers [AS] c TABLESAMPLE m (args) [REPEATABLE (seed)]``: PostgreSQL samples only
+    a table, so the clause moves into the derived table, onto the table it sampled (rows are
+    sampled before the row filter, as they were before the WHERE), and the alias stays
+    outside: ``(SELECT ... FROM customers TABLESAMPLE m (args) WHERE <filter> ...) c``."""
+    ct = ref.table
+    assert ct is not None
+    sig = idx.sig
+    named = idx.containing(name_end - 1)
+    assert named is not None
+    i, depth = named + 1, 0  # past the alias and its column list, to the clause
+    while i < len(sig) and not (depth == 0 and sig[i].keyword == "tablesample"):
+        tok = sig[i]
+        if tok.kind is Tok.PUNCT:
+            if tok.text == "(":
+                depth += 1
+            elif tok.text == ")":
+                if depth == 0:
+                    break
+                depth -= 1
+            elif depth == 0 and tok.text in (",", ";"):
+                break
+        i += 1
+    if i >= len(sig) or sig[i].keyword != "tablesample":
+        raise Denied(f"cannot locate the TABLESAMPLE clause of {ct.name}")
+    start = i
+    i += 1
+    while i < len(sig) and (sig[i].kind in (Tok.IDENT, Tok.QIDENT) or sig[i].text == "."):
+        i += 1  # the method's name, perhaps schema-qualified
+    end_i = None
+    for clause in range(2):
+        if i >= len(sig) or sig[i].text != "(":
+            break
+        depth = 0
+        while i < len(sig):
+            tok = sig[i]
+            if tok.text == "(":
+                depth += 1
+            elif tok.text == ")":
+                depth -= 1
+            elif tok.kind not in _SAMPLE_TOKENS and tok.text not in _SAMPLE_TEXT:
+                raise Denied(f"TABLESAMPLE arguments of {ct.name} may only be numbers and "
+                             "parameters")
+            i += 1
+            if depth == 0:
+                break
+        end_i = i - 1
+        if clause == 0 and i < len(sig) and sig[i].keyword == "repeatable":
+            i += 1
+        else:
+            break
+    if end_i is None or sig[end_i].text != ")":
+        raise Denied(f"cannot locate the TABLESAMPLE clause of {ct.name}")
+    clause_text = idx.sql[sig[start].start:sig[end_i].end]
+    alias_text = idx.sql[name_end:sig[start].start].rstrip()
+    derived = ct.derived(f"{idx.sql[name_start:name_end]} {clause_text}", extra)
+    if ref.node.args.get("alias") is None:
+        alias_text = f" AS {quote_ident(ref.ref_name)}"
+    return Edit(name_start, sig[end_i].end, derived + alias_text, ((0, len(derived)),))
 
 
 def lookup_values(qn: str, simple: Simple, cv: CompiledView) -> int:

@@ -3,7 +3,9 @@
 * a portal bound with the extended protocol, closed by SQL ``CLOSE`` and its name re-used by a
   ``DECLARE``: the next Execute of the name runs the new cursor, which pgveil had capped and
   audited as the old protected SELECT (a false denial and a wrong audit record);
-* the ``replication`` startup parameter is refused for masked roles (test_hunt6.py).
+* the ``replication`` startup parameter is refused for masked roles (test_hunt6.py);
+* ``TABLESAMPLE`` on a protected table was refused (PostgreSQL samples only tables, not the
+  derived table): the clause now moves onto the table inside it. Rows stay masked and filtered.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import json
 import uuid
 
 import psycopg
+import pytest
 
 from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse, query
-from tests.security.conftest import LeakChecker
+from tests.security.conftest import LeakChecker, Protocol, Received
 
 FLUSH = msg(b"H", b"")
 
@@ -61,3 +64,23 @@ def test_a_portal_bound_after_such_a_declare_keeps_its_row_cap(leak: LeakChecker
     finally:
         w.sock.detach()
         conn.close()
+
+
+@pytest.mark.parametrize(("sql", "protocol"), [
+    ("select id, phone, id_number from customers tablesample bernoulli (100) "
+     "where id < 300 order by id limit 20", Protocol.SIMPLE),
+    ("select c.id, c.phone from customers as c tablesample system (100) repeatable (7) "
+     "order by c.id limit 20", Protocol.SIMPLE),
+    ("select id, phone from customers tablesample bernoulli (%s) order by id limit 20",
+     Protocol.EXTENDED),
+])
+def test_tablesample_reads_masked_rows_of_the_branch(leak: LeakChecker, sql: str,
+                                                     protocol: Protocol) -> None:
+    params = (100,) if "%s" in sql else None
+
+    def twenty_masked_rows(received: Received) -> None:
+        assert not received.errors, received.describe()
+        rows = received.rows
+        assert len(rows) == 20 and all("*" in row[1] for row in rows), rows
+
+    leak.assert_no_leak(sql, params, protocol=protocol, expect=twenty_masked_rows)
