@@ -2123,8 +2123,9 @@ class Session:
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
-                # so the portal of that name bound before it was closed (SQL CLOSE), unless a
-                # Bind sent meanwhile replaced the record (it then failed: the name is taken)
+                # so the portal of that name bound before it was closed (SQL CLOSE); a record
+                # a Bind sent meanwhile put in its place stays (the server answers that Bind
+                # after the DECLARE, and may well hold that portal)
                 over = run.declare_over
                 if over is not None:
                     name = d.cursor.encode(self.codec, "replace")  # type: ignore[union-attr]
