@@ -35,8 +35,10 @@ from typing import Any
 from rewriters.classify import PgParseError, node_kind, pg_parse
 from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS, CompiledTable, CompiledView
 
+# planner statistics that hold column values (histograms, most common values). Not
+# pg_statistic_ext: it holds only the statistics objects' definitions (psql's \d reads it).
 STATS_RELATIONS = frozenset({"pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs",
-                             "pg_statistic_ext", "pg_statistic_ext_data"})
+                             "pg_statistic_ext_data"})
 DENIED_FUNCTIONS = frozenset({
     "ts_stat", "pg_mcv_list_items", "xpath_table", "pgrowlocks", "connectby", "pg_read_file",
     "pg_read_binary_file", "lo_import", "lo_export", "get_raw_page", "heap_page_items",

@@ -4,17 +4,22 @@
   ``DECLARE``: the next Execute of the name runs the new cursor, which pgveil had capped and
   audited as the old protected SELECT (a false denial and a wrong audit record);
 * the ``replication`` startup parameter is refused for masked roles (test_hunt6.py);
+* psql's ``\\d customers`` was refused for masked roles: its query reads
+  ``pg_statistic_ext``, which holds statistics objects' definitions, not values (those are in
+  ``pg_statistic_ext_data``, still refused);
 * ``TABLESAMPLE`` on a protected table was refused (PostgreSQL samples only tables, not the
   derived table): the clause now moves onto the table inside it. Rows stay masked and filtered.
 """
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 
 import psycopg
 import pytest
 
+from proxy.localpg import clean_env, client_binary
 from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse, query
 from tests.security.conftest import LeakChecker, Protocol, Received
 
@@ -84,3 +89,16 @@ def test_tablesample_reads_masked_rows_of_the_branch(leak: LeakChecker, sql: str
         assert len(rows) == 20 and all("*" in row[1] for row in rows), rows
 
     leak.assert_no_leak(sql, params, protocol=protocol, expect=twenty_masked_rows)
+
+
+@pytest.mark.parametrize("login", ["teller_sz01", "auditor1"])
+def test_psql_describe_matches_a_direct_connection(leak: LeakChecker, login: str) -> None:
+    def describe(dsn: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [client_binary(leak.pg.bin_dir, "psql"), "-X", "-d", dsn, "-c", "\\d customers",
+             "-c", "\\d+ accounts", "-c", "\\dt"],
+            capture_output=True, text=True, env=clean_env(), timeout=60, check=False)
+
+    direct, proxied = describe(leak.pg.dsn(login)), describe(leak.pgveil.dsn(login))
+    assert proxied.returncode == 0 and not proxied.stderr, proxied.stderr
+    assert proxied.stdout == direct.stdout
