@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
+from typing import Any
 
 import asyncpg
 
@@ -44,7 +45,7 @@ _REF_CLASSES = """d.refclassid IN ('pg_catalog.pg_class'::pg_catalog.regclass,
 
 _COLUMNS_SQL = """
 SELECT n.nspname, c.relname, c.oid::int8 AS relid, a.attname,
-       pg_catalog.format_type(a.atttypid, a.atttypmod) AS type_sql, a.atttypid::int8 AS type_oid,
+       pg_catalog.format_type(base.oid, base.typmod) AS type_sql, a.atttypid::int8 AS type_oid,
        EXISTS (SELECT 1 FROM pg_catalog.pg_index i
                WHERE i.indrelid = c.oid AND (i.indisunique OR i.indisexclusion)
                  AND (a.attnum = ANY (i.indkey::int2[])
@@ -65,8 +66,20 @@ JOIN pg_catalog.pg_namespace n ON n.nspname = want.nsp
 JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = want.rel
      AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
 LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+LEFT JOIN LATERAL (
+    WITH RECURSIVE d(oid, typmod, depth) AS (
+        SELECT a.atttypid, a.atttypmod, 0
+        UNION ALL
+        SELECT t.typbasetype, t.typtypmod, d.depth + 1
+          FROM d JOIN pg_catalog.pg_type t ON t.oid = d.oid
+         WHERE t.typtype = 'd' AND d.depth < 32)
+    SELECT d.oid, d.typmod FROM d ORDER BY d.depth DESC LIMIT 1) AS base ON true
 ORDER BY n.nspname, c.relname, a.attnum
 """
+# A column's type as masks must produce it: a domain's base type (PostgreSQL describes a domain
+# column by its base type on the wire, and a mask's value need not pass the domain's NOT NULL
+# or CHECK), formatted under search_path = pg_catalog so that any type outside pg_catalog comes
+# schema-qualified and a cast to it cannot be redirected by the session's search_path.
 
 def _table_depends(catalog: str, key: str, table: str, *, classid: str | None = None,
                    also: str = "") -> str:
@@ -370,6 +383,20 @@ def _split(name: str) -> tuple[str, str]:
     return (schema, table) if table else ("public", schema)
 
 
+async def _fetch_in_pg_catalog(conn: asyncpg.Connection, sql: str, *args: Any) -> list[Any]:
+    """``conn.fetch`` with ``search_path`` = pg_catalog (``format_type`` then qualifies every
+    other schema's type), restored afterwards."""
+    if not conn.is_in_transaction():
+        async with conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL search_path = pg_catalog")
+            return list(await conn.fetch(sql, *args))
+    old = await conn.fetchval("SELECT pg_catalog.current_setting('search_path')")
+    await conn.execute("SET LOCAL search_path = pg_catalog")
+    rows = list(await conn.fetch(sql, *args))  # an error aborts the transaction: no restore
+    await conn.execute("SELECT pg_catalog.set_config('search_path', $1, true)", old)
+    return rows
+
+
 async def load_catalog(conn: asyncpg.Connection, protected: Iterable[str],
                        sensitive: Mapping[str, Collection[str]] | None = None
                        ) -> tuple[Catalog, list[str]]:
@@ -382,7 +409,8 @@ async def load_catalog(conn: asyncpg.Connection, protected: Iterable[str],
     """
     wanted = sorted(set(protected))
     pairs = [_split(n) for n in wanted]
-    rows = await conn.fetch(_COLUMNS_SQL, [p[0] for p in pairs], [p[1] for p in pairs])
+    rows = await _fetch_in_pg_catalog(conn, _COLUMNS_SQL, [p[0] for p in pairs],
+                                      [p[1] for p in pairs])
     tables: dict[str, list[CatalogColumn]] = {}
     oids: dict[int, str] = {}
     for r in rows:

@@ -37,6 +37,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 
 from rewriters.model import CatalogColumn
 
@@ -253,6 +254,29 @@ def quote_literal(text: str) -> str:
 # Expressions
 
 
+_INTEGER_MAX = {"smallint": 32767, "int2": 32767, "integer": 2**31 - 1, "int4": 2**31 - 1,
+                "int": 2**31 - 1, "bigint": 2**63 - 1, "int8": 2**63 - 1}
+
+
+def _largest(type_sql: str, family: TypeFamily) -> Decimal | None:
+    """The largest magnitude a value of an integer or ``numeric(p[,s])`` type may have (the
+    negative end of an integer type is one further; not used), None when unbounded."""
+    t = type_sql.strip().lower()
+    if family is TypeFamily.INTEGER:
+        limit = _INTEGER_MAX.get(t)
+        return Decimal(limit) if limit is not None else None
+    m = re.fullmatch(r"(?:numeric|decimal)\s*\(\s*(\d+)\s*(?:,\s*(-?\d+)\s*)?\)", t)
+    if family is not TypeFamily.NUMERIC or m is None:
+        return None
+    precision, scale = int(m.group(1)), int(m.group(2) or 0)
+    nines = "9" * precision  # 10^(precision-scale) - 10^-scale, written out (no rounding)
+    if scale <= 0:
+        return Decimal(nines + "0" * -scale)
+    if scale >= precision:
+        return Decimal("0." + "0" * (scale - precision) + nines)
+    return Decimal(nines[:precision - scale] + "." + nines[precision - scale:])
+
+
 def _cast(expr: str, natural: str, column: CatalogColumn) -> str:
     """Cast back to the column's exact type unless the expression already has it."""
     if column.type_sql.strip().lower() == natural:
@@ -369,7 +393,14 @@ def mask_expression(spec: MaskSpec | str | Mapping[str, object] | None, column: 
               "a numeric")
         digits = spec.digits or 0
         arg = col if family is TypeFamily.NUMERIC else f"CAST({col} AS numeric)"
-        return _cast(f"pg_catalog.round({arg}, {digits})", "numeric", column)
+        rounded = f"pg_catalog.round({arg}, {digits})"
+        bound = _largest(column.type_sql, family)
+        if bound is not None:  # rounding up may not fit (99999.99 in numeric(7,2) with round 0):
+            # such a value is truncated towards zero instead, which never grows it
+            rounded = (f"CASE WHEN pg_catalog.numeric_le(pg_catalog.abs({rounded}), "
+                       f"CAST('{bound}' AS numeric)) THEN {rounded} "
+                       f"ELSE pg_catalog.trunc({arg}, {digits}) END")
+        return _cast(rounded, "numeric", column)
     if kind is MaskKind.TRUNCATE:
         _need(family, (TypeFamily.DATE, TypeFamily.TIMESTAMP), spec, column, "a date or timestamp")
         unit = quote_literal(spec.unit or "year")

@@ -78,7 +78,10 @@ MASKS: dict[str, tuple[str, str]] = {
 HASH_EMAIL = ("hash", "CAST(pg_catalog.encode(pg_catalog.sha256(pg_catalog.byteacat("
               "pg_catalog.decode('36363636', 'hex'), pg_catalog.convert_to(\"email\", 'UTF8'))), "
               "'hex') AS text)")
-ROUND_BALANCE = ("round", 'CAST(pg_catalog.round("balance", -3) AS numeric(14,2))')
+ROUND_BALANCE = ("round", 'CAST(CASE WHEN pg_catalog.numeric_le(pg_catalog.abs(pg_catalog.round('
+                          '"balance", -3)), CAST(\'999999999999.99\' AS numeric)) THEN '
+                          'pg_catalog.round("balance", -3) ELSE pg_catalog.trunc("balance", -3) END '
+                          'AS numeric(14,2))')
 
 IDENTITY = ("name", "phone", "id_number", "email", "address", "birthday")
 

@@ -80,6 +80,17 @@ CASES: list[tuple[Any, str, Any, Any]] = [
     ({"round": -2}, "integer", 1234, 1200),
     ({"round": -2}, "bigint", -1250, -1300),
     ({"round": 0}, "numeric", Decimal("2.5"), Decimal("3")),
+    # rounding up past the type's limit: truncated towards zero instead, never an error
+    ({"round": 0}, "numeric(7,2)", Decimal("99999.99"), Decimal("99999.00")),
+    ({"round": 0}, "numeric(7,2)", Decimal("-99999.50"), Decimal("-99999.00")),
+    ({"round": 0}, "numeric(7,2)", Decimal("99998.50"), Decimal("99999.00")),
+    ({"round": -1}, "numeric(3,-2)", Decimal("99900"), Decimal("99900")),
+    ({"round": -3}, "integer", 2147483647, 2147483000),
+    ({"round": -3}, "integer", -2147483648, -2147483000),
+    ({"round": -2}, "smallint", 32767, 32700),
+    ({"round": -2}, "smallint", -32768, -32700),
+    ({"round": -2}, "smallint", 32749, 32700),
+    ({"round": -3}, "bigint", 9223372036854775807, 9223372036854775000),
     ({"round": 1}, "double precision", 1.26, 1.3),
     ({"truncate": "year"}, "date", "1981-09-06", datetime.date(1981, 1, 1)),
     ({"truncate": "month"}, "date", "1981-09-06", datetime.date(1981, 9, 1)),
@@ -148,11 +159,17 @@ def test_exact_type_casts() -> None:
     assert mask_expression("phone", _col("character varying(20)"), hmac_key=KEY).endswith(
         " AS character varying(20))")
     assert mask_expression({"round": -3}, _col("numeric(14,2)"), hmac_key=KEY) == (
-        'CAST(pg_catalog.round("col", -3) AS numeric(14,2))')
+        'CAST(CASE WHEN pg_catalog.numeric_le(pg_catalog.abs(pg_catalog.round("col", -3)), '
+        "CAST('999999999999.99' AS numeric)) THEN pg_catalog.round(\"col\", -3) "
+        'ELSE pg_catalog.trunc("col", -3) END AS numeric(14,2))')
     assert mask_expression({"round": -3}, _col("numeric"), hmac_key=KEY) == (
         'pg_catalog.round("col", -3)')
     assert mask_expression({"round": -1}, _col("integer"), hmac_key=KEY) == (
-        'CAST(pg_catalog.round(CAST("col" AS numeric), -1) AS integer)')
+        'CAST(CASE WHEN pg_catalog.numeric_le(pg_catalog.abs(pg_catalog.round(CAST("col" AS '
+        "numeric), -1)), CAST('2147483647' AS numeric)) THEN pg_catalog.round(CAST(\"col\" AS "
+        'numeric), -1) ELSE pg_catalog.trunc(CAST("col" AS numeric), -1) END AS integer)')
+    assert mask_expression({"round": 1}, _col("double precision"), hmac_key=KEY) == (
+        'CAST(pg_catalog.round(CAST("col" AS numeric), 1) AS double precision)')
     assert mask_expression(None, _col("date"), hmac_key=KEY) == "CAST(NULL AS pg_catalog.date)"
     assert mask_expression({"truncate": "year"}, _col("date"), hmac_key=KEY) == (
         "CAST(pg_catalog.date_trunc('year', CAST(\"col\" AS timestamp without time zone)) "

@@ -26,6 +26,7 @@ from rewriters.policy import (
     sql_literal,
     validate_against_catalog,
 )
+from tests.rewriters.helpers import ROUND_BALANCE
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "config" / "policy.yaml"
@@ -432,7 +433,7 @@ def test_auditor_view(policy: Policy) -> None:
         "name", "phone", "id_number", "email", "address", "birthday"}
     balance = next(c for c in view.tables["public.accounts"].columns if c.name == "balance")
     assert balance.mask_name == "round"
-    assert balance.expr == 'CAST(pg_catalog.round("balance", -3) AS numeric(14,2))'
+    assert balance.expr == ROUND_BALANCE[1]
     assert _masked(view, "public.accounts")["card_no"] == "bank_card"
     assert not any(c.lookup for t in view.tables.values() for c in t.columns)
     assert view.limits.max_rows == 10000
