@@ -116,6 +116,8 @@ class Config(_Strict):
     policy: Path = Path("policy.yaml")
     catalog_refresh_seconds: float = Field(300.0, gt=0)
     catalog_poll_seconds: float = Field(1.0, gt=0)
+    # how often the policy file is checked for a change; 0: only SIGHUP reloads it
+    policy_watch_seconds: float = Field(1.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path | None = Field(None, exclude=True)
 

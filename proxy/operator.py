@@ -120,7 +120,7 @@ class OperatorState:
             return self._view
         self.generation_seen = generation
         grants = control.grants_for(self.base.login)
-        if not grants:
+        if not grants or self.base.revoked:  # no grant lifts a login the policy dropped
             self._view, self.grant_id = self.base, None
             return self._view
         lifts = [(g.id, dict(g.lift)) for g in grants]

@@ -102,11 +102,13 @@ class Runtime:
         # bumps on every policy swap and catalog generation: sessions re-check their view
         # only when it moved (OperatorState.current runs before every statement)
         self.epoch = [0]
-        self.policy_mtime: float | None = None
+        # _policy_file_mark() of the policy file as last read (or tried): a change reloads
+        self.policy_mark: tuple[int, ...] | None = None
         self.analyzer = Analyzer()
         self.catalogs: dict[str, Catalog] = {}
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._catalog_loaded: dict[str, float] = {}
+        self._catalog_read: dict[str, tuple[object, ...]] = {}  # _catalog_wants() at each read
         self._catalog_gen: dict[str, int] = {}
         self._view_versions: dict[str, tuple[tuple[str, int], str]] = {}
         self._views: dict[tuple[Any, ...], OperatorView] = {}
@@ -168,38 +170,47 @@ class Runtime:
         """Parse → validate → swap. Raises PolicyError; the caller decides what that means."""
         from rewriters.policy import load_policy
 
-        policy = load_policy(self.config.policy)
+        mark = _policy_file_mark(self.config.policy)  # before reading: a change made while
+        policy = load_policy(self.config.policy)       # it is read is seen at the next poll
         self.policy = policy
+        self.policy_mark = mark
         self.epoch[0] += 1
         self._views.clear()
-        with contextlib.suppress(OSError):
-            self.policy_mtime = os.stat(self.config.policy).st_mtime
         self.metrics.set_policy_version(policy.version)
 
     def reload_policy(self) -> bool:
         from rewriters.policy import PolicyError
 
+        mark = _policy_file_mark(self.config.policy)
         try:
             self.load_policy()
         except PolicyError as exc:
             self.metrics.policy_reloads.labels(result="error").inc()
             log.error("policy reload failed, keeping version %s:\n%s",
                       getattr(self.policy, "version", "?"), exc)
-            with contextlib.suppress(OSError):
-                self.policy_mtime = os.stat(self.config.policy).st_mtime
+            self.policy_mark = mark  # not tried again until the file changes
             return False
         self.metrics.policy_reloads.labels(result="ok").inc()
         log.info("policy reloaded: version %s", self.policy.version)
+        for database, read in list(self._catalog_read.items()):
+            if read != self._catalog_wants():  # new protected tables or masked columns:
+                self.invalidate_catalog(database)  # read their columns now, not at the poll
         return True
 
+    def _catalog_wants(self) -> tuple[object, ...]:
+        """What a catalog read depends on in the policy."""
+        policy = self.policy
+        return (tuple(sorted(policy.protected_tables)),
+                tuple((t, tuple(sorted(c))) for t, c in sorted(policy.sensitive_columns.items())))
+
     async def _watch_policy(self) -> None:
+        interval = self.config.policy_watch_seconds
+        if not interval:
+            return  # SIGHUP only
         while True:
-            await asyncio.sleep(1.0)
-            try:
-                mtime = os.stat(self.config.policy).st_mtime
-            except OSError:
-                continue
-            if mtime != self.policy_mtime:
+            await asyncio.sleep(interval)
+            mark = _policy_file_mark(self.config.policy)
+            if mark is not None and mark != self.policy_mark:
                 self.reload_policy()
 
     # ------------------------------------------------------------------ catalog
@@ -292,8 +303,10 @@ class Runtime:
             log.warning("catalog: cannot connect to %s: %s", database, exc)
             return None
         try:
+            wants = self._catalog_wants()
             cat, missing = await load_catalog(conn, self.policy.protected_tables,
                                               self.policy.sensitive_columns)
+            self._catalog_read[database] = wants
             for name in missing:
                 log.warning("protected table %s is missing from database %s", name, database)
             return cat
@@ -410,8 +423,12 @@ class Runtime:
 
         policy = self.policy
         operator = policy.resolve(login, ip, application)
-        if operator is None:
-            return self.view_version(database), None
+        if operator is None:  # the login left the policy: customer data is refused from now on
+            from rewriters.policy import revoked_view
+
+            revoked = revoked_view(policy, login, self.catalogs.get(database) or Catalog())
+            version = self.view_version(database)
+            return version, dataclasses.replace(revoked, policy_version=version)
         view = self._view_for(policy, operator, login, database)
         return view.policy_version, view
 
@@ -770,3 +787,14 @@ async def run_worker(config: Config, worker: int = 0, cancel_dir: Path | None = 
     await stop.wait()
     log.info("draining")
     await rt.drain()
+
+
+def _policy_file_mark(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What tells that the policy file changed: not its mtime alone, which ``cp -p``,
+    ``rsync -t`` or two writes in one clock tick keep; the inode (an editor's or a ConfigMap's
+    rename), the size and the change time (which no one can set) as well. None: unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

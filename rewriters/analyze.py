@@ -458,6 +458,9 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
     sig = significant(tokens)
     lead = leading_kind(sig)
     if restricted and m.sensitive:
+        for t in m.tables:
+            if t.view.refused is not None:
+                return _deny(lead, t.view.refused, text, mentioned)
         guard = _lexical_guard(text, tokens, m, ctx)
         if guard is not None:
             return _deny(lead, guard, text, mentioned)

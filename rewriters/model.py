@@ -84,10 +84,14 @@ class TableView:
     name: str  # schema.table, lower case, as in the policy
     columns: tuple[ColumnView, ...]  # catalog order
     row_filter: str | None = None  # SQL predicate with attributes already as literals; None = all rows
+    # why every statement that names this table is refused for this operator (the policy masks
+    # a column the table no longer has, or the login left the policy); None = substituted
+    refused: str | None = None
 
     @property
     def masked(self) -> bool:
-        return self.row_filter is not None or any(c.expr is not None for c in self.columns)
+        return (self.row_filter is not None or self.refused is not None
+                or any(c.expr is not None for c in self.columns))
 
 
 class Unbounded(enum.Enum):
@@ -136,6 +140,8 @@ class OperatorView:
     allowed_dependents: frozenset[str] = frozenset()
     dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
     write_hooks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Catalog.write_hooks
+    # the login no operator matches any more (policy.revoked_view): no grant lifts it
+    revoked: bool = False
 
 
 @dataclass(frozen=True)

@@ -1011,10 +1011,19 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
             log.warning("protected table %s is not in the database catalog; using the columns "
                         "listed in %s", name, policy.filename)
         present = {c.name.lower() for c in columns}
-        for col in policy.tables[name].columns:
+        refused = None
+        listed = [*policy.tables[name].columns, *(c for t, c in role.masks if t == name)]
+        for col in dict.fromkeys(listed):
             if in_catalog and col not in present:
                 log.warning("%s.%s is listed in %s but not in the database", name, col,
                             policy.filename)
+                spec, source = _column_plan(policy, role, name, col)
+                if spec is not None and refused is None:
+                    # renamed or dropped: whatever holds its values now is not masked
+                    refused = (f"the policy masks {name}.{col} ({source}) for role "
+                               f"{role.name}, but the table has no such column (renamed or "
+                               f"dropped?): {name} is refused until the policy names its "
+                               "columns again")
         out: list[ColumnView] = []
         for c in columns:
             spec, source = _column_plan(policy, role, name, c.name)
@@ -1040,7 +1049,7 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
             except KeyError as e:
                 errors.append(f"{rf.source}: operator {operator.login!r} has no attribute "
                               f"{e.args[0]!r}")
-        views[name] = TableView(name, tuple(out), row_filter)
+        views[name] = TableView(name, tuple(out), row_filter, refused)
     if errors:
         raise PolicyError(errors)
     limits = Limits(
@@ -1066,6 +1075,32 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
         policy_version=policy.version,
         allowed_dependents=policy.allow_dependents | role.allow_dependents,
         dependents=dict(catalog.dependents),
+        write_hooks=dict(catalog.write_hooks),
+    )
+
+
+def _null_column(c: CatalogColumn) -> ColumnView:
+    return ColumnView(c.name, c.type_sql, f"CAST(NULL AS {masks.qualified_type(c.type_sql)})",
+                      "null")
+
+
+def revoked_view(policy: Policy, login: str, catalog: Catalog) -> OperatorView:
+    """The view of an open session whose login no operator matches any more (and the policy
+    has no ``default`` role): every statement that names a protected table or a view or
+    function reading one is refused; the connection itself stays up."""
+    why = (f"login {login!r} is no longer matched by any operator of the policy "
+           f"({policy.filename}): its statements on customer data are refused")
+    tables = {
+        name: TableView(name, tuple(_null_column(c)
+                                    for c in _table_columns(policy, name, catalog)[0]),
+                        "false", why)
+        for name in policy.tables
+    }
+    return OperatorView(
+        login=login, role="(revoked)", attributes={}, tables=tables, revoked=True,
+        limits=Limits(max_rows=0, unbounded=Unbounded.DENY),
+        unrestricted=False, policy_version=policy.version,
+        allowed_dependents=frozenset(), dependents=dict(catalog.dependents),
         write_hooks=dict(catalog.write_hooks),
     )
 

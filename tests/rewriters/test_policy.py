@@ -463,6 +463,39 @@ def test_table_missing_from_catalog_uses_policy_columns(policy: Policy) -> None:
     assert view.tables["public.orders"].columns[0].name == "id"
 
 
+def test_a_masked_column_missing_from_its_table_refuses_the_table(policy: Policy) -> None:
+    """phone renamed to mobile: nothing in the policy names mobile, so the roles that mask
+    phone are refused the table (and only those); a statement naming it is denied."""
+    from rewriters.analyze import Analyzer
+
+    renamed = Catalog(tables={**BANK.tables, "public.customers": tuple(
+        CatalogColumn("mobile", c.type_sql) if c.name == "phone" else c
+        for c in BANK.tables["public.customers"])})
+    teller = build_operator_view(policy, policy.resolve("teller_sz01", None, None), renamed)
+    why = teller.tables["public.customers"].refused
+    assert why is not None and "public.customers.phone" in why and "renamed or dropped" in why
+    assert teller.tables["public.accounts"].refused is None
+    for login in ("manager_sz01", "dba"):  # they see identity raw: nothing is hidden
+        view = build_operator_view(policy, policy.resolve(login, None, None), renamed)
+        assert view.tables["public.customers"].refused is None
+    decision = Analyzer().analyze("select mobile from customers where id = 3",
+                                  teller).statements[0]
+    assert decision.action.name == "DENY" and decision.message == why
+
+
+def test_a_login_the_policy_dropped_gets_a_view_refusing_everything(policy: Policy) -> None:
+    from rewriters.analyze import Analyzer
+    from rewriters.policy import revoked_view
+
+    view = revoked_view(policy, "teller_sz01", BANK)
+    assert view.revoked and not view.unrestricted
+    analyzer = Analyzer()
+    for sql in ("select phone from customers where id = 3", "select * from v_customers"):
+        decision = analyzer.analyze(sql, view).statements[0]
+        assert decision.action.name == "DENY", sql
+    assert analyzer.analyze("select 1", view).statements[0].action.name == "FORWARD"
+
+
 @pytest.mark.parametrize("login", ["teller_sz01", "manager_sz01", "auditor", "stranger"])
 def test_database_without_the_protected_tables_still_builds(policy: Policy, login: str) -> None:
     """A database that lacks every protected table (a teller's health check against
