@@ -314,6 +314,17 @@ class PolicyModel(_Model):
 def policy_json_schema() -> dict[str, Any]:
     """The JSON Schema of policy.yaml (committed as config/policy.schema.json for editors)."""
     schema = PolicyModel.model_json_schema()
+    # what the validators check on strings, where a pattern can say it too (editors then flag
+    # it; `pgveil check` still says why, with the line)
+    hours = {"type": "string", "pattern": r"^\d{2}:\d{2}-\d{2}:\d{2}$"}
+    for props in (schema["properties"], schema["$defs"]["RoleModel"]["properties"]):
+        props["hours"]["anyOf"] = [hours, {"type": "null"}]
+    schema["$defs"]["QuotaModel"]["properties"]["per"]["anyOf"] = [
+        {"type": "string", "pattern": r"^\s*\d+\s*[smhd]\s*$"},
+        {"type": "integer", "minimum": 1}]
+    schema["properties"]["levels"]["propertyNames"] = {"pattern": "^[0-9]+$"}
+    ident = r"[A-Za-z_][A-Za-z0-9_$]*"
+    schema["properties"]["protected"]["propertyNames"] = {"pattern": f"^({ident}\\.)?{ident}$"}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
@@ -538,21 +549,6 @@ def normalize_column_path(path: str) -> tuple[str, str]:
 def _load_yaml(text: str, filename: str) -> tuple[Any, dict[tuple[str, ...], int], list[str]]:
     """Parse YAML, returning the data, a map key path -> line, and duplicate-key errors."""
     loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        problem = e.problem or e.context or "invalid YAML"
-        if e.problem and e.context:
-            where = f" at line {e.context_mark.line + 1}" if e.context_mark else ""
-            problem += f" ({e.context}{where})"
-        raise PolicyError([f"{filename}:{line}: yaml: {problem}"]) from None
-    except yaml.YAMLError as e:
-        raise PolicyError([f"{filename}:1: yaml: {e}"]) from None
-    finally:
-        loader.dispose()
     lines: dict[tuple[str, ...], int] = {(): 1}
     errors: list[str] = []
 
@@ -574,8 +570,25 @@ def _load_yaml(text: str, filename: str) -> tuple[Any, dict[tuple[str, ...], int
                 lines.setdefault(sub, item.start_mark.line + 1)
                 walk(item, sub)
 
-    if node is not None:
-        walk(node, ())
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            # before constructing: a merge key (<<: *anchor) is flattened into the mapping
+            # node then, and a key set beside it would read as a duplicate
+            walk(node, ())
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        problem = e.problem or e.context or "invalid YAML"
+        if e.problem and e.context:
+            where = f" at line {e.context_mark.line + 1}" if e.context_mark else ""
+            problem += f" ({e.context}{where})"
+        raise PolicyError([f"{filename}:{line}: yaml: {problem}"]) from None
+    except yaml.YAMLError as e:
+        raise PolicyError([f"{filename}:1: yaml: {e}"]) from None
+    finally:
+        loader.dispose()
     return data, lines, errors
 
 

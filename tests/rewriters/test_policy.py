@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
+import jsonschema
 import pytest
 
 from rewriters.masks import hmac_pads
@@ -249,6 +251,19 @@ def test_reference_variants_report_the_line(old: str, new: str, path: str, messa
     # The reported line holds the offending key (or, for a list item, the item).
     assert key in text.splitlines()[line - 1] or key.isdigit(), (line, matching)
     assert message in matching[0]
+
+
+def test_yaml_merge_keys_are_not_duplicates() -> None:
+    """``<<: *anchor`` merges the anchored mapping; a key set beside it overrides, as in
+    plain YAML, rather than counting as a duplicate."""
+    text = BASE.replace("  manager:  ", "  manager: &mgr", 1)
+    assert text != BASE
+    text = text.replace("operators:", "operators:\n  - match: {user: \"acting_mgr*\"}\n"
+                        "    role: acting\n    attributes: {branch: SZ01}", 1)
+    text += "\n  acting:\n    <<: *mgr\n    max_rows: 10\n"
+    p = parse_policy(text, "p.yaml", env={})
+    assert p.roles["acting"].max_rows == 10 and p.roles["acting"].clearance == 2
+    assert "duplicate key" in " ".join(_errors(text + "    max_rows: 11\n"))
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -618,8 +633,28 @@ def test_reference_policy_matches_schema() -> None:
     document = json.loads(json.dumps(yaml.safe_load(BASE)))  # YAML int keys -> JSON strings
     assert set(document) <= set(schema["properties"])
     assert set(schema["required"]) <= set(document)
-    try:
-        import jsonschema
-    except ImportError:  # optional: pydantic validation is the authority
-        return
     jsonschema.validate(document, schema)
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    (("roles", "teller", "quota", "per"), "fortnight"),
+    (("roles", "teller", "quota", "per"), 0),
+    (("roles", "teller", "hours"), "8-20"),
+    (("levels", "three"), "x"),
+    (("protected", "bank.public.orders"), {}),
+    (("roles", "teller", "max_rows"), -1),
+    (("protected", "public.customers", "columns", "phone", "mask"), "phon"),
+])
+def test_schema_rejects_what_check_rejects_without_a_database(path: tuple[str, ...],
+                                                              value: Any) -> None:
+    import yaml
+
+    document = json.loads(json.dumps(yaml.safe_load(BASE)))
+    node = document
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, policy_json_schema())
+    with pytest.raises(PolicyError):
+        parse_policy(yaml.safe_dump(document), "p.yaml", env={})
