@@ -14,6 +14,11 @@ subtracted::
     .venv/bin/python bench/audit_micro.py                # µs/record, net of the harness
     .venv/bin/python bench/audit_micro.py --group 1 --groups 20000
     .venv/bin/python bench/audit_micro.py --profile      # cProfile of the audited loop
+    .venv/bin/python bench/audit_micro.py --form         # the hot path's per-shape form
+
+``--form`` measures what a repeated protected lookup on the hot path pays instead: the record
+filled into its statement shape's :class:`proxy.audit.RecordForm` (``AuditTrail.record_form``),
+without metrics or redaction.
 
 CPU time is ``time.process_time()`` (all threads of the process), best of ``--repeat`` runs.
 """
@@ -82,7 +87,8 @@ async def _done_future() -> Any:
     return fut
 
 
-async def measure(groups: int, group: int, profile: bool) -> tuple[float, float]:
+async def measure(groups: int, group: int, profile: bool,
+                  form: bool = False) -> tuple[float, float]:
     """(µs per record for the audited loop, µs per record for the harness alone)."""
     done = await _done_future()
 
@@ -101,6 +107,15 @@ async def measure(groups: int, group: int, profile: bool) -> tuple[float, float]
 
         def submit(fields: dict[str, Any]) -> Any:
             return Runtime.submit_audit(stub, fields)  # type: ignore[arg-type]
+
+        if form:
+            fixed = statement_fields(0)
+            del fixed["rows"], fixed["duration_ms"]
+            shape = trail.prepare(fixed)
+            assert shape is not None
+
+            def submit(fields: dict[str, Any]) -> Any:  # noqa: F811 - the form path instead
+                return trail.record_form(shape, fields["rows"], fields["duration_ms"])
 
         await _loop(submit, max(1, groups // 10), group)  # warm caches and the file
         prof = cProfile.Profile() if profile else None
@@ -126,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--form", action="store_true", help="the hot path's RecordForm records")
     args = ap.parse_args(argv)
     if not args.no_uvloop:
         try:
@@ -134,11 +150,12 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         except ImportError:  # pragma: no cover
             pass
-    results = [asyncio.run(measure(args.groups, args.group, args.profile and i == 0))
+    results = [asyncio.run(measure(args.groups, args.group, args.profile and i == 0, args.form))
                for i in range(args.repeat)]
     best = min(results, key=lambda r: r[0] - r[1])
     total, harness = best
-    print(f"audit record: {total - harness:.1f} us/record net "
+    kind = "form" if args.form else "audit"
+    print(f"{kind} record: {total - harness:.1f} us/record net "
           f"({total:.1f} total - {harness:.1f} harness), groups of {args.group}, "
           f"{args.groups * args.group} records, best of {args.repeat}")
 
