@@ -43,6 +43,7 @@ from proxy.operator import OperatorState
 from proxy.protocol import ProtocolError, error_response, python_encoding
 from rewriters.model import (
     DENY_SQLSTATE,
+    FAILING_PREFIX,
     Action,
     Analysis,
     LexSettings,
@@ -2310,7 +2311,17 @@ class Session:
     def _scrub_error(self, frame: bytes, fields: dict[str, str]) -> bytes:
         """PostgreSQL's DETAIL of integrity and data errors quotes the raw row or key values
         ("Failing row contains (3, 李超, 18600314187, …)", "Key (id)=(1) already exists"), read
-        below the mask. Restricted roles get the error without that detail."""
+        below the mask. Restricted roles get the error without that detail.
+
+        A check pgveil put into a statement (a row outside the row filter, known only when the
+        statement runs: rewriters.dml._failing) fails as a cast of its message; the client
+        gets it as the policy denial it is (42501), in PostgreSQL's own words otherwise."""
+        if fields.get("C") == "22P02":
+            message = fields.get("M", "")
+            at = message.find(FAILING_PREFIX)
+            if at >= 0:  # the quotes around it depend on lc_messages
+                return error_message(DENY_SQLSTATE, message[at + len(FAILING_PREFIX):]
+                                     .rstrip("\"'»”」"))
         detail = fields.get("D")
         if detail is None or self.view.unrestricted:
             return frame

@@ -34,10 +34,12 @@ from decimal import Decimal, InvalidOperation
 from sqlglot import exp
 
 from rewriters.compiled import CompiledTable, CompiledView, FilterLiteral, quote_ident
+from rewriters.model import FAILING_PREFIX
 from rewriters.substitute import (
     Denied,
     Ref,
     Simple,
+    collect_refs,
     condition_text,
     conjuncts,
     ident_value,
@@ -84,6 +86,41 @@ def reads_masked(expr: exp.Expression | None, ct: CompiledTable, ref_name: str) 
                 return "*"
         elif qual == ref_name and name in ct.masked_cols:
             return name
+    return None
+
+
+def _masked_sources(tree: exp.Expression, target: Ref,
+                    cv: CompiledView) -> dict[str, CompiledTable]:
+    """The other protected relations of the statement (FROM/USING items, subqueries) that have
+    masked columns, by the name the statement uses for them."""
+    return {r.ref_name: r.table for r in collect_refs(tree, cv)
+            if r.node is not target.node and r.table is not None and r.table.masked_cols}
+
+
+def reads_masked_source(expr: exp.Expression, sources: dict[str, CompiledTable]) -> str | None:
+    """``schema.table.column`` of a masked column of one of ``sources`` that ``expr`` may read
+    (conservative: an unqualified name any of them masks counts), or None."""
+    if not sources:
+        return None
+    for col in expr.find_all(exp.Column):
+        qual = ident_value(col.args.get("table"))
+        if isinstance(col.this, exp.Star):
+            if qual in sources:
+                return f"{sources[qual].name}.*"
+            continue
+        name = ident_value(col.this)
+        if name is None:
+            continue
+        if qual is not None:
+            t = sources.get(qual)
+            if t is not None and name in t.masked_cols:
+                return f"{t.name}.{name}"
+            continue
+        if name in sources:
+            return f"{sources[name].name}.*"
+        for t in sources.values():
+            if name in t.masked_cols:
+                return f"{t.name}.{name}"
     return None
 
 
@@ -164,6 +201,7 @@ def _update_or_delete(
     ref_name = ref.ref_name
     verb = "UPDATE" if isinstance(tree, exp.Update) else "DELETE"
     if isinstance(tree, exp.Update):
+        sources = _masked_sources(tree, ref, cv)
         for item in tree.expressions:
             if not isinstance(item, exp.EQ) or not isinstance(item.this, exp.Column):
                 raise Denied(f"{verb} of {ct.name}: only SET column = value is supported")
@@ -180,6 +218,9 @@ def _update_or_delete(
                 read = reads_masked(value, ct, ref_name)
                 if read is not None:
                     raise Denied(f"UPDATE may not read {_what(ct, read).removeprefix('of ')}")
+                other = reads_masked_source(value, sources)
+                if other is not None:  # it would store the masked text as the real value
+                    raise Denied(f"UPDATE may not write the masked value of {other}")
             if col in ct.filter_cols and not same:
                 want = (ct.filter_eq or {}).get(col)
                 if want is None or not _same_literal(value, want):
@@ -337,7 +378,7 @@ def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expre
     outer = ct.filter_outer_cols
     if not outer or any(c not in cols for c in outer):
         raise Denied(outside)
-    message = f"pgveil: the row is outside the row filter of {ct.name}"
+    message = f"{FAILING_PREFIX}the row is outside the row filter of {ct.name}"
     for items in rows:
         texts: dict[str, str] = {}
         spans: dict[str, tuple[int, int]] = {}
@@ -433,7 +474,7 @@ def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenInd
                      f"{rt.name}, of which this operator sees only some rows")
     cview = ct.colview[col]
     qref = ".".join(quote_ident(p) for p in rt.name.split("."))
-    message = (f"pgveil: no {rt.name} row visible to this operator has "
+    message = (f"{FAILING_PREFIX}no {rt.name} row visible to this operator has "
                f"{rcol} = the value given for {ct.name}.{col}")
     text = (f"COALESCE((SELECT {quote_ident(rcol)} FROM {qref} WHERE ({rt.row_filter}) AND "
             f"{quote_ident(rcol)} OPERATOR(pg_catalog.=) {idx.sql[lit.start:lit.end]} "

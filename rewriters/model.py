@@ -24,6 +24,9 @@ import enum
 from dataclasses import dataclass, field
 
 DENY_SQLSTATE = "42501"  # insufficient_privilege: every policy denial uses it
+# how the message of a check pgveil writes into a statement begins (rewriters.dml._failing):
+# PostgreSQL raises it as invalid input (22P02) and the session turns it into a 42501 denial
+FAILING_PREFIX = "pgveil: "
 
 
 @dataclass(frozen=True)

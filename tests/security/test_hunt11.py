@@ -102,3 +102,41 @@ def test_psql_describe_matches_a_direct_connection(leak: LeakChecker, login: str
     direct, proxied = describe(leak.pg.dsn(login)), describe(leak.pgveil.dsn(login))
     assert proxied.returncode == 0 and not proxied.stderr, proxied.stderr
     assert proxied.stdout == direct.stdout
+
+
+@pytest.mark.parametrize(("sql", "params", "message"), [
+    # orders' row filter reads customers: checked when the statement runs
+    ("insert into orders (customer_id, amount) values (1, 5)", None,
+     "the row is outside the row filter of public.orders"),
+    ("insert into orders (customer_id, amount) values (%s, 5)", (1,),
+     "the row is outside the row filter of public.orders"),
+    # the row filter on a parameter, checked when the statement runs
+    ("insert into customers (name, phone, id_number, branch_id) values (%s, %s, %s, %s)",
+     ("h11", "13000000011", "110101199001010011", "GZ01"),
+     "the row is outside the row filter of public.customers"),
+])
+def test_checks_at_execution_are_policy_denials(leak: LeakChecker, sql: str,
+                                                params: tuple[object, ...] | None,
+                                                message: str) -> None:
+    """They fail inside PostgreSQL as a cast of their message (22P02, "invalid input syntax
+    for type integer"); the client gets the 42501 denial every other refusal is."""
+    with psycopg.connect(leak.pgveil.dsn("teller_sz01")) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute(sql, params)
+        assert info.value.diag.message_primary is not None
+        assert info.value.diag.message_primary.startswith(message), info.value
+        conn.rollback()
+
+
+@pytest.mark.parametrize("sql", [
+    "update customers set phone = c2.phone from customers c2 where c2.id = 6 and customers.id = 3",
+    "update orders set note = c.name from customers c where c.id = orders.customer_id "
+    "and orders.customer_id = 3",
+])
+def test_update_may_not_store_another_relations_masked_value(leak: LeakChecker,
+                                                             sql: str) -> None:
+    with psycopg.connect(leak.pgveil.dsn("teller_sz01")) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute(sql)
+        assert "may not write the masked value" in str(info.value)
+        conn.rollback()
