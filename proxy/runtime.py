@@ -465,7 +465,11 @@ class Runtime:
                             f"approver: {grant.approver}"],
                 "grant": grant.id, "rows": None, "duration_ms": None, "error": None})
 
-    def submit_audit(self, fields: dict[str, Any]) -> asyncio.Future[None] | None:
+    def submit_audit(self, fields: dict[str, Any],
+                     standard_conforming_strings: bool = True) -> asyncio.Future[None] | None:
+        """Count a statement in the metrics and queue its audit record, its literals redacted
+        as its session reads them (with standard_conforming_strings off, backslashes escape
+        inside every string)."""
         # once per protected statement: the counters are batched (Metrics.flush adds them)
         metrics = self.metrics
         role = fields.get("role", "")
@@ -487,7 +491,8 @@ class Runtime:
         if self.audit is None:
             return None
         if self.config.audit.redact_literals:
-            fields["statement"] = _redact(fields.get("statement") or "")
+            fields["statement"] = _redact(fields.get("statement") or "",
+                                          standard_conforming_strings)
             if fields.get("error"):
                 fields["error"] = _redact_error(fields["error"])
         try:
@@ -496,7 +501,8 @@ class Runtime:
             log.error("audit record failed: %s", exc)
             return None
 
-    def audit_form(self, fields: dict[str, Any]) -> AuditForm | None:
+    def audit_form(self, fields: dict[str, Any],
+                   standard_conforming_strings: bool = True) -> AuditForm | None:
         """The fixed part of a protected statement's audit record and metrics (``fields`` as
         for :meth:`submit_audit`, without rows, duration_ms and error), for
         :meth:`submit_form`; None when the general path must be used: literals are not
@@ -508,7 +514,8 @@ class Runtime:
         role = fields.get("role", "")
         record = None
         if self.audit is not None:
-            fields = dict(fields, statement=_redact(fields.get("statement") or ""))
+            fields = dict(fields, statement=_redact(fields.get("statement") or "",
+                                                    standard_conforming_strings))
             try:
                 record = self.audit.prepare(fields)
             except ValueError:
@@ -735,11 +742,11 @@ class AuditForm:
     lookup_keys: tuple[tuple[str, str], ...]  # (role, column) of the lookup counter
 
 
-def _redact(sql: str) -> str:
-    """Literals out of the audited statement; cached because prepared statements repeat."""
+def _redact(sql: str, standard_conforming_strings: bool = True) -> str:
+    """Literals out of the audited statement."""
     from rewriters.shape import redact_literals
 
-    return redact_literals(sql)
+    return redact_literals(sql, standard_conforming_strings)
 
 
 def _redact_error(message: str) -> str:

@@ -385,8 +385,9 @@ class ClientConnection(asyncio.Protocol):
             else:
                 up.transport.writelines(out.to_server)
         if out.audit:
+            scs = self.session is None or self.session.lex.standard_conforming_strings
             for ev in out.audit:
-                ev.future = self.rt.submit_audit(ev.fields)
+                ev.future = self.rt.submit_audit(ev.fields, scs)
                 if ev.future is not None and self.rt.strict_audit and not ev.held:
                     # strict: what follows waits for this record (a HeldResult waits itself)
                     self._pending.append(_Barrier(ev.future))
@@ -486,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
             try:
                 ended = self.session.abandon(self._ended_because)
                 for ev in ended.audit:
-                    self.rt.submit_audit(ev.fields)
+                    self.rt.submit_audit(ev.fields, self.session.lex.standard_conforming_strings)
             except Exception:  # noqa: BLE001 - the transports below must close regardless
                 log.exception("recording the statements of an ended session failed")
         if self.upstream is not None and self.upstream.transport is not None:
@@ -629,14 +630,15 @@ class ClientConnection(asyncio.Protocol):
                 loop.create_connection(lambda: proto, cfg.host, cfg.port), cfg.connect_timeout)
             if cfg.tls != "disable":
                 transport.write(struct.pack("!II", 8, SSL_REQUEST))
-                await proto.reader._need(1)
+                await asyncio.wait_for(proto.reader._need(1), cfg.connect_timeout)
                 answer = bytes(proto.reader.buf[:1])
                 del proto.reader.buf[:1]
                 if answer == b"S":
                     ctx = self.rt.upstream_ssl
                     secured = await loop.start_tls(
                         transport, proto, ctx,
-                        server_hostname=cfg.host if cfg.tls == "verify-full" else None)
+                        server_hostname=cfg.host if cfg.tls == "verify-full" else None,
+                        ssl_handshake_timeout=cfg.connect_timeout)
                     if secured is None:  # the loop closed the connection during the handshake
                         raise ConnectionError("TLS handshake with PostgreSQL did not complete")
                     transport = secured
@@ -644,6 +646,16 @@ class ClientConnection(asyncio.Protocol):
                 elif cfg.tls in ("require", "verify-ca", "verify-full"):
                     raise ConnectionError("upstream PostgreSQL refused TLS (upstream.tls: "
                                           f"{cfg.tls})")
+            self.upstream = proto
+            assert proto.transport is not None
+            proto.transport.write(build_startup(params))
+            # a server (or something in between) that accepts and never answers: the client
+            # gets an error, not a wait as long as its own patience
+            try:
+                await asyncio.wait_for(proto.reader._need(1), cfg.connect_timeout)
+            except asyncio.TimeoutError:
+                raise ConnectionError(f"no answer to the startup message within "
+                                      f"{cfg.connect_timeout:g} s") from None
         except (OSError, asyncio.TimeoutError, ConnectionError, ClientGone, ssl.SSLError) as exc:
             self.rt.metrics.upstream_errors.inc()
             log.warning("cannot reach upstream %s:%s: %s", cfg.host, cfg.port, exc)
@@ -653,9 +665,6 @@ class ClientConnection(asyncio.Protocol):
                 hint="the database may be down or restarting; retry shortly"))
             self.close()
             return None
-        self.upstream = proto
-        assert proto.transport is not None
-        proto.transport.write(build_startup(params))
         return proto
 
     async def _finish_startup(self, upstream: UpstreamProtocol, view: Any,

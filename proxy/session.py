@@ -172,10 +172,10 @@ class _StatementRun:
         self.event: AuditEvent | None = None
         self.form: Any = form  # its audit form, when the hot path made the run (see _form_for)
         # a DECLARE of a name that held a protected cursor: recorded only once the server
-        # answers it (see Session._declare_sent); the portal record of that name when it was
-        # sent: a DECLARE that succeeds shows it closed
+        # answers it (see Session._declare_sent); Session._portal_changes when it was sent: a
+        # DECLARE that succeeds shows a portal of that name closed, if none changed since
         self.declare_pending = False
-        self.declare_over: tuple[StatementDecision, str] | None = None
+        self.declare_over = -1
 
     def __repr__(self) -> str:
         return (f"_StatementRun({self.decision.kind}, rows={self.rows}, done={self.done}, "
@@ -388,7 +388,7 @@ class Session:
                  plain_memoizable: Callable[[OperatorView], bool] | None = None,
                  statement_key: Callable[[str, str], tuple[str, ...]] | None = None,
                  record_statement: Callable[[tuple[str, ...]], None] | None = None,
-                 audit_form: Callable[[dict[str, Any]], Any] | None = None,
+                 audit_form: Callable[[dict[str, Any], bool], Any] | None = None,
                  on_memo_hit: Callable[[float], None] | None = None):
         # the hot path's way to count a statement: record(statement_key(decision, kind)) is
         # what count_statement(decision, kind) does, with the key built once per kind
@@ -436,7 +436,7 @@ class Session:
         # and repeated rewritten SELECTs of simple Queries run as pgveil's prepared statements,
         # by raw text with digits zeroed (see _memo_protected).
         self._audit_form = audit_form
-        self._forms: dict[tuple[int, str, str], tuple[Any, ...]] = {}
+        self._forms: dict[tuple[int, str, str, bool], tuple[Any, ...]] = {}
         self._protected_memo: dict[bytes, _ProtectedQuery] = {}
         self._on_memo_hit = on_memo_hit
         self.count_statement = count_statement
@@ -469,6 +469,8 @@ class Session:
         # extended protocol: statement / portal name → (decision, client text)
         self._statements: dict[bytes, tuple[StatementDecision, str]] = {}
         self._portals: dict[bytes, tuple[StatementDecision, str]] = {}
+        # bumped whenever an entry of _portals is set, replaced or removed (see _declare_sent)
+        self._portal_changes = 0
         # every parsed statement: name → (client text, Parse tail with parameter types, the
         # policy version it was decided under) — to re-decide it when the rules change
         self._parsed: dict[bytes, tuple[str, bytes, str]] = {}
@@ -760,12 +762,13 @@ class Session:
             return None
         d = run.decision
         grant = self.operator.grant_id if self.operator is not None else None
-        key = (id(d.reasons), run.source, decision_name)
+        scs = self.lex.standard_conforming_strings  # how the statement's literals read
+        key = (id(d.reasons), run.source, decision_name, scs)
         hit = self._forms.get(key)
         if hit is not None and hit[0] is d.reasons and hit[1] is self.view and hit[2] == grant \
                 and hit[3] is d.tables and hit[4] is d.columns and hit[5] is d.lookups:
             return hit[6]
-        form = make(self._audit_fields(run, decision_name))
+        form = make(self._audit_fields(run, decision_name), scs)
         if len(self._forms) >= 256:
             self._forms.clear()
         self._forms[key] = (d.reasons, self.view, grant, d.tables, d.columns, d.lookups, form)
@@ -897,6 +900,7 @@ class Session:
                     self._live_gate(decision[0])
                 if refused is not None:
                     self._portals.pop(portal, None)
+                    self._portal_changes += 1
                     self._source = decision[1]  # the audit record's statement
                     self._deny_runs(Analysis(sql="", statements=(refused,)), refused, out)
                     self._send_raise(refused, out)
@@ -1052,9 +1056,11 @@ class Session:
             self._portal_unsettled.setdefault(portal, (old, count))
         if new is not None:
             self._portals[portal] = new
+            self._portal_changes += 1
             self._counts.pop(key, None)
         else:
             self._portals.pop(portal, None)
+            self._portal_changes += 1
         self._bound_in_batch.add(portal)
 
     def _settle_portals(self, changes: list[tuple[bytes, Any, int]]) -> None:
@@ -1070,6 +1076,7 @@ class Session:
             d, text, is_cursor, _ = old
             if not is_cursor:
                 self._portals[portal] = (d, text)
+                self._portal_changes += 1
             key = self._portal_key(portal)
             if self._counts.get(key, 0) < count:
                 self._counts[key] = count
@@ -1082,7 +1089,7 @@ class Session:
         old = self._portal_record(d.cursor.encode(self.codec, "replace"))
         if old is not None and old[0].protected:
             run.declare_pending = True
-            run.declare_over = self._portals.get(d.cursor.encode(self.codec, "replace"))
+            run.declare_over = self._portal_changes
             return
         self.cursors[d.cursor] = d
         self._counts.pop(("cursor", d.cursor), None)
@@ -1232,7 +1239,8 @@ class Session:
                 return
             spans.append((a, b, quoted))
             values.append(literal[1:-1].replace(b"''", b"'") if quoted else literal)
-        audit_form = self._audit_form(self._audit_fields(run, self._decision_name(d)))
+        audit_form = self._audit_form(self._audit_fields(run, self._decision_name(d)),
+                                      self.lex.standard_conforming_strings)
         if audit_form is None:
             return
         # the Bind around the values: every length in it is the same for a text of this key
@@ -1302,6 +1310,7 @@ class Session:
             self._unnamed_binds += 1
         if entry is None:
             self._portals.pop(portal, None)
+            self._portal_changes += 1
             self._slots.append(_Slot("execute"))
         else:
             d = entry[0]
@@ -1314,6 +1323,7 @@ class Session:
                 return False
             key = self._portal_key(portal)
             self._portals[portal] = entry
+            self._portal_changes += 1
             self._counts.pop(key, None)
             run = self._quota_start(_StatementRun(d, self.clock(), counter_key=key,
                                                   source=entry[1]))
@@ -2081,6 +2091,7 @@ class Session:
         started = slots.popleft().started if kind == "execute" else head.started
         if tx is _IDLE and self._portals and not self._bound_in_batch:
             self._portals.clear()  # the transaction ended: so did every portal
+            self._portal_changes += 1
         if started and self.observe_duration is not None:
             self.observe_duration(now - started)
         self.state = _READY
@@ -2124,14 +2135,13 @@ class Session:
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
-                # so the portal of that name bound before it was closed (SQL CLOSE); a record
-                # a Bind sent meanwhile put in its place stays (the server answers that Bind
-                # after the DECLARE, and may well hold that portal)
-                over = run.declare_over
-                if over is not None:
+                # so the portal of that name bound before it was closed (SQL CLOSE) -- unless a
+                # portal record changed meanwhile: a Bind sent after the DECLARE is answered
+                # after it, and the server may well hold that portal
+                if run.declare_over == self._portal_changes:
                     name = d.cursor.encode(self.codec, "replace")  # type: ignore[union-attr]
-                    if self._portals.get(name) is over:
-                        del self._portals[name]
+                    if self._portals.pop(name, None) is not None:
+                        self._portal_changes += 1
             if not run.denied and not run.hidden:
                 self._settle_prepared(run.decision, error)
             if run.counter_key is not None and (not run.binding
@@ -2192,6 +2202,7 @@ class Session:
                 # the transaction ended, and with it every portal (WITH HOLD cursors are
                 # SQL-level: self.cursors keeps them)
                 self._portals.clear()
+                self._portal_changes += 1
                 self._portal_unsettled.clear()
             if not self._slots:
                 self.state = ProtocolState.READY

@@ -907,7 +907,7 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
                      f"{view.role} (lookup_max_values); this one presents {lookup_count} "
                      f"across its lookups on {', '.join(lookups)}")
     if kind == "select" and view.limits.unbounded is Unbounded.DENY  and not explain:
-        hit = unbounded_read(tree, refs, view.limits.max_rows)
+        hit = unbounded_read(tree, refs)
         if hit is not None:
             limit = view.limits.max_rows
             hint = f"LIMIT <= {limit}" if limit is not None else "LIMIT"

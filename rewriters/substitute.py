@@ -670,20 +670,26 @@ def substitute(
 # --- unbounded reads -------------------------------------------------------------------------
 
 
-def _limit_ok(q: exp.Expression, max_rows: int | None) -> bool:
+def _has_limit(q: exp.Expression) -> bool:
+    """A LIMIT / FETCH FIRST of a number or a parameter (not ALL, NULL or an expression):
+    with one, the read is bounded, and max_rows on the wire stops it at the role's cap
+    whatever the number (SPEC: unbounded is "neither a filter nor a LIMIT")."""
     lim = q.args.get("limit")
     value: exp.Expression | None = None
     if isinstance(lim, exp.Limit):
         value = lim.expression
     elif isinstance(lim, exp.Fetch):
         value = lim.args.get("count")
+    while isinstance(value, exp.Paren):
+        value = value.this
+    if isinstance(value, exp.Parameter):
+        return True
     if not isinstance(value, exp.Literal) or value.is_string:
         return False
     try:
-        n = Decimal(str(value.this))
+        return Decimal(str(value.this)) >= 0
     except InvalidOperation:
         return False
-    return max_rows is None or n <= max_rows
 
 
 def _single_row_aggregate(q: exp.Select) -> bool:
@@ -701,12 +707,10 @@ def _has_predicate(q: exp.Select) -> bool:
     return isinstance(where, exp.Where) and where.find(exp.Column) is not None
 
 
-def unbounded_read(
-    tree: exp.Expression, refs: list[Ref], max_rows: int | None
-) -> CompiledTable | None:
+def unbounded_read(tree: exp.Expression, refs: list[Ref]) -> CompiledTable | None:
     """The protected table a top-level query reads with neither a WHERE predicate nor a
-    ``LIMIT <= max_rows`` (and not as a single-row aggregate), following derived tables and
-    CTEs of the top level; None when bounded."""
+    LIMIT (and not as a single-row aggregate), following derived tables and CTEs of the top
+    level; None when bounded."""
     by_node = {id(r.node): r for r in refs}
     ctes: dict[str, exp.Expression] = {}
     for cte in tree.find_all(exp.CTE):
@@ -722,16 +726,16 @@ def unbounded_read(
             return None
         seen.add(id(q))
         while isinstance(q, exp.Subquery):
-            if _limit_ok(q, max_rows):
+            if _has_limit(q):
                 return None
             q = q.this
         if isinstance(q, exp.SetOperation):
-            if _limit_ok(q, max_rows):
+            if _has_limit(q):
                 return None
             return check(q.this) or check(q.expression)
         if not isinstance(q, exp.Select):
             return None
-        if _limit_ok(q, max_rows) or _single_row_aggregate(q) or _has_predicate(q):
+        if _has_limit(q) or _single_row_aggregate(q) or _has_predicate(q):
             return None
         pending: list[exp.Expression] = []
         frm = q.args.get("from_")

@@ -471,6 +471,14 @@ def _own_nodes(value: Any) -> Iterator[tuple[str, dict[str, Any]]]:
     yield from _nodes(value, ("SubLink", "SelectStmt", "RangeSubselect"))
 
 
+# What pg_dump (15.8 and later) sends to set a setting only where it exists: a computed name,
+# but one the WHERE clause pins to a constant (that constant is then checked like any other)
+_PG_DUMP_SET_CONFIG = re.compile(
+    r"\s*SELECT\s+(?:pg_catalog\.)?set_config\(\s*name\s*,\s*'[^']*'\s*,\s*false\s*\)\s+"
+    r"FROM\s+(?:pg_catalog\.)?pg_settings\s+WHERE\s+name\s*=\s*'([a-z_]+)'\s*;?\s*\Z",
+    re.IGNORECASE)
+
+
 class _Walker:
     def __init__(
         self,
@@ -485,6 +493,7 @@ class _Walker:
         self.generated = generated
         self.allowed = allowed
         self.restricted = restricted
+        self.sql = sql
         self.b2c = _char_offsets(sql)
         self.v = Verdict()
         self.aliases: dict[str, CompiledTable] = {}
@@ -827,6 +836,9 @@ class _Walker:
                 sval = first[1].get("sval")
                 if isinstance(sval, dict):
                     setting = str(sval.get("sval", ""))
+            if setting is None:
+                dumped = _PG_DUMP_SET_CONFIG.match(self.sql)
+                setting = dumped.group(1) if dumped is not None else None
             if setting is None:
                 self.deny("set_config() with a computed setting name is not allowed for masked "
                           "roles")

@@ -346,6 +346,22 @@ def test_bounded_reads_and_count_allowed(pgveil: PgveilProcess, teller: str) -> 
         assert conn.execute("select count(*), max(id) from accounts").fetchone()[0] > 600
 
 
+def test_a_limit_bounds_the_read_whatever_its_number(pgveil: PgveilProcess, teller: str
+                                                     ) -> None:
+    """SPEC: unbounded is "neither a filter nor a LIMIT". LIMIT 100 runs and max_rows stops it
+    at 50 on the wire; a LIMIT parameter (ORM pagination) runs as well."""
+    with psycopg.connect(pgveil.dsn(teller), autocommit=True) as conn:
+        cur = conn.cursor()
+        with pytest.raises(pg_errors.InsufficientPrivilege, match=CAP_MESSAGE):
+            cur.execute("select * from customers limit 100")
+            cur.fetchall()
+        page = conn.execute("select id from customers order by id limit %s offset %s",
+                            (10, 20), prepare=True).fetchall()
+        assert len(page) == 10
+        with pytest.raises(pg_errors.InsufficientPrivilege, match="unbounded"):
+            conn.execute("select id from customers limit all")
+
+
 # --------------------------------------------------------------------------- cursors
 
 
@@ -439,7 +455,18 @@ def test_pg_dump_as_teller_fails_without_leaking(pg: PostgresCluster, pgveil: Pg
         r = run([dump, pgveil.dsn(teller), *args])
         assert r.returncode != 0, args
         assert not any(p in r.stdout for p in sz_phones), args
-        assert "COPY public.customers" not in r.stdout
+        # the refusal says what and why (pg_dump has printed the COPY header, no data)
+        assert "COPY of protected table public." in r.stderr, r.stderr
+        assert r.stdout.rstrip().endswith("FROM stdin;"), r.stdout[-300:]
+
+
+def test_pg_dump_of_an_unprotected_table_as_teller_works(pg: PostgresCluster,
+                                                        pgveil: PgveilProcess,
+                                                        teller: str) -> None:
+    """Its set-up query sets a setting by a computed name, pinned by its WHERE clause."""
+    r = run([client_binary(pg.bin_dir, "pg_dump"), pgveil.dsn(teller), "-t", "branches"])
+    assert r.returncode == 0, r.stderr
+    assert "COPY public.branches" in r.stdout and "SZ01" in r.stdout
 
 
 def test_pg_dump_as_dba_succeeds(pg: PostgresCluster, pgveil: PgveilProcess,

@@ -145,6 +145,21 @@ def test_upstream_down_gives_fatal_error(pgveil_factory) -> None:
     assert "cannot connect to the PostgreSQL server" in str(err.value)
 
 
+def test_upstream_that_accepts_and_never_answers_gives_an_error(pgveil_factory) -> None:
+    """A listener that never accepts (a hung server, a black-holing middlebox): the client
+    gets an error after upstream.connect_timeout, not a wait as long as its own patience."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(0)  # the kernel completes handshakes; nobody ever reads
+        proxy = pgveil_factory({"upstream": {"port": silent.getsockname()[1],
+                                             "connect_timeout": 2}})
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as err:
+            psycopg.connect(proxy.dsn("dba"), connect_timeout=30)
+        assert time.monotonic() - started < 10
+    assert "no answer to the startup message within 2 s" in str(err.value)
+
+
 def test_sigterm_drains_in_flight_query(pgveil_factory) -> None:
     import signal
     import threading

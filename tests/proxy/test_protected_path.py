@@ -30,7 +30,8 @@ class Forms:
     def __init__(self) -> None:
         self.made: list[dict[str, Any]] = []
 
-    def __call__(self, fields: dict[str, Any]) -> object:
+    def __call__(self, fields: dict[str, Any], standard_conforming_strings: bool) -> object:
+        assert standard_conforming_strings  # the session's lex: the default, on
         self.made.append(dict(fields))
         return ("form", len(self.made))
 
