@@ -194,6 +194,22 @@ def _same_literal(node: exp.Expression, want: FilterLiteral) -> bool:
         return False
 
 
+def _stays_inside(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenIndex
+                  ) -> tuple[tuple[int, int], str]:
+    """An UPDATE that sets a column the row filter reads to a literal or parameter (an ORM
+    writing every column back, an order moved to another customer of the branch): the span of
+    that value and the filter with it in place of the column, for a check as each row is
+    written (:func:`_failing`). Anything else, or a filter reading other columns too, is
+    refused: the new row could not be shown to stay inside."""
+    lit = literal_operand(value, idx)
+    cond = None
+    if lit is not None and ct.filter_outer_cols == [col]:
+        cond = ct.filter_with({col: idx.sql[lit.start:lit.end]})
+    if lit is None or cond is None:
+        raise Denied(f"UPDATE of {ct.name}.{col} could move rows out of the row filter")
+    return (lit.start, lit.end), cond
+
+
 def _update_or_delete(
     tree: exp.Expression, ref: Ref, ct: CompiledTable, idx: TokenIndex, res: DmlResult,
     cv: CompiledView,
@@ -221,15 +237,28 @@ def _update_or_delete(
                 other = reads_masked_source(value, sources)
                 if other is not None:  # it would store the masked text as the real value
                     raise Denied(f"UPDATE may not write the masked value of {other}")
+            check: tuple[tuple[int, int], str] | None = None
             if col in ct.filter_cols and not same:
                 want = (ct.filter_eq or {}).get(col)
-                if want is None or not _same_literal(value, want):
+                if want is not None and isinstance(value, exp.Literal) and \
+                        not _same_literal(value, want):  # known to leave it
                     raise Denied(
-                        f"UPDATE of {ct.name}.{col} could move rows out of the row filter"
-                    )
+                        f"UPDATE of {ct.name}.{col} could move rows out of the row filter")
+                if want is None or not _same_literal(value, want):
+                    check = _stays_inside(ct, col, value, idx)
             if not same:
                 wrapped = _key_value(ct, col, value, idx, cv, res, "UPDATE")
-                if wrapped is not None:
+                if check is not None:
+                    (start, end), cond = check
+                    inner = wrapped[1] if wrapped is not None else idx.sql[start:end]
+                    message = f"{FAILING_PREFIX}the row would leave the row filter of {ct.name}"
+                    text = (f"CASE WHEN ({cond}) THEN {inner} ELSE "
+                            f"{_failing(message, ct.colview[col].type_sql)} END")
+                    res.edits.append(Edit(start, end, text, ((0, len(text)),)))
+                    reason = f"{ct.name}.{col} checked against the row filter as it is written"
+                    if reason not in res.reasons:
+                        res.reasons.append(reason)
+                elif wrapped is not None:
                     (start, end), text = wrapped
                     res.edits.append(Edit(start, end, text, ((0, len(text)),)))
     where = tree.args.get("where")

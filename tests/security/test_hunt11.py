@@ -140,3 +140,30 @@ def test_update_may_not_store_another_relations_masked_value(leak: LeakChecker,
             conn.execute(sql)
         assert "may not write the masked value" in str(info.value)
         conn.rollback()
+
+
+def test_updates_that_keep_the_row_in_the_filter_run(leak: LeakChecker) -> None:
+    """An ORM writes every column back with parameters (branch_id = $n, unchanged); an order
+    moves to another customer of the branch. Both stay inside the filter and run; the same
+    statements leaving it are refused (42501) as each row is written."""
+    with psycopg.connect(leak.pgveil.dsn("teller_sz01")) as conn:
+        order = conn.execute("select id from orders where customer_id = 3 order by id "
+                             "limit 1").fetchone()
+        assert order is not None
+        cur = conn.execute("update customers set branch_id = %s, level = level where id = 3",
+                           ("SZ01",))
+        assert cur.rowcount == 1
+        cur = conn.execute("update orders set customer_id = %s where id = %s", (6, order[0]))
+        assert cur.rowcount == 1
+        conn.rollback()
+        for sql, params in (("update customers set branch_id = %s where id = 3", ("GZ01",)),
+                            ("update orders set customer_id = %s where id = %s", (1, order[0])),
+                            ("update orders set customer_id = 1 where id = %s", (order[0],))):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+                conn.execute(sql, params)
+            assert "row filter" in str(info.value)
+            conn.rollback()
+    with psycopg.connect(leak.pg.dsn("dba")) as dba:  # nothing moved
+        assert dba.execute("select branch_id from customers where id = 3").fetchone() == ("SZ01",)
+        assert dba.execute("select customer_id from orders where id = %s",
+                           (order[0],)).fetchone() == (3,)
