@@ -130,6 +130,20 @@ UNLIMITED_ROOM = 1 << 62
 QUOTA_UNCLAIMED = -1
 
 
+def _check_failure(fields: dict[str, str]) -> str | None:
+    """The message of a check pgveil wrote into a statement (a row outside the row filter,
+    known only as it is written: rewriters.dml._failing), which PostgreSQL raises as a failed
+    cast of that message (22P02); None for any other error. The client and the audit record
+    get it as the policy denial it is (42501)."""
+    if fields.get("C") != "22P02":
+        return None
+    message = fields.get("M", "")
+    at = message.find(FAILING_PREFIX)
+    if at < 0:
+        return None
+    return message[at + len(FAILING_PREFIX):].rstrip("\"'»”」")  # quotes per lc_messages
+
+
 class _StatementRun:
     """One statement being executed upstream, attributed results and counted rows.
 
@@ -597,6 +611,19 @@ class Session:
             message=f"a request may present at most {cap} lookup values at once for role "
                     f"{self.view.role} (lookup_max_values); this one presents {presented}")
 
+    def _refused_now(self, d: StatementDecision) -> StatementDecision | None:
+        """A decision made under an earlier view (a portal bound, a cursor declared before a
+        reload), run now: refused when the current view refuses one of its tables -- the
+        login left the policy, or a column the policy masks left the table."""
+        tables = self.view.tables
+        for name in d.tables:
+            tv = tables.get(name)
+            if tv is not None and tv.refused is not None:
+                return StatementDecision(
+                    action=Action.DENY, sql=d.sql, kind=d.kind, tables=d.tables,
+                    columns=d.columns, reasons=(tv.refused,), message=tv.refused)
+        return None
+
     def _live_gate(self, first: StatementDecision,
                    statements: Sequence[StatementDecision] | None = None
                    ) -> StatementDecision | None:
@@ -915,6 +942,15 @@ class Session:
             portal, _ = _cstr(frame, 5)
             bound = self._portal_record(portal)
             slot = _Slot("execute")
+            if bound is not None and bound[0].tables:
+                if self.operator is not None:
+                    self.view = self.operator.current()
+                refused = self._refused_now(bound[0])
+                if refused is not None:  # bound under a view the policy has since taken back
+                    self._source = bound[1]
+                    self._deny_runs(Analysis(sql="", statements=(refused,)), refused, out)
+                    self._send_raise(refused, out)
+                    return
             if bound is not None:
                 d, text, is_cursor, floor = bound
                 # FETCH counts against its cursor (cumulative across FETCHes), anything else
@@ -2126,7 +2162,7 @@ class Session:
         return None, None
 
     def _finish_run(self, slot: _Slot, run: _StatementRun | None, out: Output,
-                    error: str | None = None) -> None:
+                    error: str | None = None, blocked: bool = False) -> None:
         if run is not None and run is self.capped_run:
             self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
@@ -2149,7 +2185,7 @@ class Session:
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
             if not run.denied:
                 name = "failed" if error else self._decision_name(run.decision)
-                if run.capped:  # a policy denial on the wire, not a failure of the statement
+                if run.capped or blocked:  # a policy denial, not a failure of the statement
                     name = "blocked"
                 self._audit(out, run, name, error=error)
                 if self.count_statement is not None:
@@ -2264,10 +2300,17 @@ class Session:
                     hint=fields.get("H")))
                 slot.index += 1  # type: ignore[union-attr]
             else:
-                if run is not None:
-                    self._finish_run(slot, run, out,  # type: ignore[arg-type]
-                                     error=f"{fields.get('C', '')}: {fields.get('M', '')}")
-                out.to_client.append(self._scrub_error(frame, fields))
+                check = _check_failure(fields)
+                if check is not None:  # a check pgveil wrote into the statement: a denial
+                    if run is not None:
+                        self._finish_run(slot, run, out,  # type: ignore[arg-type]
+                                         error=check, blocked=True)
+                    out.to_client.append(error_message(DENY_SQLSTATE, check))
+                else:
+                    if run is not None:
+                        self._finish_run(slot, run, out,  # type: ignore[arg-type]
+                                         error=f"{fields.get('C', '')}: {fields.get('M', '')}")
+                    out.to_client.append(self._scrub_error(frame, fields))
             if slot is not None:
                 slot.failed = True
                 # after an error the server skips the rest: drop our remaining executes
@@ -2322,17 +2365,7 @@ class Session:
     def _scrub_error(self, frame: bytes, fields: dict[str, str]) -> bytes:
         """PostgreSQL's DETAIL of integrity and data errors quotes the raw row or key values
         ("Failing row contains (3, 李超, 18600314187, …)", "Key (id)=(1) already exists"), read
-        below the mask. Restricted roles get the error without that detail.
-
-        A check pgveil put into a statement (a row outside the row filter, known only when the
-        statement runs: rewriters.dml._failing) fails as a cast of its message; the client
-        gets it as the policy denial it is (42501), in PostgreSQL's own words otherwise."""
-        if fields.get("C") == "22P02":
-            message = fields.get("M", "")
-            at = message.find(FAILING_PREFIX)
-            if at >= 0:  # the quotes around it depend on lc_messages
-                return error_message(DENY_SQLSTATE, message[at + len(FAILING_PREFIX):]
-                                     .rstrip("\"'»”」"))
+        below the mask. Restricted roles get the error without that detail."""
         detail = fields.get("D")
         if detail is None or self.view.unrestricted:
             return frame

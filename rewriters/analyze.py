@@ -572,6 +572,15 @@ def _reasons(ctx: _Ctx, core: Core, columns: list[str]) -> list[str]:
     return reasons
 
 
+def _refused_since(base: StatementDecision, ctx: _Ctx) -> None:
+    """A cursor or prepared statement decided under an earlier view reads a table the current
+    view refuses (the login left the policy, a masked column left the table): so does it."""
+    for name in base.tables:
+        ct = ctx.cv.tables.get(name)
+        if ct is not None and ct.view.refused is not None:
+            raise Denied(ct.view.refused)
+
+
 def _lexical_guard(text: str, tokens: list, m: _Mentions, ctx: _Ctx) -> str | None:
     """Refuse what PostgreSQL may read differently from us (restricted roles, sensitive text)."""
     if not ctx.lex.standard_conforming_strings and "\\" in text:
@@ -670,6 +679,7 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
         if base is not None:
             if base.action is Action.DENY:
                 raise Denied(base.message or f"prepared statement {name} was denied")
+            _refused_since(base, ctx)
             core.inherited = base
             core.tables = list(base.tables)
         return core
@@ -680,6 +690,7 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
         if base is not None:
             if base.action is Action.DENY:
                 raise Denied(base.message or f"cursor {name} was denied")
+            _refused_since(base, ctx)
             core.inherited = base
             core.tables = list(base.tables)
         return core

@@ -21,12 +21,15 @@ Everything here is pure data; nothing does I/O.
 from __future__ import annotations
 
 import enum
+import secrets
 from dataclasses import dataclass, field
 
 DENY_SQLSTATE = "42501"  # insufficient_privilege: every policy denial uses it
 # how the message of a check pgveil writes into a statement begins (rewriters.dml._failing):
-# PostgreSQL raises it as invalid input (22P02) and the session turns it into a 42501 denial
-FAILING_PREFIX = "pgveil: "
+# PostgreSQL raises it as invalid input (22P02) and the session turns it into a 42501 denial.
+# A nonce of this process, so that a client's own bad cast ('pgveil: …'::int) stays its own
+# error rather than passing for a denial.
+FAILING_PREFIX = f"pgveil {secrets.token_hex(4)}: "
 
 
 @dataclass(frozen=True)

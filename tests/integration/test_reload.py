@@ -475,3 +475,39 @@ def test_a_replacement_keeping_the_mtime_is_noticed(pgveil_factory: Factory,
         edit_policy(policy_file, teller_clearance(1))
         os.utime(policy_file, ns=(mtime, mtime))
         wait_until(lambda: conn.execute(PHONE_SQL).fetchone() == (phone3,))
+
+
+def test_cursors_and_portals_opened_before_a_login_is_dropped_are_refused(
+        pgveil_factory: Factory, policy_file: Path) -> None:
+    """A WITH HOLD cursor or a protocol portal opened before the reload kept serving customer
+    rows to the dropped login (masked, but past its revocation)."""
+    from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse
+
+    def drop_tellers(policy: dict[str, Any]) -> None:
+        policy["operators"] = [o for o in policy["operators"]
+                               if o["match"].get("user") != "teller_sz*"]
+        del policy["roles"]["default"]
+
+    proc = pgveil_factory(policy_path=policy_file)
+    sql_conn = connect(proc, "teller_sz01")
+    wire_conn = connect(proc, "teller_sz01", autocommit=False)
+    w = Wire(wire_conn)
+    try:
+        sql_conn.execute("declare c cursor with hold for select id, phone from customers "
+                         "where id > 0 order by id")
+        assert len(sql_conn.execute("fetch 3 from c").fetchall()) == 3
+        w.batch(msg(b"Q", b"begin\x00"))
+        first = w.batch(parse(b"", b"select id, phone from customers where id > 0 order by id"),
+                        bind(b"", portal=b"p"), execute(b"p", 3), SYNC)
+        assert first.rows == 3 and not first.sqlstates, first
+        edit_policy(policy_file, drop_tellers)
+        bump_mtime(policy_file)
+        wait_until(lambda: reloads(proc, "ok") >= 1)
+        with pytest.raises(pg_errors.InsufficientPrivilege, match="no longer matched"):
+            sql_conn.execute("fetch 5 from c").fetchall()
+        later = w.batch(execute(b"p", 5), SYNC)
+        assert later.rows == 0 and later.sqlstates == ["42501"], later
+    finally:
+        w.sock.detach()
+        wire_conn.close()
+        sql_conn.close()

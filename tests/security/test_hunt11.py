@@ -167,3 +167,23 @@ def test_updates_that_keep_the_row_in_the_filter_run(leak: LeakChecker) -> None:
         assert dba.execute("select branch_id from customers where id = 3").fetchone() == ("SZ01",)
         assert dba.execute("select customer_id from orders where id = %s",
                            (order[0],)).fetchone() == (3,)
+
+
+def test_a_clients_own_bad_cast_is_not_a_policy_denial(leak: LeakChecker) -> None:
+    """pgveil's checks fail as a cast of their message, which the session reports as the
+    42501 denial it is; a client's own cast of text that looks like one stays a 22P02."""
+    with psycopg.connect(leak.pgveil.dsn("teller_sz01"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            conn.execute("select 'pgveil: the row is outside the row filter'::int")
+
+
+def test_a_check_at_execution_is_audited_as_a_denial(leak: LeakChecker) -> None:
+    app = f"h11-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(leak.pgveil.dsn("teller_sz01"), application_name=app) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("update customers set branch_id = %s where id = 3", ("GZ01",))
+        conn.rollback()
+    records = [json.loads(line) for line in leak.pgveil.audit_path.read_text().splitlines()
+               if app in line]
+    assert [r["decision"] for r in records] == ["blocked"], records
+    assert records[0]["error"] == "the row would leave the row filter of public.customers"
