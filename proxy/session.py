@@ -43,6 +43,7 @@ from proxy.operator import OperatorState
 from proxy.protocol import ProtocolError, error_response, python_encoding
 from rewriters.model import (
     DENY_SQLSTATE,
+    EXECUTION_CHECK_REASON,
     FAILING_PREFIX,
     Action,
     Analysis,
@@ -483,6 +484,10 @@ class Session:
         # extended protocol: statement / portal name → (decision, client text)
         self._statements: dict[bytes, tuple[StatementDecision, str]] = {}
         self._portals: dict[bytes, tuple[StatementDecision, str]] = {}
+        # the TableViews of its tables when a portal was bound / a cursor declared: a later
+        # Execute or FETCH under a view that shows those tables otherwise is refused
+        self._portal_views: dict[bytes, tuple[Any, ...]] = {}
+        self._cursor_views: dict[str, tuple[Any, ...]] = {}
         # bumped whenever an entry of _portals is set, replaced or removed (see _declare_sent)
         self._portal_changes = 0
         # every parsed statement: name → (client text, Parse tail with parameter types, the
@@ -590,6 +595,13 @@ class Session:
                         message=f"prepared statement {st.prepared} was prepared under rules "
                                 "that have changed since (policy reload or grant); "
                                 "DEALLOCATE and PREPARE it again")
+            if st.cursor and st.kind == "fetch" and st.tables:
+                opened = self._cursor_views.get(st.cursor)
+                if opened is None:
+                    opened = self._portal_views.get(st.cursor.encode(self.codec, "replace"))
+                stale = self._stale(st, opened)
+                if stale is not None:
+                    return stale
         protected = [s for s in analysis.statements if s.protected]
         if not protected:
             return None
@@ -610,6 +622,31 @@ class Session:
             columns=first.columns, reasons=("lookup_max_values",),
             message=f"a request may present at most {cap} lookup values at once for role "
                     f"{self.view.role} (lookup_max_values); this one presents {presented}")
+
+    def _views_of(self, d: StatementDecision) -> tuple[Any, ...]:
+        tables = self.view.tables
+        return tuple(tables.get(t) for t in d.tables)
+
+    def _stale(self, d: StatementDecision, opened: tuple[Any, ...] | None
+               ) -> StatementDecision | None:
+        """A cursor or portal opened under a view that showed its tables otherwise than the
+        current one (a reload tightened a mask or moved the operator; a grant ended): the
+        server still holds rows rewritten under the old rules, so reading on is refused."""
+        if opened is None:
+            return None
+        tables = self.view.tables
+        for i, name in enumerate(d.tables):
+            old = opened[i] if i < len(opened) else None
+            now = tables.get(name)
+            if now is not old and now != old:
+                message = (f"{'cursor ' + d.cursor if d.cursor else 'this portal'} was opened "
+                           f"under rules for {name} that have changed since (policy reload, "
+                           "schema change or grant); close it and open it again")
+                return StatementDecision(
+                    action=Action.DENY, sql=d.sql, kind=d.kind, tables=d.tables,
+                    columns=d.columns, reasons=("rules changed since the cursor was opened",),
+                    message=message)
+        return None
 
     def _refused_now(self, d: StatementDecision) -> StatementDecision | None:
         """A decision made under an earlier view (a portal bound, a cursor declared before a
@@ -945,8 +982,10 @@ class Session:
             if bound is not None and bound[0].tables:
                 if self.operator is not None:
                     self.view = self.operator.current()
-                refused = self._refused_now(bound[0])
-                if refused is not None:  # bound under a view the policy has since taken back
+                refused = self._refused_now(bound[0]) or self._stale(
+                    bound[0], self._cursor_views.get(bound[0].cursor or "") if bound[2]
+                    else self._portal_views.get(portal))
+                if refused is not None:  # bound under a view the policy has since changed
                     self._source = bound[1]
                     self._deny_runs(Analysis(sql="", statements=(refused,)), refused, out)
                     self._send_raise(refused, out)
@@ -1092,6 +1131,8 @@ class Session:
             self._portal_unsettled.setdefault(portal, (old, count))
         if new is not None:
             self._portals[portal] = new
+            if new[0].tables:
+                self._portal_views[portal] = self._views_of(new[0])
             self._portal_changes += 1
             self._counts.pop(key, None)
         else:
@@ -1128,6 +1169,7 @@ class Session:
             run.declare_over = self._portal_changes
             return
         self.cursors[d.cursor] = d
+        self._cursor_views[d.cursor] = self._views_of(d)
         self._counts.pop(("cursor", d.cursor), None)
 
     def _deny_runs(self, analysis: Analysis, denied: StatementDecision, out: Output) -> None:
@@ -1359,6 +1401,7 @@ class Session:
                 return False
             key = self._portal_key(portal)
             self._portals[portal] = entry
+            self._portal_views[portal] = self._views_of(d)
             self._portal_changes += 1
             self._counts.pop(key, None)
             run = self._quota_start(_StatementRun(d, self.clock(), counter_key=key,
@@ -2127,6 +2170,7 @@ class Session:
         started = slots.popleft().started if kind == "execute" else head.started
         if tx is _IDLE and self._portals and not self._bound_in_batch:
             self._portals.clear()  # the transaction ended: so did every portal
+            self._portal_views.clear()
             self._portal_changes += 1
         if started and self.observe_duration is not None:
             self.observe_duration(now - started)
@@ -2170,6 +2214,7 @@ class Session:
             if run.declare_pending and error is None:  # the name was free after all
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
+                self._cursor_views[d.cursor] = self._views_of(d)  # type: ignore[index]
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
                 # so the portal of that name bound before it was closed (SQL CLOSE) -- unless a
                 # portal record changed meanwhile: a Bind sent after the DECLARE is answered
@@ -2238,6 +2283,7 @@ class Session:
                 # the transaction ended, and with it every portal (WITH HOLD cursors are
                 # SQL-level: self.cursors keeps them)
                 self._portals.clear()
+                self._portal_views.clear()
                 self._portal_changes += 1
                 self._portal_unsettled.clear()
             if not self._slots:
@@ -2300,7 +2346,8 @@ class Session:
                     hint=fields.get("H")))
                 slot.index += 1  # type: ignore[union-attr]
             else:
-                check = _check_failure(fields)
+                check = _check_failure(fields) if run is not None and \
+                    EXECUTION_CHECK_REASON in run.decision.reasons else None
                 if check is not None:  # a check pgveil wrote into the statement: a denial
                     if run is not None:
                         self._finish_run(slot, run, out,  # type: ignore[arg-type]

@@ -34,7 +34,7 @@ from decimal import Decimal, InvalidOperation
 from sqlglot import exp
 
 from rewriters.compiled import CompiledTable, CompiledView, FilterLiteral, quote_ident
-from rewriters.model import FAILING_PREFIX
+from rewriters.model import EXECUTION_CHECK_REASON, FAILING_PREFIX
 from rewriters.substitute import (
     Denied,
     Ref,
@@ -255,9 +255,7 @@ def _update_or_delete(
                     text = (f"CASE WHEN ({cond}) THEN {inner} ELSE "
                             f"{_failing(message, ct.colview[col].type_sql)} END")
                     res.edits.append(Edit(start, end, text, ((0, len(text)),)))
-                    reason = f"{ct.name}.{col} checked against the row filter as it is written"
-                    if reason not in res.reasons:
-                        res.reasons.append(reason)
+                    _checked(res)
                 elif wrapped is not None:
                     (start, end), text = wrapped
                     res.edits.append(Edit(start, end, text, ((0, len(text)),)))
@@ -373,6 +371,8 @@ def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable, idx: TokenIndex, res:
         _insert_filter(ct, cols, rows, values, idx, wraps)
     for (start, end), text in sorted(wraps.items()):
         res.edits.append(Edit(start, end, text, ((0, len(text)),)))
+    if wraps:
+        _checked(res)
 
 
 def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expression]],
@@ -429,6 +429,12 @@ def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expre
 
 
 # --- keys: existence oracles ------------------------------------------------------------------
+
+
+def _checked(res: DmlResult) -> None:
+    """The statement carries checks made as its rows are written (:func:`_failing`)."""
+    if EXECUTION_CHECK_REASON not in res.reasons:
+        res.reasons.append(EXECUTION_CHECK_REASON)
 
 
 def _failing(message: str, type_sql: str) -> str:
@@ -511,6 +517,7 @@ def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenInd
     reason = f"foreign key {ct.name}.{col} checked against the row filter of {rt.name}"
     if reason not in res.reasons:
         res.reasons.append(reason)
+    _checked(res)
     return (lit.start, lit.end), text
 
 

@@ -30,6 +30,9 @@ DENY_SQLSTATE = "42501"  # insufficient_privilege: every policy denial uses it
 # A nonce of this process, so that a client's own bad cast ('pgveil: …'::int) stays its own
 # error rather than passing for a denial.
 FAILING_PREFIX = f"pgveil {secrets.token_hex(4)}: "
+# among the reasons of a statement pgveil wrote such checks into: only its errors of that shape
+# are denials (a client that learnt the nonce cannot relabel its own statements' failures)
+EXECUTION_CHECK_REASON = "row filter checked as rows are written"
 
 
 @dataclass(frozen=True)

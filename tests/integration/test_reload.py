@@ -511,3 +511,53 @@ def test_cursors_and_portals_opened_before_a_login_is_dropped_are_refused(
         w.sock.detach()
         wire_conn.close()
         sql_conn.close()
+
+
+@pytest.mark.parametrize("change", ["clearance", "branch"])
+def test_cursors_and_portals_opened_before_a_tightening_reload_are_refused(
+        pgveil_factory: Factory, policy_file: Path, change: str) -> None:
+    """A cursor or portal holds rows rewritten under the rules it was opened with: after a
+    reload that shows its tables otherwise (the teller's clearance raised then lowered, the
+    teller moved to another branch), reading on from it is refused."""
+    from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse
+
+    def moved(policy: dict[str, Any]) -> None:
+        for o in policy["operators"]:
+            if o["match"].get("user") == "teller_sz*":
+                o["attributes"]["branch"] = "GZ01"
+
+    if change == "clearance":
+        edit_policy(policy_file, teller_clearance(1))  # identity raw ...
+        tighten: Callable[[dict[str, Any]], None] | None = None  # ... then masked again
+    else:
+        tighten = moved
+    proc = pgveil_factory(policy_path=policy_file)
+    sql_conn = connect(proc, "teller_sz01")
+    wire_conn = connect(proc, "teller_sz01", autocommit=False)
+    w = Wire(wire_conn)
+    try:
+        sql_conn.execute("declare c cursor with hold for select id, phone from customers "
+                         "where id > 0 order by id")
+        assert len(sql_conn.execute("fetch 3 from c").fetchall()) == 3
+        w.batch(msg(b"Q", b"begin\x00"))
+        first = w.batch(parse(b"", b"select id, phone from customers where id > 0 order by id"),
+                        bind(b"", portal=b"p"), execute(b"p", 3), SYNC)
+        assert first.rows == 3 and not first.sqlstates, first
+        before = reloads(proc, "ok")
+        edit_policy(policy_file, tighten)
+        bump_mtime(policy_file)
+        wait_until(lambda: reloads(proc, "ok") > before)
+        with pytest.raises(pg_errors.InsufficientPrivilege, match="changed since"):
+            sql_conn.execute("fetch 5 from c").fetchall()
+        later = w.batch(execute(b"p", 5), SYNC)
+        assert later.rows == 0 and later.sqlstates == ["42501"], later
+        # a cursor declared now reads under the new rules
+        sql_conn.execute("close c")
+        sql_conn.execute("declare c cursor with hold for select id, phone from customers "
+                         "where id > 0 order by id")
+        rows = sql_conn.execute("fetch 3 from c").fetchall()
+        assert len(rows) == 3 and all("*" in r[1] for r in rows)
+    finally:
+        w.sock.detach()
+        wire_conn.close()
+        sql_conn.close()

@@ -187,3 +187,27 @@ def test_a_check_at_execution_is_audited_as_a_denial(leak: LeakChecker) -> None:
                if app in line]
     assert [r["decision"] for r in records] == ["blocked"], records
     assert records[0]["error"] == "the row would leave the row filter of public.customers"
+
+
+def test_a_learnt_nonce_does_not_turn_a_clients_own_error_into_a_denial(
+        leak: LeakChecker) -> None:
+    """The nonce of pgveil's checks shows in the rewritten text (pg_prepared_statements);
+    a client that copies it into its own cast still gets its own 22P02, audited as failed."""
+    import re
+
+    app = f"h11-{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(leak.pgveil.dsn("teller_sz01"), autocommit=True,
+                         application_name=app) as conn:
+        conn.execute("prepare h11_chk as update orders set customer_id = $1 where id = $2")
+        text = conn.execute("select statement from pg_prepared_statements "
+                            "where name = 'h11_chk'").fetchone()
+        assert text is not None
+        nonce = re.search(r"concat\('(pgveil [0-9a-f]+: )", text[0])
+        assert nonce is not None, text[0]
+        forged = nonce.group(1) + "the row would leave the row filter of public.orders"
+        with pytest.raises(psycopg.errors.InvalidTextRepresentation):
+            conn.execute(f"select id, cast(pg_catalog.concat('{forged}') as int) as h11_forged "
+                         "from customers where id = 3")
+    records = [json.loads(line) for line in leak.pgveil.audit_path.read_text().splitlines()
+               if app in line and "h11_forged" in line]
+    assert [r["decision"] for r in records] == ["failed"], records
