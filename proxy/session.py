@@ -153,9 +153,9 @@ class _StatementRun:
     dataclass's generated ``__init__`` stays interpreted."""
 
     __slots__ = ("binding", "capped", "counter_key", "decision", "declare_over",
-                 "declare_pending", "denied", "done", "error", "event", "form", "held",
-                 "held_bytes", "hidden", "quota_capped", "reserved", "room", "rows", "source",
-                 "started")
+                 "declare_pending", "declare_views", "denied", "done", "error", "event",
+                 "form", "held", "held_bytes", "hidden", "quota_capped", "reserved", "room",
+                 "rows", "source", "started")
 
     def __init__(self, decision: StatementDecision, started: float, *,
                  counter_key: tuple[str, str] | None = None, source: str = "",
@@ -191,6 +191,7 @@ class _StatementRun:
         # DECLARE that succeeds shows a portal of that name closed, if none changed since
         self.declare_pending = False
         self.declare_over = -1
+        self.declare_views: tuple[Any, ...] = ()  # Session._views_of(decision) when sent
 
     def __repr__(self) -> str:
         return (f"_StatementRun({self.decision.kind}, rows={self.rows}, done={self.done}, "
@@ -1167,6 +1168,7 @@ class Session:
         if old is not None and old[0].protected:
             run.declare_pending = True
             run.declare_over = self._portal_changes
+            run.declare_views = self._views_of(d)  # the rules it was rewritten under
             return
         self.cursors[d.cursor] = d
         self._cursor_views[d.cursor] = self._views_of(d)
@@ -2214,7 +2216,7 @@ class Session:
             if run.declare_pending and error is None:  # the name was free after all
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
-                self._cursor_views[d.cursor] = self._views_of(d)  # type: ignore[index]
+                self._cursor_views[d.cursor] = run.declare_views  # type: ignore[index]
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
                 # so the portal of that name bound before it was closed (SQL CLOSE) -- unless a
                 # portal record changed meanwhile: a Bind sent after the DECLARE is answered

@@ -561,3 +561,70 @@ def test_cursors_and_portals_opened_before_a_tightening_reload_are_refused(
         w.sock.detach()
         wire_conn.close()
         sql_conn.close()
+
+
+def _to_gz01(policy: dict[str, Any]) -> None:
+    for o in policy["operators"]:
+        if o["match"].get("user") == "teller_sz*":
+            o["attributes"]["branch"] = "GZ01"
+
+
+CURSOR_SQL = "select id, phone from customers where id > 0 order by id"
+
+
+def test_a_redeclare_answered_after_a_reload_keeps_the_rules_it_was_rewritten_under(
+        pgveil_factory: Factory, policy_file: Path) -> None:
+    """DECLARE over a known cursor name is recorded when the server answers it; the session
+    may have taken a reloaded policy by then, and the cursor holds rows of the old branch."""
+    from tests.harness.wire import Wire, query
+
+    proc = pgveil_factory(policy_path=policy_file)
+    conn = connect(proc, "teller_sz01")
+    w = Wire(conn)
+    try:
+        w.batch(query(f"declare c1 cursor with hold for {CURSOR_SQL}"))
+        w.batch(query("close c1"))
+        before = reloads(proc, "ok")
+        w.sock.sendall(query(f"select pg_sleep(2); declare c1 cursor with hold for {CURSOR_SQL}"))
+        edit_policy(policy_file, _to_gz01)
+        bump_mtime(policy_file)
+        wait_until(lambda: reloads(proc, "ok") > before)
+        w.sock.sendall(query("select 1"))  # the session takes the new view meanwhile
+        w.messages(2)
+        got = w.batch(query("fetch 5 from c1"))
+        assert got.rows == 0 and got.sqlstates == ["42501"], got
+    finally:
+        w.sock.detach()
+        conn.close()
+
+
+@pytest.mark.parametrize("change", ["same-content", "another-role"])
+def test_a_reload_that_changes_nothing_for_the_tables_keeps_cursors_open(
+        pgveil_factory: Factory, policy_file: Path, change: str) -> None:
+    """Long reads (a JDBC fetchSize portal, a WITH HOLD cursor) survive a reload that does not
+    change how their tables look to the operator."""
+    from tests.harness.wire import SYNC, Wire, bind, execute, parse, query
+
+    def other(policy: dict[str, Any]) -> None:
+        policy["roles"]["manager"]["max_rows"] = 999
+
+    proc = pgveil_factory(policy_path=policy_file)
+    conn = connect(proc, "teller_sz01", autocommit=False)
+    w = Wire(conn)
+    try:
+        w.batch(query(f"declare c1 cursor with hold for {CURSOR_SQL}"))
+        w.batch(query("begin"))
+        first = w.batch(parse(b"", CURSOR_SQL.encode()), bind(b"", portal=b"pp"),
+                        execute(b"pp", 2), SYNC)
+        assert first.rows == 2, first
+        before = reloads(proc, "ok")
+        edit_policy(policy_file, other if change == "another-role" else None)
+        bump_mtime(policy_file)
+        wait_until(lambda: reloads(proc, "ok") > before)
+        assert w.batch(query("fetch 3 from c1")).rows == 3
+        later = w.batch(execute(b"pp", 3), SYNC)
+        assert later.rows == 3 and not later.sqlstates, later
+        w.batch(query("rollback"))
+    finally:
+        w.sock.detach()
+        conn.close()
