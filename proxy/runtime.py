@@ -474,8 +474,10 @@ class Runtime:
         metrics = self.metrics
         role = fields.get("role", "")
         if fields.get("decision") == "blocked":
-            reason = (fields.get("reasons") or ["policy"])[0]
-            metrics.blocked_counts.inc((role, _reason_label(reason)))
+            label = _reason_label((fields.get("reasons") or ["policy"])[0])
+            if label == "policy" and fields.get("error"):  # a check that failed as it ran
+                label = _reason_label(fields["error"])
+            metrics.blocked_counts.inc((role, label))
         rows = fields.get("rows") or 0
         if rows:
             counts = metrics.protected_row_counts.pending
@@ -758,15 +760,29 @@ def _redact_error(message: str) -> str:
     return re.sub(r"\d{4,}", "?", message)
 
 
+# (phrase, label) for pgveil_blocked_total, first match wins: phrases of pgveil's own reasons,
+# specific before general, never a bare word a login, role name or file path could contain
+# ("auditor7" is not an audit failure, "copy-of-policy.yaml" not a COPY)
+_REASON_LABELS = (
+    ("no longer matched", "revoked"), ("renamed or dropped", "schema_changed"),
+    ("changed since", "rules_changed"), ("role switching", "role"), ("set role", "role"),
+    ("audit unavailable", "audit"), ("audit log", "audit"), ("audit record", "audit"),
+    ("audit sink", "audit"), ("row limit", "row_limit"), ("unbounded", "unbounded"),
+    ("hours", "hours"), ("quota", "quota"), ("copy", "copy"), ("ddl", "ddl"),
+    ("function", "function"), ("statistics", "statistics"),
+    ("cannot analyse", "cannot_analyse"), ("lookup", "lookup"), ("explain", "explain"),
+    ("row filter", "row_filter"), ("insert", "insert"), ("update", "update"),
+    ("delete", "delete"), ("view", "view"),
+)
+
+
 @functools.lru_cache(maxsize=1024)
 def _reason_label(reason: str) -> str:
     """Bounded label for pgveil_blocked_total: the reason's category, not its details."""
     low = reason.lower()
-    for word in ("copy", "row limit", "unbounded", "hours", "quota", "audit", "ddl", "role",
-                 "function", "statistics", "cannot analyse", "lookup", "explain", "insert",
-                 "update", "delete", "view"):
-        if word in low:
-            return word.replace(" ", "_")
+    for phrase, label in _REASON_LABELS:
+        if phrase in low:
+            return label
     return "policy"
 
 

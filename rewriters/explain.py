@@ -56,6 +56,9 @@ def _table_lines(view: OperatorView) -> list[str]:
         masked = [f"{c.name} ({c.mask_name or 'masked'})" for c in tv.columns if c.expr is not None]
         lookups = [c.name for c in tv.columns if c.lookup]
         out.append(f"  {name}")
+        if tv.refused is not None:  # every statement naming it is denied
+            out.append(f"    REFUSED: {tv.refused}")
+            continue
         out.append(f"    rows:    {tv.row_filter if tv.row_filter is not None else 'all'}")
         out.append(f"    masked:  {', '.join(masked) if masked else 'nothing'}")
         if lookups:

@@ -498,6 +498,19 @@ def test_a_masked_column_missing_from_its_table_refuses_the_table(policy: Policy
     assert decision.action.name == "DENY" and decision.message == why
 
 
+def test_explain_shows_a_refused_table_as_refused(policy: Policy) -> None:
+    from rewriters.analyze import Analyzer
+    from rewriters.explain import explain_report
+
+    renamed = Catalog(tables={**BANK.tables, "public.customers": tuple(
+        CatalogColumn("mobile", c.type_sql) if c.name == "phone" else c
+        for c in BANK.tables["public.customers"])})
+    teller = build_operator_view(policy, policy.resolve("teller_sz01", None, None), renamed)
+    sql = "select * from customers where id = 3"
+    report = explain_report(Analyzer().analyze(sql, teller), teller)
+    assert "REFUSED: the policy masks public.customers.phone" in report, report
+
+
 def test_a_login_the_policy_dropped_gets_a_view_refusing_everything(policy: Policy) -> None:
     from rewriters.analyze import Analyzer
     from rewriters.policy import revoked_view
