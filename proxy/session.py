@@ -153,7 +153,7 @@ class _StatementRun:
     dataclass's generated ``__init__`` stays interpreted."""
 
     __slots__ = ("binding", "capped", "counter_key", "decision", "declare_over",
-                 "declare_pending", "declare_views", "denied", "done", "error", "event",
+                 "declare_pending", "declare_view", "denied", "done", "error", "event",
                  "form", "held", "held_bytes", "hidden", "quota_capped", "reserved", "room",
                  "rows", "source", "started")
 
@@ -191,7 +191,7 @@ class _StatementRun:
         # DECLARE that succeeds shows a portal of that name closed, if none changed since
         self.declare_pending = False
         self.declare_over = -1
-        self.declare_views: tuple[Any, ...] = ()  # Session._views_of(decision) when sent
+        self.declare_view: OperatorView | None = None  # the view it was rewritten under
 
     def __repr__(self) -> str:
         return (f"_StatementRun({self.decision.kind}, rows={self.rows}, done={self.done}, "
@@ -485,10 +485,10 @@ class Session:
         # extended protocol: statement / portal name → (decision, client text)
         self._statements: dict[bytes, tuple[StatementDecision, str]] = {}
         self._portals: dict[bytes, tuple[StatementDecision, str]] = {}
-        # the TableViews of its tables when a portal was bound / a cursor declared: a later
-        # Execute or FETCH under a view that shows those tables otherwise is refused
-        self._portal_views: dict[bytes, tuple[Any, ...]] = {}
-        self._cursor_views: dict[str, tuple[Any, ...]] = {}
+        # the view a portal was bound / a cursor declared under: a later Execute or FETCH
+        # under a view that shows its tables otherwise is refused (see _stale)
+        self._portal_views: dict[bytes, OperatorView] = {}
+        self._cursor_views: dict[str, OperatorView] = {}
         # bumped whenever an entry of _portals is set, replaced or removed (see _declare_sent)
         self._portal_changes = 0
         # every parsed statement: name → (client text, Parse tail with parameter types, the
@@ -624,22 +624,17 @@ class Session:
             message=f"a request may present at most {cap} lookup values at once for role "
                     f"{self.view.role} (lookup_max_values); this one presents {presented}")
 
-    def _views_of(self, d: StatementDecision) -> tuple[Any, ...]:
-        tables = self.view.tables
-        return tuple(tables.get(t) for t in d.tables)
-
-    def _stale(self, d: StatementDecision, opened: tuple[Any, ...] | None
+    def _stale(self, d: StatementDecision, opened: OperatorView | None
                ) -> StatementDecision | None:
         """A cursor or portal opened under a view that showed its tables otherwise than the
         current one (a reload tightened a mask or moved the operator; a grant ended): the
         server still holds rows rewritten under the old rules, so reading on is refused."""
-        if opened is None:
+        if opened is None or opened is self.view:
             return None
-        tables = self.view.tables
-        for i, name in enumerate(d.tables):
-            old = opened[i] if i < len(opened) else None
-            now = tables.get(name)
-            if now is not old and now != old:
+        now, then = self.view.tables, opened.tables
+        for name in d.tables:
+            old, cur = then.get(name), now.get(name)
+            if cur is not old and cur != old:
                 message = (f"{'cursor ' + d.cursor if d.cursor else 'this portal'} was opened "
                            f"under rules for {name} that have changed since (policy reload, "
                            "schema change or grant); close it and open it again")
@@ -1133,7 +1128,7 @@ class Session:
         if new is not None:
             self._portals[portal] = new
             if new[0].tables:
-                self._portal_views[portal] = self._views_of(new[0])
+                self._portal_views[portal] = self.view
             self._portal_changes += 1
             self._counts.pop(key, None)
         else:
@@ -1168,10 +1163,10 @@ class Session:
         if old is not None and old[0].protected:
             run.declare_pending = True
             run.declare_over = self._portal_changes
-            run.declare_views = self._views_of(d)  # the rules it was rewritten under
+            run.declare_view = self.view  # the rules it was rewritten under
             return
         self.cursors[d.cursor] = d
-        self._cursor_views[d.cursor] = self._views_of(d)
+        self._cursor_views[d.cursor] = self.view
         self._counts.pop(("cursor", d.cursor), None)
 
     def _deny_runs(self, analysis: Analysis, denied: StatementDecision, out: Output) -> None:
@@ -1403,7 +1398,7 @@ class Session:
                 return False
             key = self._portal_key(portal)
             self._portals[portal] = entry
-            self._portal_views[portal] = self._views_of(d)
+            self._portal_views[portal] = view
             self._portal_changes += 1
             self._counts.pop(key, None)
             run = self._quota_start(_StatementRun(d, self.clock(), counter_key=key,
@@ -2216,7 +2211,8 @@ class Session:
             if run.declare_pending and error is None:  # the name was free after all
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
-                self._cursor_views[d.cursor] = run.declare_views  # type: ignore[index]
+                if run.declare_view is not None:
+                    self._cursor_views[d.cursor] = run.declare_view  # type: ignore[index]
                 self._counts.pop(("cursor", d.cursor), None)  # type: ignore[arg-type]
                 # so the portal of that name bound before it was closed (SQL CLOSE) -- unless a
                 # portal record changed meanwhile: a Bind sent after the DECLARE is answered

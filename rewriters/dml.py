@@ -62,31 +62,12 @@ class DmlResult:
 
 
 def reads_masked(expr: exp.Expression | None, ct: CompiledTable, ref_name: str) -> str | None:
-    """Name of a masked column of the target that ``expr`` may read, or None.
-
-    Conservative: an unqualified masked column name anywhere (also in subqueries, where it may
-    be a correlated reference to the target) counts; so does the whole row (``customers``,
-    ``(c).phone``, ``c.*``).
-    """
-    if expr is None or not ct.masked_cols:
+    """Name of a masked column of the target that ``expr`` may read (``*``: the whole row),
+    or None: :func:`reads_masked_source` with the target as the only source."""
+    if expr is None:
         return None
-    for col in expr.find_all(exp.Column):
-        qual = ident_value(col.args.get("table"))
-        if isinstance(col.this, exp.Star):
-            if qual == ref_name:
-                return "*"
-            continue
-        name = ident_value(col.this)
-        if name is None:
-            continue
-        if qual is None:
-            if name in ct.masked_cols:
-                return name
-            if name == ref_name:
-                return "*"
-        elif qual == ref_name and name in ct.masked_cols:
-            return name
-    return None
+    hit = reads_masked_source(expr, {ref_name: ct} if ct.masked_cols else {})
+    return hit[1] if hit is not None else None
 
 
 def _masked_sources(tree: exp.Expression, target: Ref,
@@ -97,16 +78,21 @@ def _masked_sources(tree: exp.Expression, target: Ref,
             if r.node is not target.node and r.table is not None and r.table.masked_cols}
 
 
-def reads_masked_source(expr: exp.Expression, sources: dict[str, CompiledTable]) -> str | None:
-    """``schema.table.column`` of a masked column of one of ``sources`` that ``expr`` may read
-    (conservative: an unqualified name any of them masks counts), or None."""
+def reads_masked_source(expr: exp.Expression, sources: dict[str, CompiledTable]
+                        ) -> tuple[CompiledTable, str] | None:
+    """(table, column) of a masked column of one of ``sources`` (by the name the statement
+    uses for them) that ``expr`` may read, column ``*`` for a whole row; or None.
+
+    Conservative: an unqualified name any of them masks counts, also in subqueries, where it
+    may be a correlated reference; so does a whole row (``customers``, ``(c).phone``,
+    ``c.*``)."""
     if not sources:
         return None
     for col in expr.find_all(exp.Column):
         qual = ident_value(col.args.get("table"))
         if isinstance(col.this, exp.Star):
             if qual in sources:
-                return f"{sources[qual].name}.*"
+                return sources[qual], "*"
             continue
         name = ident_value(col.this)
         if name is None:
@@ -114,13 +100,13 @@ def reads_masked_source(expr: exp.Expression, sources: dict[str, CompiledTable])
         if qual is not None:
             t = sources.get(qual)
             if t is not None and name in t.masked_cols:
-                return f"{t.name}.{name}"
+                return t, name
             continue
         if name in sources:
-            return f"{sources[name].name}.*"
+            return sources[name], "*"
         for t in sources.values():
             if name in t.masked_cols:
-                return f"{t.name}.{name}"
+                return t, name
     return None
 
 
@@ -236,7 +222,8 @@ def _update_or_delete(
                     raise Denied(f"UPDATE may not read {_what(ct, read).removeprefix('of ')}")
                 other = reads_masked_source(value, sources)
                 if other is not None:  # it would store the masked text as the real value
-                    raise Denied(f"UPDATE may not write the masked value of {other}")
+                    raise Denied(f"UPDATE may not write the masked value of "
+                                 f"{other[0].name}.{other[1]}")
             check: tuple[tuple[int, int], str] | None = None
             if col in ct.filter_cols and not same:
                 want = (ct.filter_eq or {}).get(col)

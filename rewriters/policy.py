@@ -1093,8 +1093,9 @@ def build_operator_view(policy: Policy, operator: Operator, catalog: Catalog) ->
 
 
 def _null_column(c: CatalogColumn) -> ColumnView:
-    return ColumnView(c.name, c.type_sql, f"CAST(NULL AS {masks.qualified_type(c.type_sql)})",
-                      "null")
+    spec = masks.parse_mask("null")
+    return ColumnView(c.name, c.type_sql, masks.mask_expression(spec, c, hmac_key=b""),
+                      spec.name)
 
 
 def revoked_view(policy: Policy, login: str, catalog: Catalog) -> OperatorView:

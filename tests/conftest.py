@@ -44,12 +44,8 @@ def pg() -> Iterator[PostgresCluster]:
 @pytest.fixture(scope="session")
 def pgveil(pg: PostgresCluster) -> Iterator[PgveilProcess]:
     """One pgveil with the default test config (passthrough auth, strict audit)."""
-    proc = PgveilProcess(pg)
-    try:
-        proc.start()
+    with PgveilProcess(pg) as proc:
         yield proc
-    finally:
-        proc.cleanup()
 
 
 @pytest.fixture

@@ -261,7 +261,11 @@ class PgveilProcess:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PgveilProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a failed start leaves no process and no temp dir behind
+            self.cleanup()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.cleanup()

@@ -56,11 +56,10 @@ def typed_pgveil(pg: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
     policy["roles"]["teller"]["row_filters"]["mt.t"] = "branch = {{branch}}"
     path = Path(tmp_path_factory.mktemp("mask-types")) / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False), encoding="utf-8")
-    proc = PgveilProcess(pg, policy_path=path)
     try:
-        yield proc.start()
+        with PgveilProcess(pg, policy_path=path) as proc:
+            yield proc
     finally:
-        proc.cleanup()
         pg.psql("DROP SCHEMA IF EXISTS mt CASCADE")
 
 

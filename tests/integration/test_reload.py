@@ -434,18 +434,13 @@ def test_a_login_the_policy_drops_is_refused_customer_data(pgveil_factory: Facto
                                                            pg: PostgresCluster) -> None:
     """The reloaded policy has no operator for teller_sz* and no default role: the open
     session's statements on customer data -- views created since included -- are refused."""
-    def drop_tellers(policy: dict[str, Any]) -> None:
-        policy["operators"] = [o for o in policy["operators"]
-                               if o["match"].get("user") != "teller_sz*"]
-        del policy["roles"]["default"]
-
     proc = pgveil_factory(policy_path=policy_file)
     pg.psql("DROP VIEW IF EXISTS public.rl_v; CREATE VIEW public.rl_v AS SELECT id, phone "
             "FROM public.customers; GRANT SELECT ON public.rl_v TO PUBLIC", db="bank")
     try:
         with connect(proc, "teller_sz01") as conn:
             assert conn.execute(PHONE_SQL).fetchone() is not None
-            edit_policy(policy_file, drop_tellers)
+            edit_policy(policy_file, _drop_tellers)
             bump_mtime(policy_file)
 
             def refused(sql: str) -> bool:
@@ -477,40 +472,58 @@ def test_a_replacement_keeping_the_mtime_is_noticed(pgveil_factory: Factory,
         wait_until(lambda: conn.execute(PHONE_SQL).fetchone() == (phone3,))
 
 
+def _to_gz01(policy: dict[str, Any]) -> None:
+    for o in policy["operators"]:
+        if o["match"].get("user") == "teller_sz*":
+            o["attributes"]["branch"] = "GZ01"
+
+
+def _drop_tellers(policy: dict[str, Any]) -> None:
+    policy["operators"] = [o for o in policy["operators"]
+                           if o["match"].get("user") != "teller_sz*"]
+    del policy["roles"]["default"]
+
+
+CURSOR_SQL = "select id, phone from customers where id > 0 order by id"
+
+
+def _read_after_reload(proc: PgveilProcess, policy_file: Path,
+                       change: Callable[[dict[str, Any]], None] | None,
+                       refusal: str) -> psycopg.Connection[Any]:
+    """Open a WITH HOLD cursor ``c`` (SQL) and a protocol portal ``p``, read 3 rows of each,
+    reload the policy with ``change``, and check that reading on from either is refused
+    (``refusal``: the SQL error's message). Returns the SQL connection, still open."""
+    from tests.harness.wire import SYNC, Wire, bind, execute, parse, query
+
+    sql_conn = connect(proc, "teller_sz01")
+    with connect(proc, "teller_sz01", autocommit=False) as wire_conn:
+        w = Wire(wire_conn)
+        try:
+            sql_conn.execute(f"declare c cursor with hold for {CURSOR_SQL}")
+            assert len(sql_conn.execute("fetch 3 from c").fetchall()) == 3
+            w.batch(query("begin"))
+            first = w.batch(parse(b"", CURSOR_SQL.encode()), bind(b"", portal=b"p"),
+                            execute(b"p", 3), SYNC)
+            assert first.rows == 3 and not first.sqlstates, first
+            before = reloads(proc, "ok")
+            edit_policy(policy_file, change)
+            bump_mtime(policy_file)
+            wait_until(lambda: reloads(proc, "ok") > before)
+            with pytest.raises(pg_errors.InsufficientPrivilege, match=refusal):
+                sql_conn.execute("fetch 5 from c").fetchall()
+            later = w.batch(execute(b"p", 5), SYNC)
+            assert later.rows == 0 and later.sqlstates == ["42501"], later
+        finally:
+            w.sock.detach()
+    return sql_conn
+
+
 def test_cursors_and_portals_opened_before_a_login_is_dropped_are_refused(
         pgveil_factory: Factory, policy_file: Path) -> None:
     """A WITH HOLD cursor or a protocol portal opened before the reload kept serving customer
     rows to the dropped login (masked, but past its revocation)."""
-    from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse
-
-    def drop_tellers(policy: dict[str, Any]) -> None:
-        policy["operators"] = [o for o in policy["operators"]
-                               if o["match"].get("user") != "teller_sz*"]
-        del policy["roles"]["default"]
-
     proc = pgveil_factory(policy_path=policy_file)
-    sql_conn = connect(proc, "teller_sz01")
-    wire_conn = connect(proc, "teller_sz01", autocommit=False)
-    w = Wire(wire_conn)
-    try:
-        sql_conn.execute("declare c cursor with hold for select id, phone from customers "
-                         "where id > 0 order by id")
-        assert len(sql_conn.execute("fetch 3 from c").fetchall()) == 3
-        w.batch(msg(b"Q", b"begin\x00"))
-        first = w.batch(parse(b"", b"select id, phone from customers where id > 0 order by id"),
-                        bind(b"", portal=b"p"), execute(b"p", 3), SYNC)
-        assert first.rows == 3 and not first.sqlstates, first
-        edit_policy(policy_file, drop_tellers)
-        bump_mtime(policy_file)
-        wait_until(lambda: reloads(proc, "ok") >= 1)
-        with pytest.raises(pg_errors.InsufficientPrivilege, match="no longer matched"):
-            sql_conn.execute("fetch 5 from c").fetchall()
-        later = w.batch(execute(b"p", 5), SYNC)
-        assert later.rows == 0 and later.sqlstates == ["42501"], later
-    finally:
-        w.sock.detach()
-        wire_conn.close()
-        sql_conn.close()
+    _read_after_reload(proc, policy_file, _drop_tellers, "no longer matched").close()
 
 
 @pytest.mark.parametrize("change", ["clearance", "branch"])
@@ -519,57 +532,16 @@ def test_cursors_and_portals_opened_before_a_tightening_reload_are_refused(
     """A cursor or portal holds rows rewritten under the rules it was opened with: after a
     reload that shows its tables otherwise (the teller's clearance raised then lowered, the
     teller moved to another branch), reading on from it is refused."""
-    from tests.harness.wire import SYNC, Wire, bind, execute, msg, parse
-
-    def moved(policy: dict[str, Any]) -> None:
-        for o in policy["operators"]:
-            if o["match"].get("user") == "teller_sz*":
-                o["attributes"]["branch"] = "GZ01"
-
     if change == "clearance":
-        edit_policy(policy_file, teller_clearance(1))  # identity raw ...
-        tighten: Callable[[dict[str, Any]], None] | None = None  # ... then masked again
-    else:
-        tighten = moved
+        edit_policy(policy_file, teller_clearance(1))  # identity raw, then masked again
     proc = pgveil_factory(policy_path=policy_file)
-    sql_conn = connect(proc, "teller_sz01")
-    wire_conn = connect(proc, "teller_sz01", autocommit=False)
-    w = Wire(wire_conn)
-    try:
-        sql_conn.execute("declare c cursor with hold for select id, phone from customers "
-                         "where id > 0 order by id")
-        assert len(sql_conn.execute("fetch 3 from c").fetchall()) == 3
-        w.batch(msg(b"Q", b"begin\x00"))
-        first = w.batch(parse(b"", b"select id, phone from customers where id > 0 order by id"),
-                        bind(b"", portal=b"p"), execute(b"p", 3), SYNC)
-        assert first.rows == 3 and not first.sqlstates, first
-        before = reloads(proc, "ok")
-        edit_policy(policy_file, tighten)
-        bump_mtime(policy_file)
-        wait_until(lambda: reloads(proc, "ok") > before)
-        with pytest.raises(pg_errors.InsufficientPrivilege, match="changed since"):
-            sql_conn.execute("fetch 5 from c").fetchall()
-        later = w.batch(execute(b"p", 5), SYNC)
-        assert later.rows == 0 and later.sqlstates == ["42501"], later
+    tighten = None if change == "clearance" else _to_gz01
+    with _read_after_reload(proc, policy_file, tighten, "changed since") as sql_conn:
         # a cursor declared now reads under the new rules
         sql_conn.execute("close c")
-        sql_conn.execute("declare c cursor with hold for select id, phone from customers "
-                         "where id > 0 order by id")
+        sql_conn.execute(f"declare c cursor with hold for {CURSOR_SQL}")
         rows = sql_conn.execute("fetch 3 from c").fetchall()
         assert len(rows) == 3 and all("*" in r[1] for r in rows)
-    finally:
-        w.sock.detach()
-        wire_conn.close()
-        sql_conn.close()
-
-
-def _to_gz01(policy: dict[str, Any]) -> None:
-    for o in policy["operators"]:
-        if o["match"].get("user") == "teller_sz*":
-            o["attributes"]["branch"] = "GZ01"
-
-
-CURSOR_SQL = "select id, phone from customers where id > 0 order by id"
 
 
 def test_a_redeclare_answered_after_a_reload_keeps_the_rules_it_was_rewritten_under(

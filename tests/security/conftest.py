@@ -1133,12 +1133,8 @@ def sec_pgveil(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
     path = tmp_path_factory.mktemp("sec-policy") / "policy.yaml"
     path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False),
                     encoding="utf-8")
-    proc = PgveilProcess(sec_db, policy_path=path)
-    try:
-        proc.start()
+    with PgveilProcess(sec_db, policy_path=path) as proc:
         yield proc
-    finally:
-        proc.cleanup()
 
 
 QUOTA = 60  # the teller quota of q60
@@ -1149,13 +1145,9 @@ def q60(sec_db: PostgresCluster, tmp_path_factory: pytest.TempPathFactory,
         ) -> Iterator[PgveilProcess]:
     """A second pgveil on the security cluster whose policy gives tellers 60 rows per hour
     (the quota tests: test_hunt8.py, test_hunt9.py)."""
-    proc = PgveilProcess(sec_db, policy_path=policy_with_teller_quota(
-        tmp_path_factory.mktemp("q60"), QUOTA))
-    try:
-        proc.start()
+    with PgveilProcess(sec_db, policy_path=policy_with_teller_quota(
+            tmp_path_factory.mktemp("q60"), QUOTA)) as proc:
         yield proc
-    finally:
-        proc.cleanup()
 
 
 @pytest.fixture
