@@ -799,9 +799,11 @@ async def run_worker(config: Config, worker: int = 0, cancel_dir: Path | None = 
                      serve_metrics: bool = True) -> None:
     rt = Runtime(config, worker=worker, cancel_dir=cancel_dir)
     rt.load_policy()
-    await rt.start()
     if serve_metrics:
+        # before the listener: whoever sees pgveil accept connections finds the metrics (and
+        # /readyz answers 503 until the listener is up)
         await rt.start_metrics()
+    await rt.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
