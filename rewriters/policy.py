@@ -1148,7 +1148,7 @@ def validate_against_catalog(policy: Policy, catalog: Catalog) -> list[str]:
             real = by_name.get(col.name)
             if real is None:
                 problems.append(f"{col.source}: column {name}.{col.name} not found in the "
-                                "database")
+                                f"database{_refused_to(policy, name, col.name)}")
                 continue
             try:
                 masks.mask_expression(col.mask, real, hmac_key=policy.hash_key)
@@ -1157,7 +1157,8 @@ def validate_against_catalog(policy: Policy, catalog: Catalog) -> list[str]:
         for role in policy.roles.values():
             for t, c in (*role.reveal, *role.lookup, *role.masks):
                 if t == name and c not in by_name:
-                    problems.append(f"{role.source}: column {t}.{c} not found in the database")
+                    problems.append(f"{role.source}: column {t}.{c} not found in the database"
+                                    f"{_refused_to(policy, t, c)}")
             for (t, c), override in role.masks.items():
                 if t == name and c in by_name:
                     try:
@@ -1166,6 +1167,18 @@ def validate_against_catalog(policy: Policy, catalog: Catalog) -> list[str]:
                     except MaskError as e:
                         problems.append(f"{override.source}: {e}")
     return sorted(set(problems))
+
+
+def _refused_to(policy: Policy, table: str, column: str) -> str:
+    """What ``serve`` does about a column the policy names but the table lacks: the roles that
+    mask it are refused the whole table (build_operator_view), since whatever holds its values
+    now (a rename) would be shown unmasked."""
+    roles = [r.name for r in policy.roles.values()
+             if _column_plan(policy, r, table, column)[0] is not None]
+    if not roles:
+        return ""
+    return (f"; pgveil serve refuses {table} to role(s) {', '.join(sorted(roles))} until the "
+            "policy names its columns again (renamed or dropped?)")
 
 
 def write_policy_schema(path: str | os.PathLike[str] = SCHEMA_PATH) -> None:

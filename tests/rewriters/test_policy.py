@@ -584,6 +584,28 @@ def test_validate_against_catalog(policy: Policy) -> None:
     assert any("column public.customers.email not found in the database" in x for x in problems)
 
 
+def test_check_names_the_roles_serve_refuses_a_table_to(policy: Policy) -> None:
+    """A masked column the table lacks (renamed?) makes serve refuse the table to the roles
+    that mask it: pgveil check says so, naming exactly those roles."""
+    renamed = Catalog(tables={
+        **BANK.tables,
+        "public.customers": tuple(_c("mobile", c.type_sql) if c.name == "phone" else c
+                                  for c in BANK.tables["public.customers"]),
+    })
+    refused = sorted(
+        name for name in policy.roles
+        if build_operator_view(policy, Operator("x", name, {"branch": "SZ01"}), renamed)
+        .tables["public.customers"].refused)
+    assert refused and "dba" not in refused
+    problems = [p for p in validate_against_catalog(policy, renamed)
+                if "public.customers.phone not found" in p]
+    assert problems  # the table's column, and the teller's lookup on it
+    for problem in problems:
+        assert problem.endswith("pgveil serve refuses public.customers to role(s) "
+                                f"{', '.join(refused)} until the policy names its columns "
+                                "again (renamed or dropped?)")
+
+
 def test_mixed_case_catalog_column_is_still_masked(policy: Policy) -> None:
     quoted = Catalog(tables={"public.customers": (_c("id", "integer"), _c("Phone", "text"))})
     view = build_operator_view(policy, Operator("t", "teller", {"branch": "SZ01"}), quoted)
