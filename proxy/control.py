@@ -18,7 +18,9 @@ idempotent; serialised by an advisory lock so two processes starting at once are
 Grant flow::
 
     pgveil grant create ──INSERT + grant_events + pg_notify('pgveil_grants', grant json)──▶ DB
-    DB ──NOTIFY──▶ every ControlStore's LISTEN connection ──▶ in-memory set (generation += 1)
+    DB ──NOTIFY──▶ every ControlStore's LISTEN connection ──▶ reads that grant back from
+                   pgveil.grants (anyone may NOTIFY; only the table is trusted)
+                   ──▶ in-memory set (generation += 1)
                                                               └▶ on_grant_event callbacks (audit)
     timer at the earliest expires_at ──▶ drop it from memory (generation += 1, event "expired")
 
@@ -85,6 +87,9 @@ _DURATION_FULL = re.compile(r"(?:\d+[smhd])+")
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _ROLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 _SLOTS_PER_WINDOW = 60
+# grant ids named by notifications and not yet read back from pgveil.grants; beyond this (a
+# flood of NOTIFYs) the next resync reads the table instead
+_MAX_UNCONFIRMED = 1000
 
 # Errors that mean "the control database is not reachable or the connection broke"; anything
 # else is a bug and propagates.
@@ -519,6 +524,8 @@ class ControlStore:
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_resync = 0.0
+        self._to_confirm: dict[str, int] = {}  # grant id -> backend pid of the notification
+        self._confirming = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -697,16 +704,58 @@ class ControlStore:
             del self._seen[key]
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        """LISTEN callback (in the loop): the payload is the whole grant, so no query is needed."""
+        """LISTEN callback (in the loop): a hint that a grant changed, never the grant itself.
+
+        Any login can ``NOTIFY pgveil_grants`` (it needs no privilege), so the payload only
+        names the grant; what is applied is what ``pgveil.grants`` -- writable only by the
+        control role -- holds under that id (:meth:`_confirm`)."""
         try:
             msg = json.loads(payload)
-            kind = GrantEventKind(msg["event"])
-            grant = Grant.from_json(msg["grant"])
+            grant_id = msg["grant"]["id"]
+            if not isinstance(grant_id, str) or not _GRANT_ID.match(grant_id):
+                raise ValueError("no grant id")
         except (ValueError, KeyError, TypeError) as exc:
-            log.error("ignoring malformed %s notification: %s", channel, exc)
+            log.error("ignoring malformed %s notification from backend %s: %s", channel, pid,
+                      exc)
             self._last_resync = 0.0  # make the next tick reconcile with the table
             return
-        self._apply(kind, grant)
+        if len(self._to_confirm) >= _MAX_UNCONFIRMED:
+            self._last_resync = 0.0  # a flood: the next resync reads the whole table instead
+            return
+        self._to_confirm[grant_id] = pid
+        if not self._confirming and self._pool is not None and not self._closing:
+            self._confirming = True
+            self._spawn(self._confirm(), "pgveil-control-confirm")
+
+    async def _confirm(self) -> None:
+        """Apply what ``pgveil.grants`` holds for each grant a notification named: created when
+        the row is active, revoked when it is revoked or gone. A notification for a grant the
+        table does not hold is someone else's NOTIFY: logged, and nothing changes."""
+        try:
+            while self._to_confirm and not self._closing:
+                grant_id, pid = next(iter(self._to_confirm.items()))
+                del self._to_confirm[grant_id]
+                try:
+                    grant = await self._with_conn(lambda c, gid=grant_id: fetch_grant(c, gid))
+                except (ControlError, ValueError) as exc:
+                    log.error("cannot confirm grant %s from the control table: %s", grant_id,
+                              exc)
+                    self._last_resync = 0.0
+                    continue
+                now = time.time()
+                if grant is None:
+                    if grant_id in self._grants:  # deleted by hand: revoked (fail closed)
+                        self._apply(GrantEventKind.REVOKED, self._grants[grant_id], now)
+                    else:
+                        log.warning("ignoring a %s notification from backend %s for grant %s, "
+                                    "which pgveil.grants does not hold", NOTIFY_CHANNEL, pid,
+                                    grant_id)
+                elif grant.revoked:
+                    self._apply(GrantEventKind.REVOKED, grant, now)
+                elif grant.active(now):
+                    self._apply(GrantEventKind.CREATED, grant, now)
+        finally:
+            self._confirming = False
 
     async def _resync(self, conn: Any) -> None:
         """Reconcile memory with the table: grants missed while disconnected, revocations."""

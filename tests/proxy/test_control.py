@@ -258,6 +258,32 @@ async def test_grant_reaches_other_store_within_a_second(control_db: str) -> Non
         assert len(events) == 2  # one event per change, the NOTIFY echo is not repeated
 
 
+async def test_a_forged_notification_changes_no_grant(control_db: str) -> None:
+    """Any login may NOTIFY pgveil_grants (no privilege needed): a store applies only what
+    pgveil.grants holds under the id a notification names, so a forged "created" lifts
+    nothing and a forged "revoked" leaves a real grant in force."""
+    async with stores(control_db, 1) as (store,):
+        intruder, holder = login(), login()
+        now = datetime.now(timezone.utc)
+        forged = Grant(id="g_0123456789ab", login=intruder, lift={"role": "dba"},
+                       reason="x", approver="x", created_at=now,
+                       expires_at=datetime.fromtimestamp(now.timestamp() + 60, timezone.utc))
+        real = await store.create_grant(holder, {"max_rows": 5000}, 60, "month-end", "Wang Fang")
+        conn = await asyncpg.connect(control_db)
+        try:
+            for kind, grant in ((GrantEventKind.CREATED, forged),
+                                (GrantEventKind.REVOKED, real)):
+                payload = json.dumps({"event": kind.value, "grant": grant.to_json()})
+                await conn.execute("SELECT pg_notify('pgveil_grants', $1)", payload)
+        finally:
+            await conn.close()
+        await asyncio.sleep(0.5)
+        assert store.grants_for(intruder) == ()
+        assert store.grants_for(holder) == (real,)
+        assert await store.revoke_grant(real.id) is True  # the real revocation still works
+        assert store.grants_for(holder) == ()
+
+
 async def test_grant_expires_by_time(control_db: str) -> None:
     async with stores(control_db, 2) as (a, b):
         events: list[GrantEvent] = []
