@@ -35,15 +35,15 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
 from proxy.operator import OperatorState
 from proxy.protocol import ProtocolError, error_response, python_encoding
 from rewriters.model import (
+    CHECK_REASONS,
     DENY_SQLSTATE,
-    EXECUTION_CHECK_REASON,
     FAILING_PREFIX,
     Action,
     Analysis,
@@ -55,7 +55,12 @@ from rewriters.model import (
 
 log = logging.getLogger("pgveil.session")
 
-_DEALLOCATE = re.compile(r'\s*deallocate\s+(prepare\s+)?("(?:[^"]|"")+"|\w+)', re.I)
+# the name: a quoted identifier, or every character up to a blank or ";" (``\w+`` would stop at
+# ``$`` and name another statement: ``DEALLOCATE q$x`` is not ``DEALLOCATE q``)
+_DEALLOCATE = re.compile(r'\s*deallocate\s+(prepare\s+)?("(?:[^"]|"")+"|[^\s;"]+)\s*;?\s*$',
+                         re.I)
+# PostgreSQL folds only ASCII letters of an unquoted name (downcase_identifier)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
@@ -131,9 +136,15 @@ UNLIMITED_ROOM = 1 << 62
 QUOTA_UNCLAIMED = -1
 
 
+# the audit record's error of a statement PostgreSQL ran after pgveil stopped an earlier one of
+# the same request at max_rows (its effects stand; its result never reached the client)
+WITHHELD_AFTER_CAP = ("result withheld from the client: an earlier statement of the same "
+                      "request was stopped at max_rows")
+
+
 def _check_failure(fields: dict[str, str]) -> str | None:
     """The message of a check pgveil wrote into a statement (a row outside the row filter,
-    known only as it is written: rewriters.dml._failing), which PostgreSQL raises as a failed
+    known only as it is written: rewriters.dml.failing), which PostgreSQL raises as a failed
     cast of that message (22P02); None for any other error. The client and the audit record
     get it as the policy denial it is (42501)."""
     if fields.get("C") != "22P02":
@@ -1507,13 +1518,9 @@ class Session:
             declare = bool(st.cursor and st.kind == "declare")
             if st.cursor and not declare:
                 key = ("cursor", st.cursor)
-            if st.prepared and st.kind == "prepare":
-                self.prepared[st.prepared] = st
-                self._prepared_version[st.prepared] = self.view.policy_version
-                self._prepared_source[st.prepared] = source if single else (
-                    sources[i] if sources else st.sql)
-                self._statements[st.prepared.encode(self.codec, "replace")] = (st, source)
             text = source if single else (sources[i] if sources else st.sql)
+            if st.prepared and st.kind == "prepare":
+                self._record_prepare(st, text)
             run = self._quota_start(_StatementRun(st, now, counter_key=key, source=text))
             if declare:
                 self._declare_sent(st, run)
@@ -1651,17 +1658,37 @@ class Session:
                         message=f'prepared statement "{st.prepared}" already exists')
         return None
 
-    def _settle_prepared(self, d: StatementDecision, error: str | None) -> None:
+    def _record_prepare(self, st: StatementDecision, text: str) -> None:
+        """A SQL-level PREPARE: ``EXECUTE name`` and a protocol Bind of ``name`` run its
+        statement under its decision. The Bind's runs carry it as kind ``execute``: what they
+        run is the prepared statement, not the PREPARE (a failed run must not read as a failed
+        PREPARE, see _settle_prepared)."""
+        name = st.prepared
+        assert name is not None
+        self.prepared[name] = st
+        self._prepared_version[name] = self.view.policy_version
+        self._prepared_source[name] = text
+        self._statements[name.encode(self.codec, "replace")] = (replace(st, kind="execute"),
+                                                                text)
+
+    def _settle_prepared(self, d: StatementDecision, error: str | None, text: str) -> None:
         """The server answered a PREPARE or DEALLOCATE: a failed PREPARE created nothing (drop
         the decision recorded when it was sent), a DEALLOCATE is forgotten only once done (or
-        when the statement did not exist): until then the old decision stays in force."""
-        if d.kind == "prepare" and d.prepared and error is not None:
+        when the statement did not exist): until then the old decision stays in force. A
+        PREPARE sent with the extended protocol (drivers such as asyncpg send every text that
+        way) is recorded once it succeeded."""
+        if d.kind == "prepare" and d.prepared and error is None:
+            if self.prepared.get(d.prepared) is not d:
+                self._record_prepare(d, text)
+        elif d.kind == "prepare" and d.prepared and error is not None:
             if self.prepared.get(d.prepared) is d:
                 self.prepared.pop(d.prepared, None)
                 self._prepared_version.pop(d.prepared, None)
                 self._prepared_source.pop(d.prepared, None)
                 key = d.prepared.encode(self.codec, "replace")
-                if self._statements.get(key, (None,))[0] is d:
+                held = self._statements.get(key)
+                if held is not None and held[0].prepared == d.prepared and \
+                        held[0].kind == "execute":
                     self._statements.pop(key, None)
         elif _is_deallocate(d) and (error is None or error.startswith("26000")):
             self._forget_deallocated(d.sql)
@@ -1676,7 +1703,8 @@ class Session:
             self._prepared_version.clear()
             self._statements = {k: v for k, v in self._statements.items() if not k}
             return
-        name = name[1:-1].replace('""', '"') if name.startswith('"') else name.lower()
+        name = name[1:-1].replace('""', '"') if name.startswith('"') else \
+            name.translate(_ASCII_LOWER)
         self.prepared.pop(name, None)
         self._prepared_version.pop(name, None)
         self._statements.pop(name.encode(self.codec, "replace"), None)
@@ -1800,11 +1828,12 @@ class Session:
         key = name.decode(self.codec, "replace")
         if st is not None and (st.protected or st.cursor or st.prepared or self.audit_all):
             self._statements[name] = (st, source)
-            if name:
-                self.prepared[key] = st
         else:
             self._statements.pop(name, None)
-            if name:
+        if name:  # every one: SQL EXECUTE of a name pgveil never saw is refused (analyze)
+            if st is not None:
+                self.prepared[key] = st
+            else:
                 self.prepared.pop(key, None)
 
     def _on_parse(self, frame: bytes, out: Output) -> None:
@@ -2102,6 +2131,8 @@ class Session:
         if run.rows or run.held or run.held_bytes or run.denied or run.hidden or run.done:
             return None
         d = run.decision
+        if d.kind != "select" or d.cursor or d.prepared:
+            return None  # a PREPARE, DECLARE, EXECUTE ...: settled by the general path
         n = len(buf)
         if not d.tables or n < 11 or buf[n - 6] != 0x5A or \
                 buf[n - 5:n - 1] != b"\x00\x00\x00\x05":
@@ -2203,7 +2234,8 @@ class Session:
         return None, None
 
     def _finish_run(self, slot: _Slot, run: _StatementRun | None, out: Output,
-                    error: str | None = None, blocked: bool = False) -> None:
+                    error: str | None = None, blocked: bool = False,
+                    withheld: bool = False) -> None:
         if run is not None and run is self.capped_run:
             self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
@@ -2222,12 +2254,12 @@ class Session:
                     if self._portals.pop(name, None) is not None:
                         self._portal_changes += 1
             if not run.denied and not run.hidden:
-                self._settle_prepared(run.decision, error)
+                self._settle_prepared(run.decision, error, run.source)
             if run.counter_key is not None and (not run.binding
                                                 or run.binding == self._unnamed_binds):
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
             if not run.denied:
-                name = "failed" if error else self._decision_name(run.decision)
+                name = "failed" if error and not withheld else self._decision_name(run.decision)
                 if run.capped or blocked:  # a policy denial, not a failure of the statement
                     name = "blocked"
                 self._audit(out, run, name, error=error)
@@ -2291,6 +2323,23 @@ class Session:
             out.to_client.append(frame)
             return
         if self._drop_server:
+            if slot is not None and slot.kind in ("execute", "query") and \
+                    mtype in (0x43, 0x49, 0x45, 0x73):
+                if run is not None and not run.done and not run.denied and not run.hidden \
+                        and mtype != 0x73:
+                    # PostgreSQL ran a statement of the request after one pgveil stopped at
+                    # max_rows (a pipelined batch runs on to its Sync): the client, told the
+                    # request failed, gets none of it, but what it did happened -- audited
+                    if mtype == 0x45:
+                        fields = parse_error_fields(frame[5:])
+                        note = f"{fields.get('C', '')}: {fields.get('M', '')}"
+                    else:
+                        note = WITHHELD_AFTER_CAP
+                    self._finish_run(slot, run, out, error=note, withheld=mtype != 0x45)
+                elif run is not None and slot.kind == "query":
+                    slot.index += 1
+                if slot.kind == "execute":
+                    self._slots.popleft()
             return
         if mtype in (0x43, 0x73, 0x49):  # CommandComplete, PortalSuspended, EmptyQueryResponse
             if mtype == 0x43 and frame[5:8] in (b"DIS", b"DEA"):
@@ -2305,6 +2354,10 @@ class Session:
                 slot.index += 1  # type: ignore[union-attr]
                 return
             if run is not None:
+                tag = run.decision.command_tag
+                if tag is not None and mtype == 0x43 and frame[5:12] == b"SELECT ":
+                    # a data change pgveil wrapped into a SELECT (rewriters.analyze.cap_inside)
+                    frame = _frame(b"C", tag.encode() + frame[11:])
                 self._finish_run(slot, run, out)  # type: ignore[arg-type]
                 if mtype == 0x43 and run.decision.kind == "copy" and \
                         self.state in (ProtocolState.COPY_IN, ProtocolState.COPY_OUT):
@@ -2345,7 +2398,7 @@ class Session:
                 slot.index += 1  # type: ignore[union-attr]
             else:
                 check = _check_failure(fields) if run is not None and \
-                    EXECUTION_CHECK_REASON in run.decision.reasons else None
+                    not CHECK_REASONS.isdisjoint(run.decision.reasons) else None
                 if check is not None:  # a check pgveil wrote into the statement: a denial
                     if run is not None:
                         self._finish_run(slot, run, out,  # type: ignore[arg-type]
@@ -2449,8 +2502,7 @@ class Session:
             # the server will still answer the client's remaining batch messages: drop them
             self._drop_server = True
         elif slot.kind == "query":
-            self._drop_server = True
-            slot.index = len(slot.runs)
+            self._drop_server = True  # the rest of its runs are still audited as they end
 
     def _on_parameter(self, name: str, value: str) -> None:
         self.parameters[name] = value

@@ -46,9 +46,11 @@ from rewriters.classify import (
     prepare_prefix,
 )
 from rewriters.compiled import CompiledTable, CompiledView, ViewCompiler, quote_ident
-from rewriters.dml import dml_rules
+from rewriters.dml import dml_rules, failing, filtered_references
 from rewriters.lexer import Tok, Token, fold, significant, split_statements, tokenize
 from rewriters.model import (
+    FAILING_PREFIX,
+    ROW_LIMIT_CHECK_REASON,
     Action,
     Analysis,
     LexSettings,
@@ -365,9 +367,12 @@ def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
     out: list[str] = []
     pos = 0
     starts = [t.start for t in tokens]
+    several = len(spans) > 1
     for span in spans:
         text = sql[span.start : span.end]
         d = decide_statement(text, ctx, _slice_tokens(tokens, starts, span.start, span.end))
+        if several and d.kind == "select" and d.action is not Action.DENY:
+            d = cap_inside(d, ctx)
         if d.kind == "prepare" and d.prepared and d.action is not Action.DENY:
             ctx.prepared[d.prepared] = d
         if d.kind == "declare" and d.cursor and d.action is not Action.DENY:
@@ -524,7 +529,7 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
                        "rows")
         row_limit //= weight
     action = Action.REWRITE if core.sql is not None and core.sql != text else Action.FORWARD
-    return StatementDecision(
+    decision = StatementDecision(
         action,
         final if action is Action.REWRITE else text,
         core.kind,
@@ -540,6 +545,55 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
         copy_out=core.copy_out,
         copy_in=core.copy_in,
     )
+    if core.kind in _TAGS and _returns_rows(sig):
+        decision = cap_inside(decision, ctx)
+    return decision
+
+
+# the command tag of each data change cap_inside wraps into a SELECT
+_TAGS = {"insert": "INSERT 0", "update": "UPDATE", "delete": "DELETE"}
+
+
+def _returns_rows(sig: list[Token]) -> bool:
+    """A top-level RETURNING clause (not one inside parentheses)."""
+    depth = 0
+    for t in sig:
+        if t.kind is Tok.PUNCT:
+            if t.text == "(":
+                depth += 1
+            elif t.text == ")":
+                depth -= 1
+        elif depth == 0 and t.keyword == "returning":
+            return True
+    return False
+
+
+def cap_inside(d: StatementDecision, ctx: _Ctx) -> StatementDecision:
+    """``d`` wrapped so that PostgreSQL fails it when it returns more than max_rows rows.
+
+    pgveil stops an over-long result on the wire, which withholds the rows but not what the
+    statement did: a data change with RETURNING is committed all the same, and in a request of
+    several statements PostgreSQL runs the rest and commits them (the client, told of an
+    error, believes none of it happened; the rest would not even be audited). Inside
+    PostgreSQL the limit is an error like any other: the statement, its transaction and the
+    rest of the request fail as PostgreSQL's own rules say. Only for those cases: a single
+    read keeps the cheaper check on the wire (its rows are all it does). The rows are counted
+    before the first is returned (a MATERIALIZED CTE and one count), so none is sent."""
+    limit = d.row_limit
+    if not ctx.restricted or limit is None or not d.tables or d.cursor or d.prepared or \
+            d.action is Action.DENY or d.kind not in ("select", *_TAGS):
+        return d
+    names = ", ".join(d.tables)
+    message = (f"{FAILING_PREFIX}row limit of {limit} exceeded for role {ctx.view.role}: the "
+               f"statement returned more than {limit} rows of {names}, so PostgreSQL stopped "
+               "it and nothing it did was kept")
+    body = d.sql.rstrip()
+    materialized = "MATERIALIZED " if d.kind == "select" else ""
+    sql = (f'WITH "pgveil_rows" AS {materialized}(\n{body}\n) SELECT * FROM "pgveil_rows" '
+           f'WHERE (SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.<=) {int(limit)} '
+           f'THEN true ELSE {failing(message, "boolean")} END FROM "pgveil_rows")')
+    return replace(d, action=Action.REWRITE, sql=sql, command_tag=_TAGS.get(d.kind),
+                   reasons=(*d.reasons, ROW_LIMIT_CHECK_REASON))
 
 
 def _row_limit(ctx: _Ctx, tables: list[str]) -> int | None:
@@ -675,6 +729,11 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
             # texts: run by name they would skip the row cap and the audit record
             raise Denied(f"prepared statement {name} belongs to pgveil; clients cannot "
                          "execute it")
+        if base is None and ctx.restricted:
+            # what it runs is unknown, so it could be read past the row cap and the audit
+            # record; PostgreSQL would most likely answer "does not exist" anyway
+            raise Denied(f"EXECUTE of prepared statement {name}, which pgveil did not see "
+                         "prepared in this session, is not allowed for masked roles")
         core = Core("execute", prepared=name)
         if base is not None:
             if base.action is Action.DENY:
@@ -741,6 +800,18 @@ def _ddl(text: str, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
     return Core("ddl", tables=[t.name for t in m.tables] if not ctx.restricted else [])
 
 
+def _copy_columns(node: dict) -> list[str] | None:
+    """The column list of a COPY (None: every column)."""
+    attlist = node.get("attlist")
+    if not attlist:
+        return None
+    names = []
+    for item in attlist:
+        sval = item.get("String", {}).get("sval") if isinstance(item, dict) else None
+        names.append(str(sval) if sval is not None else "")
+    return names
+
+
 def _external_copy(node: dict) -> bool:
     return bool(node.get("is_program")) or node.get("filename") is not None
 
@@ -761,6 +832,16 @@ def _copy(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Co
                 if ctx.restricted and ct.masked:
                     raise Denied(f"COPY into {ct.name} is not allowed for role {view.role} "
                                  "(row filter or masked columns)")
+                keys = filtered_references(ct, ctx.cv) if ctx.restricted else []
+                listed = _copy_columns(node)
+                keys = [k for k in keys if listed is None or k in listed]
+                if keys:
+                    # an INSERT's foreign keys are checked against the row filter of the table
+                    # they point into; COPY data cannot be, so its errors would tell which
+                    # hidden rows exist, and its rows could point at them
+                    raise Denied(f"COPY into {ct.name} is not allowed for role {view.role}: "
+                                 f"{ct.name}.{keys[0]} refers to rows this role cannot all see "
+                                 "(send the rows as INSERT)")
         return core
     core = Core("copy", copy_out=True)
     if isinstance(rel, dict):

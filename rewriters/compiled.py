@@ -43,10 +43,12 @@ POSTGRES = Postgres()
 #   set_config, authorization      role switching (set_config('role', ..), SET SESSION AUTHORIZATION)
 #   xpath_table   contrib xml2: runs SELECT ... FROM <relation given as a string>
 #   pgrowlocks    contrib: the row locks of a relation given as a string
+#   setval        moves a sequence for every session, past ROLLBACK (an existence oracle)
+#   pg_settings   UPDATE pg_settings is set_config() by another name
 _RISKY_SUBSTRINGS = (
     "u&", "xml", "ts_stat", "ts_rewrite", "dblink", "crosstab", "connectby", "regclass", "pg_stat", "mcv",
     "pg_read", "lo_import", "lo_export", "raw_page", "page_items", "set_config", "authorization",
-    "xpath_table", "pgrowlocks",
+    "xpath_table", "pgrowlocks", "setval", "pg_settings",
 )
 # Settings a masked role may not change (rewriters.verify refuses SET / set_config of them,
 # proxy.server a startup parameter or option): switching the database role, and the settings

@@ -185,7 +185,7 @@ def _stays_inside(ct: CompiledTable, col: str, value: exp.Expression, idx: Token
     """An UPDATE that sets a column the row filter reads to a literal or parameter (an ORM
     writing every column back, an order moved to another customer of the branch): the span of
     that value and the filter with it in place of the column, for a check as each row is
-    written (:func:`_failing`). Anything else, or a filter reading other columns too, is
+    written (:func:`failing`). Anything else, or a filter reading other columns too, is
     refused: the new row could not be shown to stay inside."""
     lit = literal_operand(value, idx)
     cond = None
@@ -240,7 +240,7 @@ def _update_or_delete(
                     inner = wrapped[1] if wrapped is not None else idx.sql[start:end]
                     message = f"{FAILING_PREFIX}the row would leave the row filter of {ct.name}"
                     text = (f"CASE WHEN ({cond}) THEN {inner} ELSE "
-                            f"{_failing(message, ct.colview[col].type_sql)} END")
+                            f"{failing(message, ct.colview[col].type_sql)} END")
                     res.edits.append(Edit(start, end, text, ((0, len(text)),)))
                     _checked(res)
                 elif wrapped is not None:
@@ -331,6 +331,16 @@ def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable, idx: TokenIndex, res:
             raise Denied(f"INSERT ... ON CONFLICT DO UPDATE on {ct.name} is not allowed")
         if conflict.expressions:
             raise Denied(f"INSERT ... ON CONFLICT DO UPDATE on {ct.name} is not allowed")
+    if isinstance(conflict, exp.OnConflict):
+        # its SET is an UPDATE whose values are not checked like an UPDATE's: a key there
+        # would answer whether a hidden row exists (and point at one)
+        for assignment in conflict.expressions:
+            target_col = assignment.this if isinstance(assignment, exp.EQ) else None
+            col = ident_value(target_col.this) if isinstance(target_col, exp.Column) else None
+            if col is None or _is_key(ct, col, cv):
+                raise Denied(f"INSERT ... ON CONFLICT DO UPDATE of {ct.name} may not set "
+                             f"{col or 'this column'}: it is a key into rows this operator "
+                             "cannot all see (use UPDATE)")
     _returning_check(tree, ct, ref.ref_name)
     target = tree.this
     if isinstance(target, exp.Schema):
@@ -412,19 +422,19 @@ def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expre
         span = spans[first]
         value = wraps.get(span, texts[first])
         wraps[span] = (f"CASE WHEN ({cond}) THEN {value} ELSE "
-                       f"{_failing(message, ct.colview[first].type_sql)} END")
+                       f"{failing(message, ct.colview[first].type_sql)} END")
 
 
 # --- keys: existence oracles ------------------------------------------------------------------
 
 
 def _checked(res: DmlResult) -> None:
-    """The statement carries checks made as its rows are written (:func:`_failing`)."""
+    """The statement carries checks made as its rows are written (:func:`failing`)."""
     if EXECUTION_CHECK_REASON not in res.reasons:
         res.reasons.append(EXECUTION_CHECK_REASON)
 
 
-def _failing(message: str, type_sql: str) -> str:
+def failing(message: str, type_sql: str) -> str:
     """An expression of type ``type_sql`` that raises ``invalid input syntax for type integer:
     "<message>"`` when evaluated — and only then: ``concat`` is STABLE, so the planner does not
     fold it, and the detour through int4 and text makes it raise whatever the target type (a
@@ -445,6 +455,11 @@ def _referenced(col: str, ct: CompiledTable, cv: CompiledView
     if rt is None or rt.row_filter is None or rcol not in rt.colview:
         return None
     return rt, rcol
+
+
+def filtered_references(ct: CompiledTable, cv: CompiledView) -> list[str]:
+    """The columns of ``ct`` that are foreign keys into a table filtered for this operator."""
+    return [col for col in ct.columns if _referenced(col, ct, cv) is not None]
 
 
 def _unique_guarded(ct: CompiledTable, col: str) -> bool:
@@ -476,7 +491,7 @@ def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenInd
       denied — a duplicate-key error would tell that a hidden row holds it;
     * a value for a foreign key into a table filtered for this operator must be a literal or
       parameter and is replaced by ``COALESCE((SELECT key FROM <table> WHERE (<filter>) AND
-      key = value OFFSET 0), <failing cast>)`` (:func:`_failing`): a row the operator cannot
+      key = value OFFSET 0), <failing cast>)`` (:func:`failing`): a row the operator cannot
       see then fails exactly like a row that does not exist.
 
     Returns the replacement ``((start, end), text)`` of the value, or None.
@@ -500,7 +515,7 @@ def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenInd
                f"{rcol} = the value given for {ct.name}.{col}")
     text = (f"COALESCE((SELECT {quote_ident(rcol)} FROM {qref} WHERE ({rt.row_filter}) AND "
             f"{quote_ident(rcol)} OPERATOR(pg_catalog.=) {idx.sql[lit.start:lit.end]} "
-            f"OFFSET 0), {_failing(message, cview.type_sql)})")
+            f"OFFSET 0), {failing(message, cview.type_sql)})")
     reason = f"foreign key {ct.name}.{col} checked against the row filter of {rt.name}"
     if reason not in res.reasons:
         res.reasons.append(reason)

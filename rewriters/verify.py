@@ -750,6 +750,11 @@ class _Walker:
             self.dependent(dep)
         if self.restricted and relname in STATS_RELATIONS and schema in (None, "pg_catalog"):
             self.deny(f"catalog statistics ({relname}) are not allowed for masked roles")
+        if self.restricted and target and relname == "pg_settings" and \
+                schema in (None, "pg_catalog"):
+            # its rule calls set_config() with the new value: SET by another name, past the
+            # checks of role switching and debug_print_* (use SET, which is checked)
+            self.deny("UPDATE of pg_settings is not allowed for masked roles; use SET")
         if self.restricted and relname in OTHER_SESSIONS_TEXT and schema in (None, "pg_catalog"):
             self.deny(f"{relname} {_OTHERS_REASON}")
         elif self.restricted and self.cv.hash_secret and relname in STATEMENT_TEXT_RELATIONS:
@@ -828,6 +833,12 @@ class _Walker:
             # percentile_disc(ARRAY[0, 0.01, ...]) WITHIN GROUP (ORDER BY col) returns one
             # value per fraction: a whole column in one row
             self.packing.append(f"{name}() of several fractions")
+        if name == "setval":
+            # a sequence change is seen by every session and survives ROLLBACK: setting a
+            # protected table's id sequence turns the next INSERT's duplicate-key error into a
+            # test of whether a hidden row exists, and breaks every branch's inserts
+            self.deny("setval() is not allowed for masked roles: a sequence change is shared "
+                      "by every session and not undone by ROLLBACK")
         if name == "set_config":
             args = body.get("args") or []
             first = _node(args[0]) if args else None

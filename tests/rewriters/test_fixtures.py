@@ -21,6 +21,10 @@ not compared) instead of ``-- expect:``.
 In expected SQL, ``{{customers}}`` stands for the derived table the role's view produces for
 ``customers`` (``CompiledTable.derived``): ``{{customers@public.customers}}`` when the client
 wrote another name text, ``{{customers & <cond> & <cond>}}`` with conditions moved inside.
+``[[cap-write public.orders: <statement>]]`` (a data change with RETURNING) and
+``[[cap-read public.customers: <statement>]]`` (a read sharing its text with other statements)
+stand for the statement wrapped so that PostgreSQL fails it past the role's max_rows
+(``rewriters.analyze.cap_inside``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,14 @@ from tests.rewriters.helpers import view
 FIXTURES = Path(__file__).parent / "fixtures"
 _DIRECTIVE = re.compile(r"^-- (as|expect|deny|forward|rewritten|lookup_values|lookups|row_limit|row_weight|tables|kind|lex|columns)\b:?\s*(.*)$")
 _MACRO = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_CAPPED = re.compile(r"\[\[cap-(read|write) ([^:]+): (.*?)\]\]", re.DOTALL)
+_CAP_GUARD = (
+    'WITH "pgveil_rows" AS {materialized}(\n{inner}\n) SELECT * FROM "pgveil_rows" WHERE (SELECT '
+    "CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.<=) {limit} THEN true ELSE "
+    "CAST(CAST(CAST(pg_catalog.concat('pgveil: row limit of {limit} exceeded for role {role}: "
+    "the statement returned more than {limit} rows of {tables}, so PostgreSQL stopped it and "
+    "nothing it did was kept') AS pg_catalog.int4) AS pg_catalog.text) AS boolean) END FROM "
+    '"pgveil_rows")')
 
 
 @dataclass
@@ -123,7 +135,15 @@ ANALYZER = Analyzer()
 
 
 def expand(expected: str, role: str) -> str:
-    cv = compile_view(view(role))
+    v = view(role)
+    cv = compile_view(v)
+
+    def capped(m: re.Match[str]) -> str:
+        return _CAP_GUARD.format(materialized="MATERIALIZED " if m.group(1) == "read" else "",
+                                 inner=m.group(3), limit=v.limits.max_rows, role=v.role,
+                                 tables=m.group(2))
+
+    expected = _CAPPED.sub(capped, expected)
 
     def sub(m: re.Match[str]) -> str:
         head, *extra = [p.strip() for p in m.group(1).split(" & ")]
