@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 
 import asyncpg
@@ -166,3 +167,39 @@ def test_shared_state_a_masked_role_may_not_change(leak: LeakChecker, sql: str) 
             assert setting == ("off",)
     with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
         assert dba.execute("select last_value from customers_id_seq").fetchone() == seq
+
+
+def test_a_forged_grant_notification_lifts_nothing(leak: LeakChecker) -> None:
+    """Any login may NOTIFY the channel pgveil's instances listen on for grants; what a
+    notification names is read back from pgveil.grants, which only the control role writes."""
+    now = int(time.time())
+    forged = {"event": "created", "grant": {
+        "id": "g_0123456789ab", "login": "stranger", "lift": {"role": "dba"},
+        "expires_at": now + 60, "reason": "x", "approver": "x", "created_at": now}}
+    with psycopg.connect(leak.pgveil.dsn("stranger", db="postgres"), autocommit=True) as conn:
+        conn.execute("select pg_notify('pgveil_grants', %s)", (json.dumps(forged),))
+    time.sleep(0.5)
+    with leak.connect("stranger") as conn:
+        rows = conn.execute("select id, phone from customers where id in (1, 2, 3)").fetchall()
+    assert rows == []
+
+
+@pytest.mark.parametrize("sql", [
+    "copy orders (customer_id, amount, note) from stdin",
+    "insert into orders (id, customer_id, amount, note) values (9, 3, 1, 'x') "
+    "on conflict (id) do update set customer_id = 1 returning id",
+])
+def test_a_key_into_hidden_rows_is_checked_on_every_write_path(leak: LeakChecker,
+                                                               sql: str) -> None:
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+        before = dba.execute("select customer_id, xmin::text from orders where id = 9").fetchone()
+    with leak.connect("manager_sz01") as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not set|not allowed"):
+            if sql.startswith("copy"):
+                with conn.cursor().copy(sql) as copy:
+                    copy.write_row((1, 1, "x"))
+            else:
+                conn.execute(sql)
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as dba:
+        assert dba.execute("select customer_id, xmin::text from orders where id = 9"
+                           ).fetchone() == before
