@@ -435,6 +435,16 @@ class _Verifier:
             if r.hash in st.starts:
                 self._err(st, r, What.INSERTED, "a copy of this chain's start checkpoint")
                 return
+            last = st.last
+            if last is not None and r.ts < last.ts:
+                # a chain restarts later than it stopped: a segment stamped earlier than the
+                # one before it was moved (a partial first segment followed by the chain's
+                # beginning hides whatever lay between them)
+                self._err(st, r, What.REORDERED,
+                          f"the chain restarts at seq 0 stamped {r.ts}, before the end of the "
+                          f"segment before it ({last.file}:{last.line}, {last.ts}): segments "
+                          "were moved")
+                return
             self._end_segment(st, final=False)
             if st.error is None:
                 st.segments += 1
@@ -573,6 +583,15 @@ class _Verifier:
     def _end_segment(self, st: _Chain, *, final: bool) -> None:
         """Apply the cadence rules to the records after the segment's last checkpoint."""
         cp = st.last_cp
+        if not final and self.key is not None and st.since_cp and st.last is not None:
+            # the chain restarts at seq 0 after them: no later checkpoint of theirs can exist,
+            # so no signature covers them (a writer that can resume always does, and its
+            # resume checkpoint vouches for them)
+            self._err(st, st.last, What.INSERTED,
+                      f"{st.since_cp} record(s) after the last signed checkpoint before the "
+                      "chain restarts at seq 0: no signature covers them (forged, or the "
+                      "writer crashed and could not resume the chain)")
+            return
         if st.over is not None and cp is not None:
             self._err(st, st.over, What.TRUNCATED_TAIL,
                       f"more than {cp.get('every')} records after the last checkpoint: a "

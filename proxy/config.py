@@ -45,6 +45,10 @@ class ListenConfig(_Strict):
     port: int = Field(6432, ge=0, le=65535)
     max_connections: int = Field(1000, ge=1)
     idle_timeout: float = Field(0, ge=0, description="seconds; 0 = never close idle clients")
+    # like PostgreSQL's authentication_timeout: a client that has not finished its startup
+    # (startup packet, TLS, authentication) by then is closed, so idle or slow sockets cannot
+    # hold max_connections
+    startup_timeout: float = Field(60.0, gt=0, description="seconds to complete the startup")
     backlog: int = 1024
 
 

@@ -208,6 +208,7 @@ class MetricsServer:
         self.ready = ready
         self.render = render or metrics.render
         self._server: asyncio.base_events.Server | None = None
+        self._clients = 0
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -218,11 +219,22 @@ class MetricsServer:
             self._server.close()
             await self._server.wait_closed()
 
+    # A scrape is one short request: its whole head must arrive within REQUEST_SECONDS, and at
+    # most MAX_CLIENTS are served at once (the endpoint shares the proxy's process and its file
+    # descriptors: trickling requests must not hold them).
+    REQUEST_SECONDS = 5.0
+    MAX_CLIENTS = 32
+    MAX_HEAD_LINES = 100
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= self.MAX_CLIENTS:
+            writer.close()
+            return
+        self._clients += 1
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
+            line = await asyncio.wait_for(self._read_head(reader), self.REQUEST_SECONDS)
+            if line is None:
+                return
             parts = line.decode("latin-1").split()
             path = parts[1].split("?")[0] if len(parts) > 1 else "/"
             if path == "/metrics":
@@ -238,8 +250,18 @@ class MetricsServer:
             head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             writer.write(head.encode("latin-1") + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(writer.drain(), self.REQUEST_SECONDS)
+        except (TimeoutError, asyncio.TimeoutError, ConnectionError, asyncio.IncompleteReadError,
+                ValueError):  # ValueError: a line over the stream's limit
             pass
         finally:
+            self._clients -= 1
             writer.close()
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The request line, after reading the rest of the head (None: too many lines)."""
+        line = await reader.readline()
+        for _ in range(self.MAX_HEAD_LINES):
+            if (await reader.readline()) in (b"\r\n", b"\n", b""):
+                return line
+        return None

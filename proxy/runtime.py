@@ -24,7 +24,7 @@ import struct
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from proxy._native import compiled_modules
 from proxy.config import Config
@@ -84,7 +84,9 @@ def control_dsn(config: Config, database: str) -> str | None:
     dsn = config.control.dsn
     if not dsn:
         return None
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+    # quoted: the name comes from a client's startup packet, and ``?k=v`` in it would become
+    # connection parameters of the control login (settings such as session_preload_libraries)
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + quote(database, safe="")))
 
 
 class Runtime:
@@ -112,6 +114,7 @@ class Runtime:
         self._catalog_gen: dict[str, int] = {}
         self._view_versions: dict[str, tuple[tuple[str, int], str]] = {}
         self._views: dict[tuple[Any, ...], OperatorView] = {}
+        self._unrestricted: dict[tuple[Any, ...], bool] = {}
         self.cancel_keys: dict[tuple[int, int], tuple[int, int]] = {}
         self._auth_pool: Any = None
         self.control: Any = None
@@ -322,9 +325,30 @@ class Runtime:
         if database in self.catalogs:
             self.spawn(self._reload_catalog(database))
 
+    def role_of(self, login: str, ip: str | None, application: str) -> tuple[str, bool]:
+        """The login's role and whether it sees everything raw -- decided from the policy alone,
+        before PostgreSQL has accepted the login (no catalog is read for an unauthenticated
+        client: its database name is only a claim). Raises LookupError like operator_view."""
+        from rewriters.policy import build_operator_view
+
+        policy = self.policy
+        operator = policy.resolve(login, ip, application)
+        if operator is None:
+            raise LookupError(f"no policy role matches login {login!r} and the policy has no "
+                              "'default' role: connection refused")
+        key = (policy.version, operator.role, tuple(sorted(operator.attributes.items())))
+        known = self._unrestricted.get(key)
+        if known is None:
+            if len(self._unrestricted) > 1024:
+                self._unrestricted.clear()
+            known = self._unrestricted[key] = build_operator_view(
+                policy, operator, Catalog()).unrestricted
+        return operator.role, known
+
     async def operator_view(self, login: str, ip: str | None, application: str,
                             database: str) -> OperatorView:
-
+        """The operator's view of ``database`` (its catalog loaded on first use): call only
+        once PostgreSQL has accepted the login to that database."""
         policy = self.policy
         operator = policy.resolve(login, ip, application)
         if operator is None:

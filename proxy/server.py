@@ -505,8 +505,14 @@ class ClientConnection(asyncio.Protocol):
 
     # ----------------------------------------------------------- startup
     async def _startup(self) -> None:
+        timeout = self.rt.config.listen.startup_timeout
         try:
-            await self._negotiate()
+            await asyncio.wait_for(self._negotiate(), timeout)
+        except asyncio.TimeoutError:
+            log.info("closing %s: startup not completed within %g s", self.peer, timeout)
+            self.send_client(fatal("08006", f"pgveil: startup not completed within {timeout:g} s "
+                                            "(listen.startup_timeout)"))
+            self.close()
         except ClientGone:
             self.close()
         except asyncio.CancelledError:
@@ -590,19 +596,12 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         try:
-            view = await self.rt.operator_view(user, self.peer_ip, application, database)
+            role, unrestricted = self.rt.role_of(user, self.peer_ip, application)
         except LookupError as exc:
             self.send_client(fatal("28000", str(exc)))
             self.close()
             return
-        except PolicyError as exc:  # a mask that cannot apply to this database's columns
-            log.warning("refused %s (login %s, database %s): the policy does not apply: %s",
-                        self.peer, user, database, "; ".join(exc.errors))
-            self.send_client(fatal("F0000", f"pgveil: the policy cannot be applied to database "
-                                            f"{database!r}: {'; '.join(exc.errors)}"))
-            self.close()
-            return
-        refused = None if view.unrestricted else refused_startup_setting(params)
+        refused = None if unrestricted else refused_startup_setting(params)
         if refused is not None:
             effect = ("would make the backend a replication sender, streaming rows by "
                       "commands that are not SQL" if refused.startswith("replication=") else
@@ -610,7 +609,7 @@ class ClientConnection(asyncio.Protocol):
                       "internals to the client")
             self.send_client(fatal(
                 "42501", f"startup setting {refused!r} {effect}, escaping the policy for "
-                f"role {view.role}"))
+                f"role {role}"))
             self.close()
             return
         upstream = await self.rt.authenticator.login(self, params, self._connect_upstream)
@@ -618,6 +617,22 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.upstream = upstream
+        # Only now, PostgreSQL having accepted the login to ``database``, is its catalog read:
+        # before, the name is an unauthenticated client's claim (a name per connection would
+        # leave a catalog watcher each).
+        try:
+            view = await self.rt.operator_view(user, self.peer_ip, application, database)
+        except LookupError as exc:  # the policy was reloaded in between
+            self.send_client(fatal("28000", str(exc)))
+            self.close()
+            return
+        except PolicyError as exc:  # a mask that cannot apply to this database's columns
+            log.warning("refused %s (login %r, database %r): the policy does not apply: %s",
+                        self.peer, user, database, "; ".join(exc.errors))
+            self.send_client(fatal("F0000", f"pgveil: the policy cannot be applied to database "
+                                            f"{database!r}: {'; '.join(exc.errors)}"))
+            self.close()
+            return
         await self._finish_startup(upstream, view, params, database, application, user)
 
     async def _connect_upstream(self, params: dict[str, str]) -> UpstreamProtocol | None:

@@ -385,6 +385,46 @@ def test_restart_resumes_the_chain_and_acknowledges_a_torn_line(
     check(log, pub, "edited", 4)
 
 
+def test_moving_a_later_run_first_cannot_hide_the_runs_between(
+        tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """The first file may start mid-chain (older files pruned), and a chain may restart at
+    seq 0: a log cut into [last run][first run] would pass as a partial segment and a restart,
+    without the runs between. A restart stamped before the end of what precedes it is caught."""
+    key, pub = keys
+    log = tmp_path / "a.jsonl"
+    for start in (0, 100, 200):  # three runs: start..close, resume..close, resume..close
+        write_log(log, key, n=12, every=5, start=start)
+    lines = lines_of(log)
+    starts = [i for i, ln in enumerate(lines)
+              if str(rec(ln).get("reason", "")).split(",")[0] in ("start", "resume")]
+    assert len(starts) == 3
+    first, last = lines[:starts[1]], lines[starts[2]:]
+    assert verify_paths([log], pub, closed=True).ok
+    put(log, last + first)
+    check(log, pub, "reordered", len(last) + 1, closed=True)
+
+
+def test_records_no_signature_covers_before_a_restart_fail(
+        tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """Records after the last checkpoint of a segment the chain restarts after: nothing can
+    vouch for them (a forger appends re-hashed records there)."""
+    key, pub = keys
+    crashed = write_log(tmp_path / "old.jsonl", key, n=20, every=10, close=False)
+    fresh = write_log(tmp_path / "new.jsonl", key, n=5, every=10)
+    old = lines_of(crashed)
+    cut = max(find(old, kind="checkpoint")) + 1  # keep the crashed run up to a checkpoint
+    joined = tmp_path / "joined.jsonl"
+    put(joined, old[:cut] + lines_of(fresh))
+    result = verify_paths([joined], pub)
+    assert result.ok, result.message
+    assert result.chain_summaries[0].segments == 2
+    tail = rec(old[cut - 1])
+    forged = rechain([fields(900) | {"chain": "host-1", "kind": "select",
+                                     "ts": tail["ts"]}], tail["seq"] + 1, tail["hash"])
+    put(joined, old[:cut] + forged + lines_of(fresh))
+    check(joined, pub, "inserted", cut + 1)
+
+
 def test_rotated_series_continuity(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     key, pub = keys
     log = write_log(tmp_path / "audit" / "pgveil-audit.jsonl", key, n=120, every=10,
