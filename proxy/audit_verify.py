@@ -1040,11 +1040,21 @@ def cmd_search(args: argparse.Namespace) -> int:
 _ROW = "{:<27} {:<14} {:<10} {:<9} {:<8} {:>6}  {:<24} {}"
 
 
+# C0 and C1 control characters (ESC, CSI, BEL ...) shown as \x.. escapes: a client chooses
+# statement text, application names and column aliases, and raw escape sequences would let it
+# erase or forge rows on the auditor's terminal
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", text)
+
+
 def _row(rec: dict[str, Any]) -> str:
     def s(v: Any) -> str:
-        return "" if v is None else str(v)
+        return "" if v is None else _printable(" ".join(str(v).split()))
 
-    statement = " ".join(s(rec.get("statement")).split())
+    statement = s(rec.get("statement"))
     if len(statement) > 100:
         statement = statement[:97] + "..."
     tables = ",".join(str(t) for t in rec.get("tables") or ())

@@ -516,9 +516,10 @@ class Runtime:
                 counts[key] = counts.get(key, 0) + 1
         if self.audit is None:
             return None
+        fields["statement"] = _audited_statement(fields.get("statement") or "",
+                                                 standard_conforming_strings,
+                                                 self.config.audit.redact_literals)
         if self.config.audit.redact_literals:
-            fields["statement"] = _redact(fields.get("statement") or "",
-                                          standard_conforming_strings)
             if fields.get("error"):
                 fields["error"] = _redact_error(fields["error"])
         try:
@@ -540,8 +541,8 @@ class Runtime:
         role = fields.get("role", "")
         record = None
         if self.audit is not None:
-            fields = dict(fields, statement=_redact(fields.get("statement") or "",
-                                                    standard_conforming_strings))
+            fields = dict(fields, statement=_audited_statement(
+                fields.get("statement") or "", standard_conforming_strings, True))
             try:
                 record = self.audit.prepare(fields)
             except ValueError:
@@ -775,13 +776,32 @@ def _redact(sql: str, standard_conforming_strings: bool = True) -> str:
     return redact_literals(sql, standard_conforming_strings)
 
 
+# The statement text an audit record keeps: beyond this, the start and the length. A refused
+# statement of megabytes would otherwise be redacted on the event loop (every session waits)
+# and written whole into the log. An unterminated literal at the cut is redacted to its end.
+AUDIT_STATEMENT_CHARS = 16384
+
+
+def _audited_statement(sql: str, standard_conforming_strings: bool, redact: bool) -> str:
+    cut = len(sql) > AUDIT_STATEMENT_CHARS
+    text = sql[:AUDIT_STATEMENT_CHARS] if cut else sql
+    if redact:
+        text = _redact(text, standard_conforming_strings)
+    if cut:
+        text += f" … [cut: the statement has {len(sql)} characters]"
+    return text
+
+
 def _redact_error(message: str) -> str:
     """PostgreSQL error messages can echo values (``invalid input syntax for type integer:
     "13812345678"``): drop quoted parts and long digit runs."""
     import re
 
+    code = ""
+    if re.match(r"[0-9A-Z]{5}: ", message):  # the SQLSTATE the session puts first is no value
+        code, message = message[:7], message[7:]
     message = re.sub(r'"[^"]*"', '"?"', message)
-    return re.sub(r"\d{4,}", "?", message)
+    return code + re.sub(r"\d{4,}", "?", message)
 
 
 # (phrase, label) for pgveil_blocked_total, first match wins: phrases of pgveil's own reasons,

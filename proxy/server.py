@@ -483,6 +483,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         if self._counted:
             self.rt.connection_closed(self)
+        if self.our_key is not None:  # the session's cancel key ends with it
+            self.rt.cancel_keys.pop(self.our_key, None)
         if self.session is not None:
             try:
                 ended = self.session.abandon(self._ended_because)

@@ -142,6 +142,14 @@ WITHHELD_AFTER_CAP = ("result withheld from the client: an earlier statement of 
                       "request was stopped at max_rows")
 
 
+# the messages of the checks pgveil writes (rewriters.dml, rewriters.analyze.cap_inside)
+_GENERATED_CHECK = re.compile(
+    r"the row (?:would leave|is outside) the row filter of [\w.]+"
+    r"|no [\w.]+ row visible to this operator has \w+ = the value given for [\w.]+"
+    r"|row limit of \d+ exceeded for role [\w.-]+: the statement returned more than \d+ rows "
+    r"of [\w., ]+, so PostgreSQL stopped it and nothing it did was kept")
+
+
 def _check_failure(fields: dict[str, str]) -> str | None:
     """The message of a check pgveil wrote into a statement (a row outside the row filter,
     known only as it is written: rewriters.dml.failing), which PostgreSQL raises as a failed
@@ -153,7 +161,10 @@ def _check_failure(fields: dict[str, str]) -> str | None:
     at = message.find(FAILING_PREFIX)
     if at < 0:
         return None
-    return message[at + len(FAILING_PREFIX):].rstrip("\"'»”」")  # quotes per lc_messages
+    check = message[at + len(FAILING_PREFIX):].rstrip("\"'»”」")  # quotes per lc_messages
+    # the nonce can be seen (EXPLAIN VERBOSE, current_query()): a client that writes its own
+    # failing cast with it gets one of pgveil's own messages at most, never a text of its own
+    return check if _GENERATED_CHECK.fullmatch(check) else None
 
 
 class _StatementRun:
@@ -367,6 +378,21 @@ _LARGE_CLIENT_MESSAGES = frozenset((0x51, 0x50, 0x42, 0x64, 0x46))
 _NOT_IN_COPY = frozenset((0x51, 0x50, 0x42, 0x45, 0x43, 0x46, 0x44))
 # C s I E Z S G H W: completions, errors, ReadyForQuery, ParameterStatus, COPY starts
 _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x57))
+# NoticeResponse severities (the non-localised V field) a masked role never receives
+_TRACE_SEVERITIES = frozenset((b"LOG", b"DEBUG"))
+
+
+def _is_trace(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the NoticeResponse at ``buf[pos:end]`` has severity LOG or DEBUG."""
+    at = pos + 5
+    while at < end and buf[at] != 0:
+        nul = buf.find(b"\x00", at + 1, end)
+        if nul < 0:
+            return False
+        if buf[at] == 0x56:  # V
+            return buf[at + 1:nul] in _TRACE_SEVERITIES
+        at = nul + 1
+    return False
 
 
 # Server messages with nothing to track while the statement they answer has no runs
@@ -374,6 +400,7 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 # CloseComplete, NoData, ParameterDescription. Not NotificationResponse: a masked operator only
 # receives those of the channels the policy lists (:meth:`Session._notification_allowed`).
 _PLAIN_SERVER = frozenset((0x54, 0x44, 0x4E, 0x31, 0x32, 0x33, 0x6E, 0x74))
+_PLAIN_SERVER_NO_NOTICE = _PLAIN_SERVER - {0x4E}  # a masked role's notices are looked at
 _TX_BY_BYTE = {0x49: TxStatus.IDLE, 0x54: TxStatus.IN_TRANSACTION, 0x45: TxStatus.FAILED}
 _PLAIN_SLOTS = frozenset(("query", "execute", "sync"))
 _REWRITE = Action.REWRITE
@@ -471,6 +498,12 @@ class Session:
         self.hold_protected = hold_protected
         self._holding: _StatementRun | None = None
         self.view = view
+        # A masked role gets no LOG or DEBUG messages: with client_min_messages = log, settings
+        # any user may change (trace_sort, and the like) describe the executor's work on every
+        # row it touched, rows outside the row filter included (how many were sorted). Nothing
+        # an application needs is sent at those levels.
+        self._drop_traces = not view.unrestricted
+        self._plain_server = _PLAIN_SERVER_NO_NOTICE if self._drop_traces else _PLAIN_SERVER
         self.operator = operator
         self._analyze = analyze
         self.lex = lex
@@ -1966,6 +1999,10 @@ class Session:
                     if pos > start:
                         flush(buf[start:pos])
                     start = end
+            elif mtype == 0x4E and self._drop_traces and _is_trace(buf, pos, end):
+                if pos > start:  # a LOG or DEBUG message (see __init__): dropped
+                    flush(buf[start:pos])
+                start = end
             elif mtype in _SERVER_WATCHED or (
                     mtype in (0x64, 0x63) and self.state is ProtocolState.COPY_OUT):
                 frame = buf[pos:end]
@@ -2065,7 +2102,7 @@ class Session:
             return 0
         n = len(buf)
         unpack = _U32.unpack_from
-        plain = _PLAIN_SERVER
+        plain = self._plain_server
         pos = 0
         while n - pos >= 5:
             mtype = buf[pos]

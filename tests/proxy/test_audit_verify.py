@@ -604,3 +604,23 @@ def test_hostile_lines_are_reported_not_crashed_on(tmp_path: Path,
         result = verify_paths([log], pub)
         assert not result.ok and result.first_error is not None
         assert result.first_error.line == len(good) + 1
+
+
+def test_search_table_output_shows_control_characters_escaped() -> None:
+    """A client chooses statement text and aliases: raw escape sequences in the table output
+    would erase or forge rows on the auditor's terminal."""
+    from proxy.audit_verify import _row
+
+    row = _row(fields(1) | {"ts": "2026-11-25T00:00:00Z",
+                            "statement": 'select id as "\x1b[2K\x1b[1A\x9b2K" from customers'})
+    assert "\x1b" not in row and "\x9b" not in row
+    assert "\\x1b[2K" in row
+
+
+def test_audited_errors_keep_their_sqlstate_and_lose_values() -> None:
+    from proxy.runtime import _redact_error
+
+    assert _redact_error("22012: division by zero") == "22012: division by zero"
+    assert _redact_error('22P02: invalid input syntax for type integer: "13812345678"') == \
+        '22P02: invalid input syntax for type integer: "?"'
+    assert "13812345678" not in _redact_error("XX000: value 13812345678 out of range")
