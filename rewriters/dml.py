@@ -434,6 +434,10 @@ def _checked(res: DmlResult) -> None:
         res.reasons.append(EXECUTION_CHECK_REASON)
 
 
+_INTEGER_TYPES = frozenset({exp.DataType.Type.SMALLINT, exp.DataType.Type.INT,
+                            exp.DataType.Type.BIGINT})
+
+
 def failing(message: str, type_sql: str) -> str:
     """An expression of type ``type_sql`` that raises ``invalid input syntax for type integer:
     "<message>"`` when evaluated — and only then: ``concat`` is STABLE, so the planner does not
@@ -505,7 +509,14 @@ def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenInd
     if found is None:
         return None
     rt, rcol = found
-    lit = literal_operand(value, idx)
+    # a literal typed as an integer (``3::int4``, ``CAST($1 AS integer)``, as ORMs write
+    # them): the check goes around the literal, inside the cast. Only integer types: a cast
+    # to them never maps a key the check passed to another (``varchar(2)`` would truncate)
+    inner = value
+    if isinstance(value, exp.Cast) and value.to.this in _INTEGER_TYPES and \
+            not value.to.expressions:
+        inner = value.this
+    lit = literal_operand(inner, idx)
     if lit is None:
         raise Denied(f"{verb} of {ct.name}.{col} must use a literal or parameter: it references "
                      f"{rt.name}, of which this operator sees only some rows")
