@@ -591,9 +591,15 @@ class Session:
         sensitive name in it, so the analyser's own fast path need not look again."""
         sql = decoded if decoded is not None else self._decode_sql(raw)
         if sql is None:
+            # what it may touch, read leniently, so that the refusal is audited like any other
+            # attempt on a protected table
+            lenient = raw.decode("latin-1").lower()
+            tables = tuple(name for name in self.view.tables
+                           if name.rpartition(".")[2] in lenient)
+            self._source = raw.decode(self.codec, "replace")
             st = StatementDecision(
                 action=Action.FORWARD if self.view.unrestricted else Action.DENY,
-                sql="", kind="other",
+                sql="", kind="other", tables=tables,
                 message=f"cannot decode the statement in client encoding "
                         f"{self.lex.client_encoding}; refusing what pgveil cannot read")
             return Analysis(sql="", statements=(st,))

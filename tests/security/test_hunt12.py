@@ -259,3 +259,18 @@ def test_a_client_cannot_relabel_its_own_error_as_a_denial(leak: LeakChecker) ->
             conn.execute(f"select id from customers where id = 3 and "
                          f"('{m.group(0)}fake denial chosen by the client')::int = 1; select 1")
         assert "fake denial" not in str(info.value) or info.value.sqlstate != "42501"
+
+
+def test_a_statement_pgveil_cannot_decode_is_refused_and_audited(leak: LeakChecker) -> None:
+    from tests.harness.wire import msg
+
+    marker = f"h12undecodable{uuid.uuid4().hex[:6]}"
+    raw = (f"select id as {marker} from customers where id = 3 and name <> '".encode()
+           + b"\xff\xfe" + b"'\x00")
+    with leak.connect() as conn:
+        got = Wire(conn).batch(msg(b"Q", raw))
+        assert got.sqlstates == ["42501"] and got.rows == 0, got
+    records = [json.loads(line) for line in leak.pgveil.audit_path.read_text().splitlines()
+               if marker in line]
+    assert len(records) == 1, records
+    assert records[0]["decision"] == "blocked" and records[0]["tables"] == ["public.customers"]
