@@ -35,6 +35,8 @@ from typing import Any
 from rewriters.classify import PgParseError, node_kind, pg_parse
 from rewriters.compiled import DEBUG_SETTINGS, ROLE_SETTINGS, CompiledTable, CompiledView
 
+# pglast's LockStmt.mode of LOCK TABLE ... IN ACCESS EXCLUSIVE MODE (lockdefs.h)
+_ACCESS_EXCLUSIVE = 8
 # planner statistics that hold column values (histograms, most common values). Not
 # pg_statistic_ext: it holds only the statistics objects' definitions (psql's \d reads it).
 STATS_RELATIONS = frozenset({"pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs",
@@ -593,7 +595,9 @@ class _Walker:
         if ntype == "LockingClause":
             return  # FOR UPDATE OF <alias>: a name, not a read
         if ntype == "LockStmt":
-            # LOCK TABLE takes a lock and reads nothing: audited, allowed.
+            # LOCK TABLE takes a lock and reads nothing: audited, allowed -- but not ACCESS
+            # EXCLUSIVE (also the default mode) for a masked role: until its transaction ends
+            # it would stall every reader of the table, every branch's included
             for rel in body.get("relations") or []:
                 n = _node(rel)
                 rv = n[1] if n else rel
@@ -601,6 +605,11 @@ class _Walker:
                     ct = self.cv.resolve(rv.get("schemaname") or None, str(rv.get("relname", "")))
                     if ct is not None:
                         self.add_table(ct.name)
+                        if self.restricted and body.get("mode", _ACCESS_EXCLUSIVE) >= \
+                                _ACCESS_EXCLUSIVE:
+                            self.deny(f"LOCK TABLE {ct.name} IN ACCESS EXCLUSIVE MODE would stall "
+                                      "every session reading it, other branches' included; "
+                                      "not allowed for masked roles")
             return
         if ntype == "FuncCall":
             self.func_call(body)
