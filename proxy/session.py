@@ -545,6 +545,8 @@ class Session:
         self._batch_changes: list[_StatementChange] = []
         self._prepared_version: dict[str, str] = {}  # SQL-level PREPARE → policy version
         self._prepared_source: dict[str, str] = {}  # SQL-level PREPARE → the client's text
+        # a PREPARE sent, not yet answered: the name's records before it (_record_prepare)
+        self._prepare_before: dict[str, tuple[Any, ...]] = {}
         self._counts: dict[tuple[str, str], int] = {}  # cumulative rows per portal / cursor
         self._reserved = 0  # quota rows this session's runs hold (_claim_quota)
         self._unnamed_binds = 0  # Binds of the unnamed portal sent (_StatementRun.binding)
@@ -994,6 +996,18 @@ class Session:
                 self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
                 self._send_raise(denied, out)
                 return
+            if parsed is None and not self.view.unrestricted and stmt not in self._statements \
+                    and stmt.decode(self.codec, "replace") not in self.prepared:
+                # what it runs is unknown (the SQL EXECUTE of such a name is refused alike)
+                denied = StatementDecision(
+                    action=Action.DENY, sql="", kind="execute",
+                    reasons=("statement not seen prepared",),
+                    message=f"Bind of prepared statement {stmt.decode(self.codec, 'replace')!r}, "
+                            "which pgveil did not see prepared in this session, is not allowed "
+                            "for masked roles")
+                self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
+                self._send_raise(denied, out)
+                return
             if parsed is not None and self.operator is not None and \
                     self.operator.current().policy_version != parsed[2]:
                 # the policy was reloaded or a grant changed since this statement was parsed:
@@ -1038,6 +1052,12 @@ class Session:
                     return
             if bound is not None:
                 d, text, is_cursor, floor = bound
+                if d.kind == "prepare" and d.prepared and not is_cursor and \
+                        self.prepared.get(d.prepared) is not d:
+                    # a SQL PREPARE run through the extended protocol: recorded as it is sent,
+                    # like a simple Query's (an EXECUTE pipelined behind it finds it), and
+                    # taken back if the server refuses it (_settle_prepared)
+                    self._record_prepare(d, text)
                 # FETCH counts against its cursor (cumulative across FETCHes), anything else
                 # against its portal (cumulative across Executes with a row limit); a named
                 # portal is a cursor to SQL (FETCH reads it): one count for both
@@ -1420,6 +1440,8 @@ class Session:
         if entry is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
             return False
         parsed = self._parsed.get(stmt)
+        if parsed is None and entry is None:
+            return False  # a statement pgveil did not see prepared: the general path decides
         op = self.operator
         view = op.current() if op is not None else self.view
         if parsed is not None and op is not None and view.policy_version != parsed[2]:
@@ -1704,11 +1726,15 @@ class Session:
         PREPARE, see _settle_prepared)."""
         name = st.prepared
         assert name is not None
+        key = name.encode(self.codec, "replace")
+        # what the name held: PostgreSQL keeps it when it refuses this PREPARE (42P05)
+        self._prepare_before[name] = (st, self.prepared.get(name),
+                                      self._prepared_version.get(name),
+                                      self._prepared_source.get(name), self._statements.get(key))
         self.prepared[name] = st
         self._prepared_version[name] = self.view.policy_version
         self._prepared_source[name] = text
-        self._statements[name.encode(self.codec, "replace")] = (replace(st, kind="execute"),
-                                                                text)
+        self._statements[key] = (replace(st, kind="execute"), text)
 
     def _settle_prepared(self, d: StatementDecision, error: str | None, text: str) -> None:
         """The server answered a PREPARE or DEALLOCATE: a failed PREPARE created nothing (drop
@@ -1719,16 +1745,27 @@ class Session:
         if d.kind == "prepare" and d.prepared and error is None:
             if self.prepared.get(d.prepared) is not d:
                 self._record_prepare(d, text)
+            before = self._prepare_before.get(d.prepared)
+            if before is not None and before[0] is d:
+                del self._prepare_before[d.prepared]
         elif d.kind == "prepare" and d.prepared and error is not None:
-            if self.prepared.get(d.prepared) is d:
-                self.prepared.pop(d.prepared, None)
-                self._prepared_version.pop(d.prepared, None)
-                self._prepared_source.pop(d.prepared, None)
+            before = self._prepare_before.get(d.prepared)
+            if self.prepared.get(d.prepared) is d and before is not None and before[0] is d:
+                # it created nothing: the name holds what it held before (a refused duplicate
+                # PREPARE leaves PostgreSQL's statement in place)
+                del self._prepare_before[d.prepared]
                 key = d.prepared.encode(self.codec, "replace")
-                held = self._statements.get(key)
-                if held is not None and held[0].prepared == d.prepared and \
-                        held[0].kind == "execute":
+                for table, value in ((self.prepared, before[1]),
+                                     (self._prepared_version, before[2]),
+                                     (self._prepared_source, before[3])):
+                    if value is None:
+                        table.pop(d.prepared, None)
+                    else:
+                        table[d.prepared] = value
+                if before[4] is None:
                     self._statements.pop(key, None)
+                else:
+                    self._statements[key] = before[4]
         elif _is_deallocate(d) and (error is None or error.startswith("26000")):
             self._forget_deallocated(d.sql)
 
@@ -2459,6 +2496,9 @@ class Session:
                     while self._slots and self._slots[0].kind == "execute":
                         self._slots.popleft()
                 elif slot.kind == "query":
+                    for skipped in slot.runs[slot.index:]:  # a PREPARE skipped made nothing
+                        if skipped.decision.kind == "prepare" and not skipped.denied:
+                            self._settle_prepared(skipped.decision, "skipped", skipped.source)
                     slot.index = len(slot.runs)
             return
         if mtype == 0x47:  # CopyInResponse

@@ -382,7 +382,43 @@ def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
         out.append(d.sql if d.action is Action.REWRITE else text)
         pos = span.end
     out.append(sql[pos:])
+    if several and ctx.restricted:
+        decisions = _lone_capped_runs(decisions)
+        if any(d.action is Action.DENY for d in decisions):
+            return Analysis(sql, tuple(decisions))
     return Analysis("".join(out), tuple(decisions))
+
+
+# statements that may share a request with an EXECUTE or FETCH max_rows stops on the wire:
+# none of them changes data (a read is wrapped by cap_inside and fails inside PostgreSQL)
+_QUIET_COMPANIONS = frozenset({"prepare", "declare", "transaction", "set", "select", "fetch"})
+_QUIET_UTILITY = frozenset({"close", "deallocate"})
+
+
+def _quiet(d: StatementDecision) -> bool:
+    if d.kind in _QUIET_COMPANIONS:
+        return True
+    m = _LEAD_RE.match(d.sql)
+    return d.kind == "utility" and m is not None and m.group(1).lower() in _QUIET_UTILITY
+
+
+def _lone_capped_runs(decisions: list[StatementDecision]) -> list[StatementDecision]:
+    """Refuse an EXECUTE or FETCH of protected rows that shares its request with a statement
+    that changes data: max_rows stops it on the wire (its text cannot be wrapped), when
+    PostgreSQL has already run -- and will commit -- the rest of the request."""
+    out = list(decisions)
+    for i, d in enumerate(decisions):
+        if d.kind not in ("execute", "fetch") or not d.tables or d.row_limit is None or \
+                d.action is Action.DENY:
+            continue
+        other = next((o for j, o in enumerate(decisions) if j != i and not _quiet(o)), None)
+        if other is not None:
+            what = "EXECUTE" if d.kind == "execute" else "FETCH"
+            out[i] = replace(d, action=Action.DENY, message=(
+                f"{what} of protected rows must be sent on its own, not with {other.kind} "
+                "statements in one query: max_rows stops it as its rows arrive, after "
+                "PostgreSQL has run the rest"), reasons=(*d.reasons, "capped run with writes"))
+    return out
 
 
 def _deny(kind: str, message: str, text: str, tables: list[str] | None = None,
@@ -547,6 +583,19 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
     )
     if core.kind in _TAGS and _returns_rows(sig):
         decision = cap_inside(decision, ctx)
+    elif core.kind == "prepare" and decision.tables and ctx.restricted and \
+            decision.row_limit is not None:
+        # PREPARE q AS UPDATE ... RETURNING: what EXECUTE q runs is wrapped the same way
+        start = prepare_prefix(sig)
+        inner = [t for t in sig if start is not None and t.start >= start]
+        kind = leading_kind(inner)
+        if start is not None and kind in _TAGS and _returns_rows(inner):
+            wrapped = _capped_sql(decision.sql[start:], kind, decision.row_limit,
+                                  ctx.view.role, decision.tables)
+            decision = replace(decision, action=Action.REWRITE,
+                               sql=decision.sql[:start] + wrapped,
+                               command_tag=_TAGS[kind],
+                               reasons=(*decision.reasons, ROW_LIMIT_CHECK_REASON))
     return decision
 
 
@@ -583,17 +632,21 @@ def cap_inside(d: StatementDecision, ctx: _Ctx) -> StatementDecision:
     if not ctx.restricted or limit is None or not d.tables or d.cursor or d.prepared or \
             d.action is Action.DENY or d.kind not in ("select", *_TAGS):
         return d
-    names = ", ".join(d.tables)
-    message = (f"{FAILING_PREFIX}row limit of {limit} exceeded for role {ctx.view.role}: the "
-               f"statement returned more than {limit} rows of {names}, so PostgreSQL stopped "
-               "it and nothing it did was kept")
-    body = d.sql.rstrip()
-    materialized = "MATERIALIZED " if d.kind == "select" else ""
-    sql = (f'WITH "pgveil_rows" AS {materialized}(\n{body}\n) SELECT * FROM "pgveil_rows" '
-           f'WHERE (SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.<=) {int(limit)} '
-           f'THEN true ELSE {failing(message, "boolean")} END FROM "pgveil_rows")')
+    sql = _capped_sql(d.sql, d.kind, limit, ctx.view.role, d.tables)
     return replace(d, action=Action.REWRITE, sql=sql, command_tag=_TAGS.get(d.kind),
                    reasons=(*d.reasons, ROW_LIMIT_CHECK_REASON))
+
+
+def _capped_sql(body: str, kind: str, limit: int, role: str, tables: tuple[str, ...]) -> str:
+    """``body`` (a statement of ``kind``) wrapped as :func:`cap_inside` describes."""
+    message = (f"{FAILING_PREFIX}row limit of {limit} exceeded for role {role}: the "
+               f"statement returned more than {limit} rows of {', '.join(tables)}, so "
+               "PostgreSQL stopped it and nothing it did was kept")
+    materialized = "MATERIALIZED " if kind == "select" else ""
+    return (f'WITH "pgveil_rows" AS {materialized}(\n{body.rstrip()}\n) SELECT * FROM '
+            f'"pgveil_rows" WHERE (SELECT CASE WHEN pg_catalog.count(*) '
+            f'OPERATOR(pg_catalog.<=) {int(limit)} THEN true ELSE {failing(message, "boolean")} '
+            'END FROM "pgveil_rows")')
 
 
 def _row_limit(ctx: _Ctx, tables: list[str]) -> int | None:

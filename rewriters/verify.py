@@ -68,6 +68,18 @@ OTHER_SESSIONS_TEXT = frozenset({"pg_stat_activity", "pg_stat_get_activity",
                                  "pg_stat_get_backend_activity"})
 _OTHERS_REASON = ("would show other sessions' statement text (the values other operators "
                   "typed); not allowed for masked roles")
+# Per-table row and block counters: read before and after a statement of one's own, they count
+# the rows it touched below the row filter (an index fetch of a hidden id: whether it exists).
+ROW_COUNTER_PREFIXES = ("pg_stat_xact_", "pg_stat_user_tables", "pg_stat_all_tables",
+                        "pg_stat_sys_tables", "pg_statio_", "pg_stat_user_indexes",
+                        "pg_stat_all_indexes", "pg_stat_sys_indexes", "pg_stat_database")
+ROW_COUNTER_FUNCTIONS = ("pg_stat_get_xact_", "pg_stat_get_tuples_", "pg_stat_get_blocks_",
+                         "pg_stat_get_numscans", "pg_stat_get_live_tuples",
+                         "pg_stat_get_dead_tuples", "pg_stat_get_ins_since_vacuum",
+                         "pg_stat_get_mod_since_analyze", "pg_stat_get_lastscan",
+                         "pg_stat_get_db_tuples_", "pg_stat_get_db_blocks_")
+_COUNTERS_REASON = ("counts rows a statement touched below the row filter; not allowed for "
+                    "masked roles")
 # Aggregates that pack many rows into one value: max_rows counts DataRows, so one row of
 # json_agg(c) would carry a whole branch. Denied on customer data for roles with a row cap.
 PACKING_AGGREGATES = frozenset({
@@ -764,6 +776,9 @@ class _Walker:
             # its rule calls set_config() with the new value: SET by another name, past the
             # checks of role switching and debug_print_* (use SET, which is checked)
             self.deny("UPDATE of pg_settings is not allowed for masked roles; use SET")
+        if self.restricted and relname.startswith(ROW_COUNTER_PREFIXES) and \
+                schema in (None, "pg_catalog"):
+            self.deny(f"{relname} {_COUNTERS_REASON}")
         if self.restricted and relname in OTHER_SESSIONS_TEXT and schema in (None, "pg_catalog"):
             self.deny(f"{relname} {_OTHERS_REASON}")
         elif self.restricted and self.cv.hash_secret and relname in STATEMENT_TEXT_RELATIONS:
@@ -824,6 +839,8 @@ class _Walker:
                           "is not allowed for masked roles")
         if name in OTHER_SESSIONS_TEXT:
             self.deny(f"{name}() {_OTHERS_REASON}")
+        elif name.startswith(ROW_COUNTER_FUNCTIONS):
+            self.deny(f"{name}() {_COUNTERS_REASON}")
         elif self.cv.hash_secret and name in STATEMENT_TEXT_FUNCTIONS:
             self.deny(f"{name}() {_KEY_REASON}")
         if body.get("over") is not None:

@@ -274,3 +274,65 @@ def test_a_statement_pgveil_cannot_decode_is_refused_and_audited(leak: LeakCheck
                if marker in line]
     assert len(records) == 1, records
     assert records[0]["decision"] == "blocked" and records[0]["tables"] == ["public.customers"]
+
+
+def test_a_refused_duplicate_prepare_leaves_the_statement_as_postgres_holds_it(
+        leak: LeakChecker) -> None:
+    name = f"q_{uuid.uuid4().hex[:8]}"
+    with leak.connect() as conn:
+        w = Wire(conn)
+        assert not w.batch(query(f"PREPARE {name} AS {WIDE}")).sqlstates
+        dup = w.batch(query(f"PREPARE {name} AS select id from customers where id = 1"))
+        assert dup.sqlstates == ["42P05"], dup
+        _capped_or_refused(w.batch(query(f"EXECUTE {name}")))
+        _capped_or_refused(w.batch(bind(name.encode()), execute(), SYNC))
+
+
+def test_a_bind_of_a_statement_pgveil_did_not_see_prepared_is_refused(
+        leak: LeakChecker) -> None:
+    with leak.connect() as conn:
+        got = Wire(conn).batch(bind(b"never_parsed_here"), execute(), SYNC)
+        assert got.sqlstates == ["42501"] and got.rows == 0, got
+
+
+def test_a_prepare_and_its_execute_in_one_pipeline(leak: LeakChecker) -> None:
+    name = f"p_{uuid.uuid4().hex[:8]}"
+    with leak.connect() as conn:
+        got = Wire(conn).batch(parse(b"", f"PREPARE {name} AS select id from customers "
+                                         "where id = 3".encode()), bind(b""), execute(),
+                               parse(b"", f"EXECUTE {name}".encode()), bind(b""), execute(),
+                               SYNC)
+        assert not got.sqlstates and got.rows == 1, got
+
+
+@pytest.mark.parametrize("sql", [
+    "PREPARE {n} AS update orders set note = note where id > 0 returning id",
+])
+def test_a_prepared_data_change_past_max_rows_is_not_kept(leak: LeakChecker, sql: str) -> None:
+    name = f"u_{uuid.uuid4().hex[:8]}"
+    ids = _sz01_orders(leak, CAP + 10)
+    before = _xmin(leak, ids)
+    with leak.connect() as conn:
+        conn.execute(sql.format(n=name))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row limit of 50"):
+            conn.execute(f"EXECUTE {name}")
+    assert _xmin(leak, ids) == before
+
+
+def test_a_capped_execute_or_fetch_may_not_share_a_request_with_writes(
+        leak: LeakChecker) -> None:
+    ids = _sz01_orders(leak, 1)
+    before = _xmin(leak, ids)
+    name = f"s_{uuid.uuid4().hex[:8]}"
+    with leak.connect() as conn:
+        w = Wire(conn)
+        assert not w.batch(query(f"PREPARE {name} AS select id from customers "
+                                 "where id > 0")).sqlstates
+        got = w.batch(query(f"EXECUTE {name}; update orders set note = note where id = {ids}"))
+        assert got.sqlstates == ["42501"] and got.rows == 0, got
+        got = w.batch(query("begin; declare c cursor for select id from customers where id > 0; "
+                            f"fetch 100 from c; update orders set note = note where id = {ids}; "
+                            "commit"))
+        assert got.sqlstates == ["42501"], got
+        w.batch(query("rollback"))
+    assert _xmin(leak, ids) == before
