@@ -996,18 +996,6 @@ class Session:
                 self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
                 self._send_raise(denied, out)
                 return
-            if parsed is None and not self.view.unrestricted and stmt not in self._statements \
-                    and stmt.decode(self.codec, "replace") not in self.prepared:
-                # what it runs is unknown (the SQL EXECUTE of such a name is refused alike)
-                denied = StatementDecision(
-                    action=Action.DENY, sql="", kind="execute",
-                    reasons=("statement not seen prepared",),
-                    message=f"Bind of prepared statement {stmt.decode(self.codec, 'replace')!r}, "
-                            "which pgveil did not see prepared in this session, is not allowed "
-                            "for masked roles")
-                self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
-                self._send_raise(denied, out)
-                return
             if parsed is not None and self.operator is not None and \
                     self.operator.current().policy_version != parsed[2]:
                 # the policy was reloaded or a grant changed since this statement was parsed:
@@ -1440,8 +1428,6 @@ class Session:
         if entry is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
             return False
         parsed = self._parsed.get(stmt)
-        if parsed is None and entry is None:
-            return False  # a statement pgveil did not see prepared: the general path decides
         op = self.operator
         view = op.current() if op is not None else self.view
         if parsed is not None and op is not None and view.policy_version != parsed[2]:

@@ -288,13 +288,6 @@ def test_a_refused_duplicate_prepare_leaves_the_statement_as_postgres_holds_it(
         _capped_or_refused(w.batch(bind(name.encode()), execute(), SYNC))
 
 
-def test_a_bind_of_a_statement_pgveil_did_not_see_prepared_is_refused(
-        leak: LeakChecker) -> None:
-    with leak.connect() as conn:
-        got = Wire(conn).batch(bind(b"never_parsed_here"), execute(), SYNC)
-        assert got.sqlstates == ["42501"] and got.rows == 0, got
-
-
 def test_a_prepare_and_its_execute_in_one_pipeline(leak: LeakChecker) -> None:
     name = f"p_{uuid.uuid4().hex[:8]}"
     with leak.connect() as conn:
