@@ -635,6 +635,13 @@ class ClientConnection(asyncio.Protocol):
                                             f"{database!r}: {'; '.join(exc.errors)}"))
             self.close()
             return
+        if unrestricted and not view.unrestricted and refused_startup_setting(params):
+            # a reload made the role masked while the login was checked: the settings the
+            # backend now runs with were allowed for the old role only
+            self.send_client(fatal("42501", f"startup setting refused for role {view.role} "
+                                            "(the policy changed during the login)"))
+            self.close()
+            return
         await self._finish_startup(upstream, view, params, database, application, user)
 
     async def _connect_upstream(self, params: dict[str, str]) -> UpstreamProtocol | None:

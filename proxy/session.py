@@ -42,7 +42,6 @@ from typing import Any
 from proxy.operator import OperatorState
 from proxy.protocol import ProtocolError, error_response, python_encoding
 from rewriters.model import (
-    CHECK_REASONS,
     DENY_SQLSTATE,
     FAILING_PREFIX,
     Action,
@@ -142,15 +141,7 @@ WITHHELD_AFTER_CAP = ("result withheld from the client: an earlier statement of 
                       "request was stopped at max_rows")
 
 
-# the messages of the checks pgveil writes (rewriters.dml, rewriters.analyze.cap_inside)
-_GENERATED_CHECK = re.compile(
-    r"the row (?:would leave|is outside) the row filter of [\w.]+"
-    r"|no [\w.]+ row visible to this operator has \w+ = the value given for [\w.]+"
-    r"|row limit of \d+ exceeded for role [\w.-]+: the statement returned more than \d+ rows "
-    r"of [\w., ]+, so PostgreSQL stopped it and nothing it did was kept")
-
-
-def _check_failure(fields: dict[str, str]) -> str | None:
+def _check_failure(fields: dict[str, str], checks: tuple[str, ...]) -> str | None:
     """The message of a check pgveil wrote into a statement (a row outside the row filter,
     known only as it is written: rewriters.dml.failing), which PostgreSQL raises as a failed
     cast of that message (22P02); None for any other error. The client and the audit record
@@ -163,8 +154,8 @@ def _check_failure(fields: dict[str, str]) -> str | None:
         return None
     check = message[at + len(FAILING_PREFIX):].rstrip("\"'»”」")  # quotes per lc_messages
     # the nonce can be seen (EXPLAIN VERBOSE, current_query()): a client that writes its own
-    # failing cast with it gets one of pgveil's own messages at most, never a text of its own
-    return check if _GENERATED_CHECK.fullmatch(check) else None
+    # failing cast with it gets one of the statement's own check messages at most
+    return check if check in checks else None
 
 
 class _StatementRun:
@@ -2463,8 +2454,8 @@ class Session:
                     hint=fields.get("H")))
                 slot.index += 1  # type: ignore[union-attr]
             else:
-                check = _check_failure(fields) if run is not None and \
-                    not CHECK_REASONS.isdisjoint(run.decision.reasons) else None
+                check = _check_failure(fields, run.decision.checks) \
+                    if run is not None and run.decision.checks else None
                 if check is not None:  # a check pgveil wrote into the statement: a denial
                     if run is not None:
                         self._finish_run(slot, run, out,  # type: ignore[arg-type]

@@ -49,7 +49,6 @@ from rewriters.compiled import CompiledTable, CompiledView, ViewCompiler, quote_
 from rewriters.dml import dml_rules, failing, filtered_references
 from rewriters.lexer import Tok, Token, fold, significant, split_statements, tokenize
 from rewriters.model import (
-    FAILING_PREFIX,
     ROW_LIMIT_CHECK_REASON,
     Action,
     Analysis,
@@ -112,6 +111,7 @@ class Core:
     lookup_values: int = 0
     repeats: int = 0  # the most references to one protected table (a self-join: 2)
     reasons: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # messages of the checks written in
     tables: list[str] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     prepared: str | None = None
@@ -580,6 +580,7 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
         lookup_values=core.lookup_values,
         copy_out=core.copy_out,
         copy_in=core.copy_in,
+        checks=tuple(core.checks),
     )
     if core.kind in _TAGS and _returns_rows(sig):
         decision = cap_inside(decision, ctx)
@@ -590,12 +591,13 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
         inner = [t for t in sig if start is not None and t.start >= start]
         kind = leading_kind(inner)
         if start is not None and kind in _TAGS and _returns_rows(inner):
-            wrapped = _capped_sql(decision.sql[start:], kind, decision.row_limit,
-                                  ctx.view.role, decision.tables)
+            message = _cap_message(decision.row_limit, ctx.view.role, decision.tables)
+            wrapped = _capped_sql(decision.sql[start:], kind, decision.row_limit, message)
             decision = replace(decision, action=Action.REWRITE,
                                sql=decision.sql[:start] + wrapped,
                                command_tag=_TAGS[kind],
-                               reasons=(*decision.reasons, ROW_LIMIT_CHECK_REASON))
+                               reasons=(*decision.reasons, ROW_LIMIT_CHECK_REASON),
+                               checks=(*decision.checks, message))
     return decision
 
 
@@ -632,16 +634,20 @@ def cap_inside(d: StatementDecision, ctx: _Ctx) -> StatementDecision:
     if not ctx.restricted or limit is None or not d.tables or d.cursor or d.prepared or \
             d.action is Action.DENY or d.kind not in ("select", *_TAGS):
         return d
-    sql = _capped_sql(d.sql, d.kind, limit, ctx.view.role, d.tables)
+    message = _cap_message(limit, ctx.view.role, d.tables)
+    sql = _capped_sql(d.sql, d.kind, limit, message)
     return replace(d, action=Action.REWRITE, sql=sql, command_tag=_TAGS.get(d.kind),
-                   reasons=(*d.reasons, ROW_LIMIT_CHECK_REASON))
+                   reasons=(*d.reasons, ROW_LIMIT_CHECK_REASON), checks=(*d.checks, message))
 
 
-def _capped_sql(body: str, kind: str, limit: int, role: str, tables: tuple[str, ...]) -> str:
+def _cap_message(limit: int, role: str, tables: tuple[str, ...]) -> str:
+    return (f"row limit of {limit} exceeded for role {role}: the statement returned more than "
+            f"{limit} rows of {', '.join(tables)}, so PostgreSQL stopped it and nothing it did "
+            "was kept")
+
+
+def _capped_sql(body: str, kind: str, limit: int, message: str) -> str:
     """``body`` (a statement of ``kind``) wrapped as :func:`cap_inside` describes."""
-    message = (f"{FAILING_PREFIX}row limit of {limit} exceeded for role {role}: the "
-               f"statement returned more than {limit} rows of {', '.join(tables)}, so "
-               "PostgreSQL stopped it and nothing it did was kept")
     materialized = "MATERIALIZED " if kind == "select" else ""
     return (f'WITH "pgveil_rows" AS {materialized}(\n{body.rstrip()}\n) SELECT * FROM '
             f'"pgveil_rows" WHERE (SELECT CASE WHEN pg_catalog.count(*) '
@@ -853,18 +859,6 @@ def _ddl(text: str, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
     return Core("ddl", tables=[t.name for t in m.tables] if not ctx.restricted else [])
 
 
-def _copy_columns(node: dict) -> list[str] | None:
-    """The column list of a COPY (None: every column)."""
-    attlist = node.get("attlist")
-    if not attlist:
-        return None
-    names = []
-    for item in attlist:
-        sval = item.get("String", {}).get("sval") if isinstance(item, dict) else None
-        names.append(str(sval) if sval is not None else "")
-    return names
-
-
 def _external_copy(node: dict) -> bool:
     return bool(node.get("is_program")) or node.get("filename") is not None
 
@@ -886,8 +880,8 @@ def _copy(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Co
                     raise Denied(f"COPY into {ct.name} is not allowed for role {view.role} "
                                  "(row filter or masked columns)")
                 keys = filtered_references(ct, ctx.cv) if ctx.restricted else []
-                listed = _copy_columns(node)
-                keys = [k for k in keys if listed is None or k in listed]
+                listed = _attnames(node)  # none: every column
+                keys = [k for k in keys if not listed or k in listed]
                 if keys:
                     # an INSERT's foreign keys are checked against the row filter of the table
                     # they point into; COPY data cannot be, so its errors would tell which
@@ -1042,6 +1036,7 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
             if qn not in lookups:
                 lookups.append(qn)
         reasons.extend(dml.reasons)
+        core.checks.extend(dml.checks)
         if top.table.row_filter is not None:
             reasons.append(f"row filter {view.role}: {top.table.name}")
     cap = view.limits.lookup_max_values

@@ -59,6 +59,7 @@ class DmlResult:
     lookups: list[str] = field(default_factory=list)
     lookup_values: int = 0
     reasons: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # messages of the checks written in
 
 
 def reads_masked(expr: exp.Expression | None, ct: CompiledTable, ref_name: str) -> str | None:
@@ -238,11 +239,11 @@ def _update_or_delete(
                 if check is not None:
                     (start, end), cond = check
                     inner = wrapped[1] if wrapped is not None else idx.sql[start:end]
-                    message = f"{FAILING_PREFIX}the row would leave the row filter of {ct.name}"
+                    message = f"the row would leave the row filter of {ct.name}"
                     text = (f"CASE WHEN ({cond}) THEN {inner} ELSE "
                             f"{failing(message, ct.colview[col].type_sql)} END")
                     res.edits.append(Edit(start, end, text, ((0, len(text)),)))
-                    _checked(res)
+                    _checked(res, message)
                 elif wrapped is not None:
                     (start, end), text = wrapped
                     res.edits.append(Edit(start, end, text, ((0, len(text)),)))
@@ -365,16 +366,14 @@ def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable, idx: TokenIndex, res:
             if wrapped is not None:
                 wraps[wrapped[0]] = wrapped[1]
     if ct.row_filter is not None:
-        _insert_filter(ct, cols, rows, values, idx, wraps)
+        _insert_filter(ct, cols, rows, values, idx, wraps, res)
     for (start, end), text in sorted(wraps.items()):
         res.edits.append(Edit(start, end, text, ((0, len(text)),)))
-    if wraps:
-        _checked(res)
 
 
 def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expression]],
                    values: exp.Expression | None, idx: TokenIndex,
-                   wraps: dict[tuple[int, int], str]) -> None:
+                   wraps: dict[tuple[int, int], str], res: DmlResult) -> None:
     """INSERT may only create rows inside the row filter.
 
     Proven statically when the filter is a conjunction of ``col = literal`` and every row
@@ -404,7 +403,8 @@ def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expre
     outer = ct.filter_outer_cols
     if not outer or any(c not in cols for c in outer):
         raise Denied(outside)
-    message = f"{FAILING_PREFIX}the row is outside the row filter of {ct.name}"
+    message = f"the row is outside the row filter of {ct.name}"
+    _checked(res, message)
     for items in rows:
         texts: dict[str, str] = {}
         spans: dict[str, tuple[int, int]] = {}
@@ -428,10 +428,13 @@ def _insert_filter(ct: CompiledTable, cols: list[str], rows: list[list[exp.Expre
 # --- keys: existence oracles ------------------------------------------------------------------
 
 
-def _checked(res: DmlResult) -> None:
-    """The statement carries checks made as its rows are written (:func:`failing`)."""
+def _checked(res: DmlResult, message: str) -> None:
+    """The statement carries a check made as its rows are written (:func:`failing`), failing
+    with ``message``: only that error of it is a policy denial (proxy.session)."""
     if EXECUTION_CHECK_REASON not in res.reasons:
         res.reasons.append(EXECUTION_CHECK_REASON)
+    if message not in res.checks:
+        res.checks.append(message)
 
 
 _INTEGER_TYPES = frozenset({exp.DataType.Type.SMALLINT, exp.DataType.Type.INT,
@@ -440,10 +443,10 @@ _INTEGER_TYPES = frozenset({exp.DataType.Type.SMALLINT, exp.DataType.Type.INT,
 
 def failing(message: str, type_sql: str) -> str:
     """An expression of type ``type_sql`` that raises ``invalid input syntax for type integer:
-    "<message>"`` when evaluated — and only then: ``concat`` is STABLE, so the planner does not
-    fold it, and the detour through int4 and text makes it raise whatever the target type (a
-    plain cast to text would quietly succeed)."""
-    msg = message.replace("'", "''")
+    "<FAILING_PREFIX><message>"`` when evaluated — and only then: ``concat`` is STABLE, so the
+    planner does not fold it, and the detour through int4 and text makes it raise whatever the
+    target type (a plain cast to text would quietly succeed)."""
+    msg = (FAILING_PREFIX + message).replace("'", "''")
     return (f"CAST(CAST(CAST(pg_catalog.concat('{msg}') AS pg_catalog.int4) AS pg_catalog.text) "
             f"AS {type_sql})")
 
@@ -522,15 +525,15 @@ def _key_value(ct: CompiledTable, col: str, value: exp.Expression, idx: TokenInd
                      f"{rt.name}, of which this operator sees only some rows")
     cview = ct.colview[col]
     qref = ".".join(quote_ident(p) for p in rt.name.split("."))
-    message = (f"{FAILING_PREFIX}no {rt.name} row visible to this operator has "
-               f"{rcol} = the value given for {ct.name}.{col}")
+    message = (f"no {rt.name} row visible to this operator has {rcol} = the value given for "
+               f"{ct.name}.{col}")
     text = (f"COALESCE((SELECT {quote_ident(rcol)} FROM {qref} WHERE ({rt.row_filter}) AND "
             f"{quote_ident(rcol)} OPERATOR(pg_catalog.=) {idx.sql[lit.start:lit.end]} "
             f"OFFSET 0), {failing(message, cview.type_sql)})")
     reason = f"foreign key {ct.name}.{col} checked against the row filter of {rt.name}"
     if reason not in res.reasons:
         res.reasons.append(reason)
-    _checked(res)
+    _checked(res, message)
     return (lit.start, lit.end), text
 
 

@@ -30,15 +30,15 @@ DENY_SQLSTATE = "42501"  # insufficient_privilege: every policy denial uses it
 # A nonce of this process, so that a client's own bad cast ('pgveil: …'::int) stays its own
 # error rather than passing for a denial.
 FAILING_PREFIX = f"pgveil {secrets.token_hex(4)}: "
-# among the reasons of a statement pgveil wrote such checks into: only its errors of that shape
-# are denials (a client that learnt the nonce cannot relabel its own statements' failures)
+# among the reasons of a statement pgveil wrote such checks into (the exact messages are in
+# StatementDecision.checks: only those errors are denials, so a client that learnt the nonce
+# cannot relabel its own statements' failures)
 EXECUTION_CHECK_REASON = "row filter checked as rows are written"
 # ... and of a statement pgveil wrapped so that PostgreSQL itself fails it past max_rows
 # (rewriters.analyze.cap_inside): a data change with RETURNING, or a capped read that shares
 # its request with other statements. Stopped on the wire instead, the rows would be withheld
 # while PostgreSQL committed the change and ran the rest of the request.
 ROW_LIMIT_CHECK_REASON = "max_rows checked inside PostgreSQL (the statement fails as a whole)"
-CHECK_REASONS = frozenset({EXECUTION_CHECK_REASON, ROW_LIMIT_CHECK_REASON})
 
 
 @dataclass(frozen=True)
@@ -220,6 +220,9 @@ class StatementDecision:
     # the command tag PostgreSQL's answer stands for when pgveil wrapped a data change into a
     # SELECT (``UPDATE``, ``DELETE``, ``INSERT 0``): the session writes it back
     command_tag: str | None = None
+    # the messages of the checks pgveil wrote into it (rewriters.dml.failing): a failed cast of
+    # one of these is a policy denial, any other error the statement's own
+    checks: tuple[str, ...] = ()
 
     @property
     def protected(self) -> bool:
