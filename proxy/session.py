@@ -1977,7 +1977,7 @@ class Session:
             end = pos + 1 + unpack(buf, pos + 1)[0]
             if end > n:
                 break
-            if slots and slots[0].kind == "hidden":  # pgveil's own Parse+Sync
+            if slots and slots[0].kind == "hidden" and mtype != 0x53:  # pgveil's Parse+Sync
                 if pos > start:
                     flush(buf[start:pos])
                 self._hidden_message(mtype, buf[pos:end])
@@ -2379,6 +2379,13 @@ class Session:
                 self.state = ProtocolState.BUSY
             out.to_client.append(frame)
             return
+        if mtype == 0x53:
+            # ParameterStatus: recorded and passed on even while the rest of a request is
+            # dropped (a SET next to a statement stopped at max_rows still took effect: the
+            # lexer must read what follows as the server will, and so must the client)
+            self._parameter_status(frame)
+            out.to_client.append(frame)
+            return
         if self._drop_server:
             if slot is not None and slot.kind in ("execute", "query") and \
                     mtype in (0x43, 0x49, 0x45, 0x73):
@@ -2489,11 +2496,6 @@ class Session:
             run.rows += 1
         elif mtype == 0x63 and self.state is ProtocolState.COPY_OUT:  # CopyDone
             self.state = ProtocolState.BUSY
-        elif mtype == 0x53:  # ParameterStatus
-            payload = frame[5:]
-            name, pos = _cstr(payload, 0)
-            value, _ = _cstr(payload, pos)
-            self._on_parameter(name.decode("latin-1"), value.decode("latin-1"))
         out.to_client.append(frame)
 
     def _copy_began(self, slot: _Slot | None) -> None:
@@ -2563,6 +2565,12 @@ class Session:
             self._drop_server = True
         elif slot.kind == "query":
             self._drop_server = True  # the rest of its runs are still audited as they end
+
+    def _parameter_status(self, frame: bytes) -> None:
+        payload = frame[5:]
+        name, pos = _cstr(payload, 0)
+        value, _ = _cstr(payload, pos)
+        self._on_parameter(name.decode("latin-1"), value.decode("latin-1"))
 
     def _on_parameter(self, name: str, value: str) -> None:
         self.parameters[name] = value

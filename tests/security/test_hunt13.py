@@ -1,0 +1,66 @@
+"""Bypass hunt 13: what pgveil and PostgreSQL each believe after a request pgveil cut short.
+
+* A ``SET standard_conforming_strings = off`` or ``SET client_encoding`` sharing a simple
+  Query with an ``EXECUTE`` stopped at ``max_rows`` took effect in PostgreSQL, but its
+  ParameterStatus was dropped with the rest of the request: pgveil kept lexing with the old
+  settings, so a later statement hid a subquery over ``customers`` inside what pgveil read as a
+  string literal and PostgreSQL ran it raw. ParameterStatus is now recorded and passed on even
+  while the rest of a request is discarded.
+"""
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from tests.harness.wire import Wire, msg, query
+from tests.security.conftest import LeakChecker
+
+OTHER = 1  # a GZ01 customer: outside the teller's branch
+HIDDEN = ("(SELECT concat_ws(chr(32), id, name, phone, id_number, email, branch_id) "
+          f"FROM customers WHERE id = {OTHER})")
+
+
+def _cap_with(conn: psycopg.Connection, setting: str) -> None:
+    """A prepared read past max_rows, executed in one Query after ``setting``."""
+    name = f"q_{uuid.uuid4().hex[:8]}"
+    conn.execute(f"PREPARE {name} AS SELECT id FROM customers WHERE id > 0")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row limit of 50"):
+        conn.execute(f"BEGIN; {setting}; COMMIT; EXECUTE {name}")
+
+
+@pytest.mark.parametrize("login", ["teller_sz01", "auditor1"])
+def test_a_setting_changed_next_to_a_capped_execute_reaches_the_lexer(
+        leak: LeakChecker, login: str) -> None:
+    with leak.connect(login) as conn:
+        if login == "auditor1":  # max_rows 10000: a wider read to pass it
+            name = f"q_{uuid.uuid4().hex[:8]}"
+            conn.execute(f"PREPARE {name} AS SELECT a.id FROM customers a "
+                         "CROSS JOIN generate_series(1, 6) g WHERE a.id > 0")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row limit"):
+                conn.execute(f"BEGIN; SET standard_conforming_strings = off; COMMIT; "
+                             f"EXECUTE {name}")
+        else:
+            _cap_with(conn, "SET standard_conforming_strings = off")
+        # the client was told too: its driver escapes for the server's setting
+        assert conn.info.parameter_status("standard_conforming_strings") == "off"
+        leak.assert_no_leak(
+            "SELECT 'a\\' AS x, ' AS y, " + HIDDEN + " AS p, ' AS z -- '",
+            login=login, conn=conn)
+
+
+def test_a_client_encoding_changed_next_to_a_capped_execute_reaches_the_lexer(
+        leak: LeakChecker) -> None:
+    with leak.connect() as conn:
+        _cap_with(conn, "SET client_encoding = 'GBK'")
+        assert conn.info.parameter_status("client_encoding") == "GBK"
+        w = Wire(conn)
+        # sent as UTF-8 bytes: in GBK the backslash is the second byte of a character
+        sql = "SELECT E'\u4e2d\\' AS x, " + HIDDEN + " AS p, ' AS z -- '"
+        w.sock.sendall(msg(b"Q", sql.encode("utf-8") + b"\x00"))
+        answer = b"".join(body for _, body in w.messages())
+        raw = leak.secrets.customer(OTHER)
+        for value in (raw.phone, raw.id_number, raw.email):
+            assert value.encode() not in answer, answer
+        assert not w.batch(query("SET client_encoding = 'UTF8'")).sqlstates
