@@ -6,6 +6,10 @@
   settings, so a later statement hid a subquery over ``customers`` inside what pgveil read as a
   string literal and PostgreSQL ran it raw. ParameterStatus is now recorded and passed on even
   while the rest of a request is discarded.
+* Plain ``EXPLAIN`` printed the planner's row estimates. They come from statistics over every
+  row of the table: a probe value on a histogram bound prints an exact round number, and a
+  binary search on it read raw phones of other branches (manager) and order amounts (teller).
+  A masked role's EXPLAIN on protected data now runs with ``COSTS OFF``.
 """
 from __future__ import annotations
 
@@ -64,3 +68,19 @@ def test_a_client_encoding_changed_next_to_a_capped_execute_reaches_the_lexer(
         for value in (raw.phone, raw.id_number, raw.email):
             assert value.encode() not in answer, answer
         assert not w.batch(query("SET client_encoding = 'UTF8'")).sqlstates
+
+
+@pytest.mark.parametrize(("login", "sql"), [
+    ("manager_sz01", "EXPLAIN SELECT 1 FROM customers c JOIN generate_series(1, 1000000000000) g "
+                     "ON (c.phone > '13505445908' OR g IS NULL)"),
+    ("teller_sz01", "EXPLAIN (FORMAT JSON, COSTS true) SELECT id FROM orders WHERE amount > 969.91"),
+    ("teller_sz01", "EXPLAIN SELECT id FROM customers WHERE branch_id <> 'GZ01'"),
+])
+def test_explain_prints_no_estimates_for_a_masked_role(
+        leak: LeakChecker, login: str, sql: str) -> None:
+    with leak.connect(login) as conn:
+        plan = "\n".join(str(row[0]) for row in conn.execute(sql).fetchall())
+    assert plan and "rows=" not in plan and "Plan Rows" not in plan and "cost=" not in plan, plan
+    with leak.connect("dba") as conn:  # unmasked: the plan as PostgreSQL prints it
+        plan = "\n".join(str(row[0]) for row in conn.execute(sql).fetchall())
+    assert "rows=" in plan or "Plan Rows" in plan, plan
