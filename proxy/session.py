@@ -976,16 +976,7 @@ class Session:
             portal, pos = _cstr(payload, 0)
             stmt, _ = _cstr(payload, pos)
             parsed = self._parsed.get(stmt)
-            if parsed is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
-                # one of pgveil's own statements (upstream.prepare_rewritten): running it
-                # directly would skip the row cap and the audit record
-                denied = StatementDecision(
-                    action=Action.DENY, sql="", kind="execute",
-                    reasons=("pgveil's own prepared statement",),
-                    message=f"prepared statement {stmt.decode('latin-1')} belongs to pgveil; "
-                            "clients cannot bind it")
-                self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
-                self._send_raise(denied, out)
+            if parsed is None and self._refuse_own_name(stmt, "bind", out):
                 return
             if parsed is not None and self.operator is not None and \
                     self.operator.current().policy_version != parsed[2]:
@@ -1077,6 +1068,8 @@ class Session:
         elif mtype == 0x43:  # Close
             kind = frame[5:6]
             name, _ = _cstr(frame, 6)
+            if kind == b"S" and self._refuse_own_name(name, "close", out):
+                return
             if kind == b"S":
                 before = self._statement_state(name)
                 self._forget_statement(name)
@@ -1889,9 +1882,28 @@ class Session:
             else:
                 self.prepared.pop(key, None)
 
+    def _refuse_own_name(self, name: bytes, what: str, out: Output) -> bool:
+        """Parse, Close or Describe of one of pgveil's own statements (``pgveil_N``, see
+        upstream.prepare_rewritten): refused. Its hot path binds them by name, so a client that
+        closed one and parsed its own text under the name would have that text run in place of
+        the rewritten statement, past the row cap and the audit record."""
+        if not name.startswith(SERVER_STATEMENT_PREFIX):
+            return False
+        denied = StatementDecision(
+            action=Action.DENY, sql="", kind="execute",
+            reasons=("pgveil's own prepared statement",),
+            message=f"prepared statement names beginning with "
+                    f"{SERVER_STATEMENT_PREFIX.decode()} belong to pgveil; clients cannot "
+                    f"{what} them")
+        self._deny_runs(Analysis(sql="", statements=(denied,)), denied, out)
+        self._send_raise(denied, out)
+        return True
+
     def _on_parse(self, frame: bytes, out: Output) -> None:
         payload = frame[5:]
         name, pos = _cstr(payload, 0)
+        if self._refuse_own_name(name, "prepare", out):
+            return
         raw, pos2 = _cstr(payload, pos)
         if _MAY_COPY_IN.search(raw) is not None:
             self._copy_statements.add(name)

@@ -753,6 +753,12 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
         return _copy(text, sig, pst, ctx, m)
     if kind == "explain":
         return _explain(text, sig, pst, ctx, m)
+    if pst.node_type in ("PrepareStmt", "DeallocateStmt") and \
+            str(pst.node.get("name", "")).startswith(PROXY_STATEMENT_PREFIX):
+        # pgveil's own statements (upstream.prepare_rewritten) run by its hot path: one the
+        # client dropped and prepared again would run the client's text in their place
+        raise Denied(f"prepared statement names beginning with {PROXY_STATEMENT_PREFIX} "
+                     "belong to pgveil")
     if kind == "prepare":
         start = prepare_prefix(sig)
         name = str(pst.node.get("name", ""))

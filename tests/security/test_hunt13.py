@@ -10,6 +10,11 @@
   row of the table: a probe value on a histogram bound prints an exact round number, and a
   binary search on it read raw phones of other branches (manager) and order amounts (teller).
   A masked role's EXPLAIN on protected data now runs with ``COSTS OFF``.
+* A client could Close pgveil's own upstream statement ``pgveil_1`` (the rewritten lookup its
+  hot path binds by name) and Parse its own text under that name: the next lookup of the shape
+  ran the client's ``DECLARE ... CURSOR`` over 666 rows, past the row cap and unaudited. Names
+  beginning with ``pgveil_`` are now refused in Parse, Close, Bind, ``PREPARE`` and
+  ``DEALLOCATE``.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import uuid
 import psycopg
 import pytest
 
-from tests.harness.wire import Wire, msg, query
+from tests.harness.wire import SYNC, Wire, close_statement, msg, parse, query
 from tests.security.conftest import LeakChecker
 
 OTHER = 1  # a GZ01 customer: outside the teller's branch
@@ -84,3 +89,25 @@ def test_explain_prints_no_estimates_for_a_masked_role(
     with leak.connect("dba") as conn:  # unmasked: the plan as PostgreSQL prints it
         plan = "\n".join(str(row[0]) for row in conn.execute(sql).fetchall())
     assert "rows=" in plan or "Plan Rows" in plan, plan
+
+
+def test_a_client_cannot_take_over_pgveils_own_statements(leak: LeakChecker) -> None:
+    lookup = "SELECT name FROM customers WHERE id = {}"
+    with leak.connect() as conn:
+        w = Wire(conn)
+        for cid in (3, 6, 9):  # a repeated shape: pgveil prepares it upstream as pgveil_N
+            assert w.batch(query(lookup.format(cid))).rows == 1
+        own = [r[0] for r in conn.execute(
+            "SELECT name FROM pg_prepared_statements WHERE name LIKE 'pgveil%'").fetchall()]
+        assert own, "pgveil prepared no statement of its own for the repeated lookup"
+        name = own[0].encode()
+        takeover = b"DECLARE c CURSOR WITH HOLD FOR SELECT id, phone FROM customers WHERE id > 0"
+        for attempt in ((close_statement(name), SYNC), (parse(name, takeover), SYNC),
+                        (query(f"DEALLOCATE {own[0]}"),), (query(f"DEALLOCATE PREPARE \"{own[0]}\""),),
+                        (query(f"PREPARE {own[0].upper()} AS SELECT 1"),)):
+            assert w.batch(*attempt).sqlstates == ["42501"], attempt
+        got = w.batch(query(lookup.format(0)))
+        assert got.sqlstates == [] and "C" in got.types, got
+        assert w.batch(query("FETCH ALL FROM c")).sqlstates, "a cursor c exists"
+        assert conn.execute("SELECT count(*) FROM pg_prepared_statements "
+                            "WHERE name = %s", (own[0],)).fetchone() == (1,)
