@@ -354,7 +354,10 @@ def raise_sql(sqlstate: str, message: str, hint: str | None = None) -> str:
 
 # Q P B E S C X F: SQL carriers, portal/statement bookkeeping, Terminate, FunctionCall;
 # c f: CopyDone / CopyFail end the data of a COPY FROM STDIN
-_CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x63, 0x66))
+_CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x63, 0x66,
+                             0x44))
+# Parse, Bind, Describe, Execute: the messages after which PostgreSQL may be skipping to Sync
+_OPENS_BATCH = frozenset((0x50, 0x42, 0x44, 0x45))
 # Statement text that may be a COPY FROM STDIN (a false hit only costs the fast paths for a
 # while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
 # Flush and fails the COPY on any other message (see Session._copy_window).
@@ -553,6 +556,10 @@ class Session:
         self._portal_unsettled: dict[bytes, tuple[Any, int]] = {}
         self._bound_in_batch: set[bytes] = set()
         self._batch_error = False
+        # client side: Parse, Bind, Describe or Execute sent since the last Sync. PostgreSQL
+        # skips a Query or FunctionCall sent then if an earlier message of the batch failed,
+        # so nobody can tell whether it will be answered: refused (see _client_message)
+        self._extended_open = False
         self._drop_server = False  # server side: discard results until ReadyForQuery
         self._abort_after_cap = False  # a capped statement completed: fail the transaction
         # the statement over its row cap, until it ends: the shell cancels it only while it
@@ -947,6 +954,15 @@ class Session:
     def _client_message(self, mtype: int, frame: bytes, out: Output) -> None:
         if self._copy_window:
             self._copy_window_message(mtype)
+        if mtype in _OPENS_BATCH:
+            self._extended_open = True
+        elif mtype == 0x53:  # Sync
+            self._extended_open = False
+        elif (mtype == 0x51 or mtype == 0x46) and self._extended_open:
+            raise ProtocolViolation(
+                f"{'Query' if mtype == 0x51 else 'FunctionCall'} message sent inside an "
+                "extended-protocol batch (Parse/Bind/Describe/Execute not yet followed by "
+                "Sync); send Sync first")
         if mtype == 0x51:  # Query
             made = len(self._slots)
             self._on_query(frame, out)
@@ -1225,7 +1241,7 @@ class Session:
         :meth:`from_client` must handle it."""
         plain = self._plain_kind
         # (a COPY is never a plain kind: it reaches _client_message, which tracks its window)
-        if self._cbuf or self._batch_changes or self._copy_window:
+        if self._cbuf or self._batch_changes or self._copy_window or self._extended_open:
             return None
         op = self.operator
         if op is not None:
@@ -1448,6 +1464,7 @@ class Session:
             run.binding = self._unnamed_binds if not portal else 0
             self._slots.append(_Slot("execute", runs=[run]))
         self._slots.append(_Slot("sync", started=self.clock()))
+        self._extended_open = False
         self.state = _BUSY
         return True
 

@@ -15,15 +15,20 @@
   ran the client's ``DECLARE ... CURSOR`` over 666 rows, past the row cap and unaudited. Names
   beginning with ``pgveil_`` are now refused in Parse, Close, Bind, ``PREPARE`` and
   ``DEALLOCATE``.
+* A simple Query or FunctionCall sent after a failing Bind and before its Sync is skipped by
+  PostgreSQL, but pgveil waited for its answer: every later request got the previous one's
+  answer (a capped read's 666 rows among them, audited as one row). Such a message inside an
+  unsynchronised extended batch now ends the connection with a protocol violation.
 """
 from __future__ import annotations
 
+import struct
 import uuid
 
 import psycopg
 import pytest
 
-from tests.harness.wire import SYNC, Wire, close_statement, msg, parse, query
+from tests.harness.wire import SYNC, Wire, bind, close_statement, msg, parse, query
 from tests.security.conftest import LeakChecker
 
 OTHER = 1  # a GZ01 customer: outside the teller's branch
@@ -73,6 +78,7 @@ def test_a_client_encoding_changed_next_to_a_capped_execute_reaches_the_lexer(
         for value in (raw.phone, raw.id_number, raw.email):
             assert value.encode() not in answer, answer
         assert not w.batch(query("SET client_encoding = 'UTF8'")).sqlstates
+        w.sock.detach()  # the fd is psycopg's to close
 
 
 @pytest.mark.parametrize(("login", "sql"), [
@@ -111,3 +117,29 @@ def test_a_client_cannot_take_over_pgveils_own_statements(leak: LeakChecker) -> 
         assert w.batch(query("FETCH ALL FROM c")).sqlstates, "a cursor c exists"
         assert conn.execute("SELECT count(*) FROM pg_prepared_statements "
                             "WHERE name = %s", (own[0],)).fetchone() == (1,)
+        w.sock.detach()  # the fd is psycopg's to close
+
+
+@pytest.mark.parametrize("inside", [
+    query("SELECT 1"),
+    query("SELECT name FROM customers WHERE id = 3"),
+    msg(b"F", struct.pack("!IHHIH", 1598, 0, 0, 0, 0)),  # FunctionCall of random()
+])
+def test_a_query_inside_an_unsynchronised_batch_ends_the_connection(
+        leak: LeakChecker, inside: bytes) -> None:
+    with leak.connect() as conn:
+        w = Wire(conn)
+        for _ in range(3):  # pgveil knows the lookup's shape: it would prepare it upstream
+            assert w.batch(query("SELECT name FROM customers WHERE id = 3")).rows == 1
+        w.sock.sendall(bind(b"no_such_statement") + inside + SYNC)
+        answer = w.buf
+        while chunk := w.sock.recv(65536):  # up to pgveil closing the connection
+            answer += chunk
+        w.sock.detach()  # the fd is psycopg's to close
+        assert b"C08P01" in answer and b"send Sync first" in answer, answer
+    with leak.connect() as conn:  # and the next connection is in step
+        w = Wire(conn)
+        got = w.batch(query("SELECT id, name FROM customers WHERE id > 0"))
+        assert got.sqlstates == ["42501"] and got.rows <= 50, got
+        assert w.batch(query("SELECT 7")).rows == 1
+        w.sock.detach()
