@@ -236,8 +236,9 @@ class _Slot:
 
     A plain class for the same reason as :class:`_StatementRun` (two per extended batch)."""
 
-    __slots__ = ("changes", "converted", "failed", "hidden_z", "in_copy", "index", "injected",
-                 "kind", "opens_copy", "portal_changes", "prepare_key", "runs", "started")
+    __slots__ = ("barrier", "changes", "converted", "failed", "hidden_z", "in_copy", "index",
+                 "injected", "kind", "opens_copy", "portal_changes", "prepare_key", "runs",
+                 "started")
 
     def __init__(self, kind: str, *, runs: list[_StatementRun] | None = None,
                  started: float = 0.0, converted: bool = False,
@@ -269,6 +270,9 @@ class _Slot:
         self.in_copy = 0
         # pgveil's own Parse+Bind ahead of this Execute (_send_raise): completions to swallow
         self.injected = 0
+        # a Sync of pgveil's own ahead of a Query sent inside an extended batch (see
+        # Session._hold_behind_sync): its ReadyForQuery is pgveil's
+        self.barrier = False
 
     def __repr__(self) -> str:
         return f"_Slot({self.kind}, runs={len(self.runs)}, index={self.index})"
@@ -358,6 +362,7 @@ _CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x6
                              0x44))
 # Parse, Bind, Describe, Execute: the messages after which PostgreSQL may be skipping to Sync
 _OPENS_BATCH = frozenset((0x50, 0x42, 0x44, 0x45))
+_SYNC_FRAME = b"S\x00\x00\x00\x04"
 # Statement text that may be a COPY FROM STDIN (a false hit only costs the fast paths for a
 # while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
 # Flush and fails the COPY on any other message (see Session._copy_window).
@@ -557,9 +562,11 @@ class Session:
         self._bound_in_batch: set[bytes] = set()
         self._batch_error = False
         # client side: Parse, Bind, Describe or Execute sent since the last Sync. PostgreSQL
-        # skips a Query or FunctionCall sent then if an earlier message of the batch failed,
-        # so nobody can tell whether it will be answered: refused (see _client_message)
+        # skips a Query or FunctionCall sent then if an earlier message of the batch failed:
+        # pgveil syncs first and holds the client's bytes until it knows (_hold_behind_sync)
         self._extended_open = False
+        self._held_client: bytearray | None = None
+        self._skip_till_sync = False  # emulating PostgreSQL's skip after that batch failed
         self._drop_server = False  # server side: discard results until ReadyForQuery
         self._abort_after_cap = False  # a capped statement completed: fail the transaction
         # the statement over its row cap, until it ends: the shell cancels it only while it
@@ -896,6 +903,9 @@ class Session:
         copies); only a message a handler replaces splits the run.
         """
         out = Output()
+        if self._held_client is not None:  # waiting for our Sync's answer: kept for later
+            self._held_client += data
+            return out
         if self._cbuf:
             self._cbuf += data
             if len(self._cbuf) < self._cbuf_need:
@@ -917,6 +927,18 @@ class Session:
             end = pos + 1 + length
             if end > n:
                 break
+            if self._skip_till_sync and mtype != 0x53:
+                # PostgreSQL would skip this message of a failed batch: so does pgveil
+                if pos > start:
+                    to_server.append(buf[start:pos])
+                start = pos = end
+                continue
+            self._skip_till_sync = False
+            if (mtype == 0x51 or mtype == 0x46) and self._extended_open:
+                if pos > start:
+                    to_server.append(buf[start:pos])
+                self._hold_behind_sync(buf[pos:], out)
+                return out
             if mtype in _CLIENT_WATCHED:
                 frame = buf[pos:end]
                 mark = len(to_server)
@@ -934,6 +956,40 @@ class Session:
             self._cbuf += buf[pos:]
             self._cbuf_need = 1 + _U32.unpack_from(buf, pos + 1)[0] if n - pos >= 5 else 5
         return out
+
+    def _hold_behind_sync(self, rest: bytes, out: Output) -> None:
+        """A Query or FunctionCall arrived while an extended batch is open (asyncpg sends one
+        after Parse, Describe and Flush). PostgreSQL runs it -- unless a message of the batch
+        failed, in which case it skips everything up to the client's Sync and answers nothing,
+        not even a ReadyForQuery. pgveil cannot know which until the server has answered, so
+        it ends the batch with a Sync of its own and keeps the client's bytes until that Sync's
+        ReadyForQuery (_release_held): then they run, or are skipped as PostgreSQL would have.
+        """
+        self._slots.append(_Slot("sync", changes=self._take_batch_changes()))
+        barrier = self._slots[-1]
+        barrier.barrier = True
+        if self._batch_portals or self._bound_in_batch:
+            barrier.portal_changes = self._batch_portals
+            self._batch_portals = []
+            self._bound_in_batch.clear()
+        self._batch_lookups = 0
+        self._extended_open = False
+        self._held_client = bytearray(rest)
+        self.state = ProtocolState.BUSY
+        out.to_server.append(_SYNC_FRAME)
+
+    def _release_held(self, failed: bool, out: Output) -> None:
+        """Our Sync's ReadyForQuery arrived: run the held client bytes, after skipping up to
+        the client's Sync what PostgreSQL would have skipped had the batch failed."""
+        held = bytes(self._held_client or b"")
+        self._held_client = None
+        self._skip_till_sync = failed
+        more = self.from_client(held)
+        out.to_server.extend(more.to_server)
+        out.to_client.extend(more.to_client)
+        out.audit.extend(more.audit)
+        out.close = out.close or more.close
+        out.cancel = out.cancel or more.cancel
 
     def _open_copy_window(self, slot: _Slot) -> None:
         self._copy_epoch += 1
@@ -958,11 +1014,6 @@ class Session:
             self._extended_open = True
         elif mtype == 0x53:  # Sync
             self._extended_open = False
-        elif (mtype == 0x51 or mtype == 0x46) and self._extended_open:
-            raise ProtocolViolation(
-                f"{'Query' if mtype == 0x51 else 'FunctionCall'} message sent inside an "
-                "extended-protocol batch (Parse/Bind/Describe/Execute not yet followed by "
-                "Sync); send Sync first")
         if mtype == 0x51:  # Query
             made = len(self._slots)
             self._on_query(frame, out)
@@ -1241,7 +1292,8 @@ class Session:
         :meth:`from_client` must handle it."""
         plain = self._plain_kind
         # (a COPY is never a plain kind: it reaches _client_message, which tracks its window)
-        if self._cbuf or self._batch_changes or self._copy_window or self._extended_open:
+        if self._cbuf or self._batch_changes or self._copy_window or self._extended_open or \
+                self._held_client is not None or self._skip_till_sync:
             return None
         op = self.operator
         if op is not None:
@@ -1398,7 +1450,7 @@ class Session:
         live checks (hours, quota, audit) cannot refuse it now. True when it is, with the
         slots the general path would have made; the caller forwards ``data`` unchanged."""
         if self._cbuf or self._plain_kind is None or self._batch_changes or self._copy_window \
-                or self._batch_lookups:
+                or self._batch_lookups or self._held_client is not None or self._skip_till_sync:
             return False
         n = len(data)
         unpack = _U32.unpack_from
@@ -2021,7 +2073,15 @@ class Session:
                     head = slots[0]
                     runs = head.runs
                     run = runs[head.index] if head.index < len(runs) else None
-                    if run is not None:
+                    if run is not None and self._drop_server:
+                        # a statement PostgreSQL ran after one pgveil stopped at max_rows:
+                        # counted for its record, never sent (the client was told the
+                        # request failed)
+                        run.rows += 1
+                        if pos > start:
+                            flush(buf[start:pos])
+                        start = end
+                    elif run is not None:
                         run.rows += 1
                         limit = run.decision.row_limit
                         over_limit = limit is not None and run.rows + (
@@ -2147,7 +2207,7 @@ class Session:
                 self._portal_unsettled or self._copy_window:
             return 0
         head = slots[0]
-        if head.runs or head.kind not in _PLAIN_SLOTS:
+        if head.runs or head.kind not in _PLAIN_SLOTS or head.barrier:
             return 0
         n = len(buf)
         unpack = _U32.unpack_from
@@ -2182,7 +2242,8 @@ class Session:
             else:
                 return pos
             pos = end
-            if not slots or slots[0].runs or slots[0].kind not in _PLAIN_SLOTS:
+            if not slots or slots[0].runs or slots[0].kind not in _PLAIN_SLOTS or \
+                    slots[0].barrier:
                 return pos
             head = slots[0]
         return pos
@@ -2207,7 +2268,7 @@ class Session:
         form = run.form
         kind = head.kind
         if kind == "execute":
-            if len(slots) != 2 or slots[1].kind != "sync":
+            if len(slots) != 2 or slots[1].kind != "sync" or slots[1].barrier:
                 return None
             prelude = _EXECUTE_PRELUDE
         elif kind == "query" and head.converted and form is not None and len(slots) == 1:
@@ -2360,8 +2421,10 @@ class Session:
             self.tx = TxStatus(status)
             self.state = ProtocolState.READY
             # pop up to and including the slot this ReadyForQuery closes
+            barrier = False
             while self._slots:
                 s = self._slots.popleft()
+                barrier = s.barrier
                 if self._reserved:
                     for r in s.runs:
                         if r.reserved:  # ended without a completion (an error before it)
@@ -2388,9 +2451,12 @@ class Session:
                     out.to_server.append(_frame(b"Q", raise_sql(DENY_SQLSTATE, msg)
                                                 .encode("utf-8") + b"\x00"))
                     self._slots.append(_Slot("inject"))
+                    self._slots[-1].barrier = barrier  # the held bytes wait for it instead
                     self._drop_server = True
                     self.state = ProtocolState.BUSY
                     return
+            # the batch failed for the client: an error, or one pgveil put in (max_rows)
+            failed = self._batch_error or self._drop_server
             self._drop_server = False
             self._swallow = 0
             self._batch_error = False
@@ -2406,6 +2472,9 @@ class Session:
                 self.state = ProtocolState.READY
             else:
                 self.state = ProtocolState.BUSY
+            if barrier:  # our own Sync (_hold_behind_sync): the client's bytes go now
+                self._release_held(failed, out)
+                return
             out.to_client.append(frame)
             return
         if mtype == 0x53:

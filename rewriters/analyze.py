@@ -368,9 +368,13 @@ def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
     pos = 0
     starts = [t.start for t in tokens]
     several = len(spans) > 1
+    loud: list[bool] = []  # per statement: may it change or commit data (_lone_capped_runs)
     for span in spans:
         text = sql[span.start : span.end]
-        d = decide_statement(text, ctx, _slice_tokens(tokens, starts, span.start, span.end))
+        own = _slice_tokens(tokens, starts, span.start, span.end)
+        d = decide_statement(text, ctx, own)
+        if several:
+            loud.append(_loud(d, own))
         if several and d.kind == "select" and d.action is not Action.DENY:
             d = cap_inside(d, ctx)
         if d.kind == "prepare" and d.prepared and d.action is not Action.DENY:
@@ -383,7 +387,7 @@ def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
         pos = span.end
     out.append(sql[pos:])
     if several and ctx.restricted:
-        decisions = _lone_capped_runs(decisions)
+        decisions = _lone_capped_runs(decisions, loud)
         if any(d.action is Action.DENY for d in decisions):
             return Analysis(sql, tuple(decisions))
     return Analysis("".join(out), tuple(decisions))
@@ -393,25 +397,45 @@ def full_analysis(sql: str, ctx: _Ctx) -> Analysis:
 # none of them changes data (a read is wrapped by cap_inside and fails inside PostgreSQL)
 _QUIET_COMPANIONS = frozenset({"prepare", "declare", "transaction", "set", "select", "fetch"})
 _QUIET_UTILITY = frozenset({"close", "deallocate"})
+# words that make a quiet kind loud: a SELECT with a data-modifying WITH, a COMMIT (it would
+# keep what the transaction wrote while the client, told the request failed, believes it gone)
+_LOUD_WORDS = {"select": frozenset({"insert", "update", "delete", "merge"}),
+               "transaction": frozenset({"commit", "end", "prepare"})}
 
 
-def _quiet(d: StatementDecision) -> bool:
+def _loud(d: StatementDecision, tokens: list[Token]) -> bool:
+    words = _LOUD_WORDS.get(d.kind)
+    return words is not None and any(t.keyword in words for t in tokens)
+
+
+def _lead_word(sql: str) -> str:
+    m = _LEAD_RE.match(sql)
+    return m.group(1).lower() if m is not None else ""
+
+
+def _quiet(d: StatementDecision, loud: bool) -> bool:
     if d.kind in _QUIET_COMPANIONS:
-        return True
-    m = _LEAD_RE.match(d.sql)
-    return d.kind == "utility" and m is not None and m.group(1).lower() in _QUIET_UTILITY
+        return not loud
+    return d.kind == "utility" and _lead_word(d.sql) in _QUIET_UTILITY
 
 
-def _lone_capped_runs(decisions: list[StatementDecision]) -> list[StatementDecision]:
+def _lone_capped_runs(decisions: list[StatementDecision],
+                      loud: list[bool]) -> list[StatementDecision]:
     """Refuse an EXECUTE or FETCH of protected rows that shares its request with a statement
-    that changes data: max_rows stops it on the wire (its text cannot be wrapped), when
-    PostgreSQL has already run -- and will commit -- the rest of the request."""
+    that changes data or commits: max_rows stops it on the wire (its text cannot be wrapped),
+    when PostgreSQL has already run -- and will commit -- the rest of the request."""
     out = list(decisions)
     for i, d in enumerate(decisions):
         if d.kind not in ("execute", "fetch") or not d.tables or d.row_limit is None or \
                 d.action is Action.DENY:
             continue
-        other = next((o for j, o in enumerate(decisions) if j != i and not _quiet(o)), None)
+        # a COMMIT ends a transaction this request began (so one that wrote nothing: every
+        # other statement here is quiet) -- BEGIN; DECLARE; FETCH; CLOSE; COMMIT stays allowed
+        began = any(o.kind == "transaction" and _lead_word(o.sql) in ("begin", "start")
+                    for o in decisions[:i])
+        other = next((o for j, o in enumerate(decisions)
+                      if j != i and not _quiet(o, loud[j] and not (
+                          began and j > i and o.kind == "transaction"))), None)
         if other is not None:
             what = "EXECUTE" if d.kind == "execute" else "FETCH"
             out[i] = replace(d, action=Action.DENY, message=(
@@ -1055,10 +1079,14 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
         raise Denied("MERGE on protected tables is not supported for masked roles")
     if isinstance(tree, exp.Select) and tree.args.get("into") is not None:
         raise Denied(f"DDL is not allowed for role {view.role}")
-    for r in refs:
-        if r.role == "target" and not r.top and r.table is not None and r.table.masked:
-            raise Denied(f"data-modifying WITH on {r.table.name} is not supported for masked "
-                         "roles")
+    nested = next((r for r in refs if r.role == "target" and not r.top), None)
+    if nested is not None:
+        # a data change in WITH escapes what a top-level one meets: the row filter and
+        # foreign-key checks of rewriters.dml, the rule against copying customer data out, and
+        # the row cap (the statement is a SELECT, capped on the wire after the change is made)
+        target = nested.table.name if nested.table is not None else nested.ref_name
+        raise Denied(f"data-modifying WITH on {target} is not supported for masked roles "
+                     f"in a statement on protected data ({m.names})")
     sub = substitute(tree, refs, idx, cv)
     edits = list(sub.edits)
     lookups = list(sub.lookups)

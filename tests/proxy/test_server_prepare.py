@@ -239,6 +239,18 @@ def test_a_client_bind_of_a_pgveil_statement_is_denied() -> None:
     assert not s.fast_batch(batch)
     out = s.from_client(batch)
     sent = b"".join(out.to_server)
-    assert b"RAISE EXCEPTION" in sent and b"42501" in sent and b"belongs to pgveil" in sent
+    assert b"RAISE EXCEPTION" in sent and b"42501" in sent and b"belong to pgveil" in sent
     # the client's Bind never reaches the server: only the unnamed raise is bound
     assert not any(t == b"B" and body.startswith(b"\x00pgveil_1") for t, body in messages(sent))
+
+
+def test_a_client_close_or_parse_of_a_pgveil_statement_is_denied() -> None:
+    s = make()
+    prepared(s)
+    for message in (frame(b"C", b"Spgveil_1\x00"),
+                    frame(b"P", b"pgveil_1\x00SELECT 1\x00\x00\x00")):
+        out = s.from_client(message + frame(b"S", b""))
+        sent = b"".join(out.to_server)
+        assert b"RAISE EXCEPTION" in sent and b"belong to pgveil" in sent
+        assert not any(t in (b"C", b"P") and b"pgveil_1" in body
+                       for t, body in messages(sent)), sent

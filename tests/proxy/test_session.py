@@ -373,3 +373,40 @@ def test_statements_ahead_of_a_refusal_run_only_when_nothing_needs_deciding_agai
     assert _statements_before((begin, execute, refused), refused) == ()
     other = StatementDecision(Action.DENY, "select * from accounts", "select")
     assert _statements_before((other, begin, refused), refused) == ()
+
+
+# --- a Query sent inside an unsynchronised extended batch (asyncpg: Parse, Describe, Flush)
+SYNC_FRAME = frame(b"S", b"")
+
+
+def test_a_query_inside_an_open_batch_waits_for_a_sync_of_pgveils_own() -> None:
+    s, _ = make_session({})
+    parse = frame(b"P", b"s1\x00select 1\x00\x00\x00")
+    describe = frame(b"D", b"Ss1\x00")
+    out = s.from_client(parse + describe + frame(b"H", b"") + q("select 2"))
+    assert b"".join(out.to_server) == parse + describe + frame(b"H", b"") + SYNC_FRAME
+    assert not s.from_client(SYNC_FRAME).to_server  # held behind our Sync as well
+    answers = frame(b"1", b"") + frame(b"t", b"\x00\x00") + ROW_DESC
+    back = s.from_server(answers + rfq())
+    assert b"".join(back.to_client) == answers  # our ReadyForQuery stays ours
+    assert b"".join(back.to_server) == q("select 2") + SYNC_FRAME  # the held bytes go now
+    result = ROW_DESC + data_row(b"2") + complete("SELECT 1") + rfq()
+    assert b"".join(s.from_server(result + rfq()).to_client) == result + rfq()
+    assert not s.busy
+
+
+def test_a_query_inside_a_failed_batch_is_skipped_like_postgresql_does() -> None:
+    s, _ = make_session({})
+    bind = frame(b"B", b"\x00nosuch\x00\x00\x00\x00\x00\x00\x00")
+    out = s.from_client(bind + q("select 2") + frame(b"F", b"\x00" * 10) + SYNC_FRAME
+                        + q("select 3"))
+    assert b"".join(out.to_server) == bind + SYNC_FRAME
+    error = frame(b"E", b"SERROR\x00C26000\x00Mprepared statement \"nosuch\" does not exist\x00\x00")
+    back = s.from_server(error + rfq())
+    assert b"".join(back.to_client) == error
+    # the Query and the FunctionCall are skipped up to the client's Sync; what follows runs
+    assert b"".join(back.to_server) == SYNC_FRAME + q("select 3")
+    assert b"".join(s.from_server(rfq()).to_client) == rfq()
+    result = ROW_DESC + data_row(b"3") + complete("SELECT 1") + rfq()
+    assert b"".join(s.from_server(result).to_client) == result
+    assert not s.busy

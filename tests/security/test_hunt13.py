@@ -17,8 +17,16 @@
   ``DEALLOCATE``.
 * A simple Query or FunctionCall sent after a failing Bind and before its Sync is skipped by
   PostgreSQL, but pgveil waited for its answer: every later request got the previous one's
-  answer (a capped read's 666 rows among them, audited as one row). Such a message inside an
-  unsynchronised extended batch now ends the connection with a protocol violation.
+  answer (a capped read's 666 rows among them, audited as one row). pgveil now ends such a
+  batch with a Sync of its own first, and runs or skips the Query once it knows.
+* After an ``EXECUTE`` stopped at ``max_rows``, the rows of the next statement of the same
+  Query still reached the client behind the error (pg8000 broke on them), and a data-modifying
+  ``WITH`` or a ``COMMIT`` next to it ran and was kept while the client was told the request
+  failed. Those rows are dropped now, and such companions refuse the EXECUTE.
+* A data change inside ``WITH`` escaped what a top-level one meets: the manager inserted 1100
+  orders past his 1000-row cap (kept), pointed an order at a hidden customer (the foreign-key
+  guard), and the teller copied all 666 SZ01 customers into ``branches``. A data-modifying
+  ``WITH`` in a statement on protected data is now refused for masked roles.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ import uuid
 import psycopg
 import pytest
 
-from tests.harness.wire import SYNC, Wire, bind, close_statement, msg, parse, query
+from tests.harness.wire import SYNC, Wire, bind, close_statement, execute, msg, parse, query
 from tests.security.conftest import LeakChecker
 
 OTHER = 1  # a GZ01 customer: outside the teller's branch
@@ -41,7 +49,7 @@ def _cap_with(conn: psycopg.Connection, setting: str) -> None:
     name = f"q_{uuid.uuid4().hex[:8]}"
     conn.execute(f"PREPARE {name} AS SELECT id FROM customers WHERE id > 0")
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row limit of 50"):
-        conn.execute(f"BEGIN; {setting}; COMMIT; EXECUTE {name}")
+        conn.execute(f"{setting}; EXECUTE {name}")
 
 
 @pytest.mark.parametrize("login", ["teller_sz01", "auditor1"])
@@ -53,7 +61,7 @@ def test_a_setting_changed_next_to_a_capped_execute_reaches_the_lexer(
             conn.execute(f"PREPARE {name} AS SELECT a.id FROM customers a "
                          "CROSS JOIN generate_series(1, 6) g WHERE a.id > 0")
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row limit"):
-                conn.execute(f"BEGIN; SET standard_conforming_strings = off; COMMIT; "
+                conn.execute("SET standard_conforming_strings = off; "
                              f"EXECUTE {name}")
         else:
             _cap_with(conn, "SET standard_conforming_strings = off")
@@ -125,21 +133,93 @@ def test_a_client_cannot_take_over_pgveils_own_statements(leak: LeakChecker) -> 
     query("SELECT name FROM customers WHERE id = 3"),
     msg(b"F", struct.pack("!IHHIH", 1598, 0, 0, 0, 0)),  # FunctionCall of random()
 ])
-def test_a_query_inside_an_unsynchronised_batch_ends_the_connection(
+def test_a_query_skipped_inside_a_failed_batch_leaves_pgveil_in_step(
         leak: LeakChecker, inside: bytes) -> None:
     with leak.connect() as conn:
         w = Wire(conn)
         for _ in range(3):  # pgveil knows the lookup's shape: it would prepare it upstream
             assert w.batch(query("SELECT name FROM customers WHERE id = 3")).rows == 1
-        w.sock.sendall(bind(b"no_such_statement") + inside + SYNC)
-        answer = w.buf
-        while chunk := w.sock.recv(65536):  # up to pgveil closing the connection
-            answer += chunk
-        w.sock.detach()  # the fd is psycopg's to close
-        assert b"C08P01" in answer and b"send Sync first" in answer, answer
-    with leak.connect() as conn:  # and the next connection is in step
-        w = Wire(conn)
+        # PostgreSQL skips the Query (or FunctionCall) after the failed Bind: one error, and
+        # one ReadyForQuery, the Sync's
+        got = w.batch(bind(b"no_such_statement"), inside, SYNC)
+        assert got.types == ["E", "Z"] and got.sqlstates == ["26000"], got
         got = w.batch(query("SELECT id, name FROM customers WHERE id > 0"))
         assert got.sqlstates == ["42501"] and got.rows <= 50, got
         assert w.batch(query("SELECT 7")).rows == 1
+        w.sock.detach()  # the fd is psycopg's to close
+
+
+def test_a_query_after_a_flushed_describe_runs(leak: LeakChecker) -> None:
+    """asyncpg prepares with Parse, Describe and Flush, and may send a Query next."""
+    with leak.connect() as conn:
+        w = Wire(conn)
+        w.sock.sendall(parse(b"s1", b"SELECT id, phone FROM customers WHERE id = $1")
+                       + msg(b"D", b"Ss1\x00") + msg(b"H", b""))
+        got = w.batch(query("SELECT id, phone FROM customers WHERE id = 3"))
+        assert got.types[:3] == ["1", "t", "T"] and got.rows == 1 and not got.sqlstates, got
+        got = w.batch(bind(b"s1", b"6"), execute(), SYNC)
+        assert got.rows == 1 and not got.sqlstates, got
         w.sock.detach()
+
+
+def _direct(leak: LeakChecker, sql: str) -> list[tuple]:
+    with psycopg.connect(leak.pg.dsn("dba"), autocommit=True) as conn:
+        cur = conn.execute(sql)
+        return cur.fetchall() if cur.description else []
+
+
+def test_nothing_of_a_request_reaches_the_client_after_a_capped_execute(
+        leak: LeakChecker) -> None:
+    name = f"p_{uuid.uuid4().hex[:8]}"
+    with leak.connect() as conn:
+        w = Wire(conn)
+        assert not w.batch(query(f"PREPARE {name} AS SELECT id, phone FROM customers "
+                                 "WHERE id > 0")).sqlstates
+        w.sock.sendall(query(f"EXECUTE {name}; SELECT id, phone FROM customers "
+                             "WHERE id > 1000 LIMIT 40"))
+        kinds = "".join(kind for kind, _ in w.messages())
+        assert kinds.endswith("EZ") and kinds.count("E") == 1, kinds
+        assert w.batch(query("SELECT 1")).rows == 1
+        w.sock.detach()
+
+
+@pytest.mark.parametrize("companion", [
+    "WITH d AS (DELETE FROM branches WHERE id = '{b}' RETURNING id) SELECT * FROM d",
+    "COMMIT",
+])
+def test_a_capped_execute_may_not_share_a_request_with_a_write_or_a_commit(
+        leak: LeakChecker, companion: str) -> None:
+    branch = f"Q{uuid.uuid4().hex[:4].upper()}"
+    name = f"p_{uuid.uuid4().hex[:8]}"
+    _direct(leak, f"INSERT INTO branches (id, name, city) VALUES ('{branch}', 'hunt13', 'x')")
+    try:
+        with leak.connect() as conn:
+            conn.execute(f"PREPARE {name} AS SELECT id FROM customers WHERE id > 0")
+            conn.execute("BEGIN")
+            conn.execute(f"DELETE FROM branches WHERE id = '{branch}'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"EXECUTE {name}; " + companion.format(b=branch))
+            conn.execute("ROLLBACK")
+        assert _direct(leak, f"SELECT count(*) FROM branches WHERE id = '{branch}'") == [(1,)]
+    finally:
+        _direct(leak, f"DELETE FROM branches WHERE id = '{branch}'")
+
+
+@pytest.mark.parametrize(("login", "sql"), [
+    ("manager_sz01", "WITH x AS (INSERT INTO orders (customer_id, amount, note) SELECT 3, 1, "
+                     "'{tag}' FROM generate_series(1, 1100) RETURNING id) SELECT * FROM x"),
+    ("manager_sz01", "WITH x AS (INSERT INTO orders (customer_id, amount, note) VALUES "
+                     "(1, 1, '{tag}') RETURNING id) SELECT * FROM x"),  # 1: a GZ01 customer
+    ("teller_sz01", "WITH x AS (INSERT INTO branches (id, name, city) SELECT 'Z' || id, name, "
+                    "'{tag}' FROM customers WHERE id > 0 RETURNING 1) SELECT count(*) FROM x"),
+    ("teller_sz01", "WITH d AS (DELETE FROM branches WHERE city = '{tag}' RETURNING id) "
+                    "SELECT c.id, c.phone FROM customers c WHERE c.id > 0 LIMIT 60"),
+])
+def test_a_data_modifying_with_on_protected_data_is_refused(
+        leak: LeakChecker, login: str, sql: str) -> None:
+    tag = f"hunt13-{uuid.uuid4().hex[:8]}"
+    with leak.connect(login) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="data-modifying WITH"):
+            conn.execute(sql.format(tag=tag))
+    assert _direct(leak, f"SELECT (SELECT count(*) FROM orders WHERE note = '{tag}') + "
+                         f"(SELECT count(*) FROM branches WHERE city = '{tag}')") == [(0,)]
