@@ -30,6 +30,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sqlglot import exp
 
@@ -45,7 +46,7 @@ from rewriters.classify import (
     pg_statement,
     prepare_prefix,
 )
-from rewriters.compiled import CompiledTable, CompiledView, ViewCompiler, quote_ident
+from rewriters.compiled import CompiledTable, CompiledView, FkParent, ViewCompiler, quote_ident
 from rewriters.dml import dml_rules, failing, filtered_references
 from rewriters.lexer import Tok, Token, fold, significant, split_statements, tokenize
 from rewriters.model import (
@@ -783,6 +784,8 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
         # client dropped and prepared again would run the client's text in their place
         raise Denied(f"prepared statement names beginning with {PROXY_STATEMENT_PREFIX} "
                      "belong to pgveil")
+    if restricted and ctx.cv.fk_parents:
+        _fk_parent_write(pst, ctx)
     if kind == "prepare":
         start = prepare_prefix(sig)
         name = str(pst.node.get("name", ""))
@@ -857,6 +860,70 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
     ):
         raise Denied("role switching would escape the policy")
     return Core(kind)
+
+
+_WRITES = ("DeleteStmt", "UpdateStmt", "MergeStmt", "InsertStmt")
+
+
+def _fk_parent_write(pst: PgStatement, ctx: _Ctx) -> None:
+    """Refuse a DELETE of, or a key change in, an unprotected table that a row-filtered
+    protected table references (CompiledView.fk_parents): PostgreSQL answers it with a
+    foreign-key error exactly when a row references the key, rows outside the filter included
+    (``DELETE FROM branches WHERE id = 'BJ01'`` tells a teller of SZ01 whether BJ01 has
+    customers). Found anywhere in the statement: WITH, PREPARE, EXPLAIN."""
+    stack: list[Any] = [{pst.node_type: pst.node}]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            if key in _WRITES and isinstance(value, dict):
+                hit = _parent_written(key, value, ctx.cv.fk_parents)
+                if hit is not None:
+                    verb, parent = hit
+                    raise Denied(
+                        f"{verb} on {parent.name} is not allowed for role {ctx.view.role}: "
+                        f"{', '.join(parent.children)} "
+                        f"{'references' if len(parent.children) == 1 else 'reference'} it, and "
+                        "the foreign-key error would tell whether rows outside the row filter do")
+            if isinstance(value, (dict, list)):
+                stack.append(value)
+
+
+def _parent_written(key: str, node: dict[str, Any],
+                    parents: dict[str, FkParent]) -> tuple[str, FkParent] | None:
+    rel = node.get("relation")
+    rel = rel.get("RangeVar", rel) if isinstance(rel, dict) else None
+    if not isinstance(rel, dict):
+        return None
+    parent = parents.get(str(rel.get("relname", "")))
+    if parent is None or rel.get("schemaname") not in (None, parent.name.partition(".")[0]):
+        return None
+
+    def sets_key(targets: Any) -> bool:
+        return any(isinstance(t, dict) and t.get("ResTarget", {}).get("name") in parent.columns
+                   for t in targets or ())
+
+    if key == "DeleteStmt":
+        return "DELETE", parent
+    if key == "UpdateStmt" and sets_key(node.get("targetList")):
+        return "UPDATE of the key", parent
+    if key == "InsertStmt":
+        conflict = (node.get("onConflictClause") or {}).get("OnConflictClause", node.get(
+            "onConflictClause") or {})
+        if isinstance(conflict, dict) and sets_key(conflict.get("targetList")):
+            return "INSERT ... ON CONFLICT DO UPDATE of the key", parent
+        return None
+    if key == "MergeStmt":
+        for clause in node.get("mergeWhenClauses") or ():
+            when = clause.get("MergeWhenClause", {}) if isinstance(clause, dict) else {}
+            if when.get("commandType") == "CMD_DELETE" or (
+                    when.get("commandType") == "CMD_UPDATE" and sets_key(when.get("targetList"))):
+                return "MERGE", parent
+    return None
 
 
 def _current_of(pst: PgStatement, ctx: _Ctx) -> None:

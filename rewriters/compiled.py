@@ -196,6 +196,36 @@ class CompiledTable:
         return text
 
 
+@dataclass(frozen=True)
+class FkParent:
+    """An unprotected table a row-filtered protected table references (CompiledView)."""
+
+    name: str  # schema.table
+    columns: frozenset[str]  # the referenced columns
+    children: tuple[str, ...]  # the referencing protected tables
+
+
+def _fk_parents(view: OperatorView, tables: dict[str, CompiledTable]) -> dict[str, FkParent]:
+    if view.unrestricted:
+        return {}
+    found: dict[str, tuple[set[str], list[str]]] = {}
+    for t in tables.values():
+        if t.row_filter is None:
+            continue
+        for c in t.view.columns:
+            if c.references is None:
+                continue
+            parent, _, column = c.references.rpartition(".")
+            if not parent or parent in tables:
+                continue  # a protected parent: its own filter bounds what may be deleted
+            cols, children = found.setdefault(parent, (set(), []))
+            cols.add(column)
+            if t.name not in children:
+                children.append(t.name)
+    return {name.rpartition(".")[2]: FkParent(name, frozenset(cols), tuple(children))
+            for name, (cols, children) in found.items()}
+
+
 @dataclass
 class CompiledView:
     """All per-operator data the analyzer needs (see module docstring)."""
@@ -219,6 +249,11 @@ class CompiledView:
     # rewriters.analyze.plain_kind); None when a sensitive word holds a digit, where that
     # would not be the same answer
     plain_memo: dict[str, str | None] | None = None
+    # Unprotected tables that a row-filtered protected table references by a foreign key
+    # (branches, for customers.branch_id), by bare name: schema.table, the referenced columns
+    # and the referencing tables. Deleting such a row, or changing its key, fails with a
+    # foreign-key error exactly when a row references it -- rows outside the filter included.
+    fk_parents: dict[str, FkParent] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not any(ch.isdigit() for w in self.bounded_words + self.risky_substrings
@@ -446,6 +481,8 @@ def compile_view(view: OperatorView) -> CompiledView:
         dep_bare.setdefault(qn.rpartition(".")[2], []).append(qn)
     names = list(by_bare) + list(dep_bare)
     names_re = re.compile(f"{_BEFORE}(?:{_alternation(names)}){_AFTER}") if names else None
+    fk_parents = _fk_parents(view, tables)
+    risky_words = list(_RISKY_WORDS) + sorted(fk_parents)  # analysed, never fast-forwarded
     hash_secret = not view.unrestricted and any(
         c.mask_name == "hash" and c.expr is not None
         for tv in view.tables.values() for c in tv.columns
@@ -453,11 +490,11 @@ def compile_view(view: OperatorView) -> CompiledView:
     substrings = list(_RISKY_SUBSTRINGS)
     if hash_secret:
         substrings += list(_STATEMENT_TEXT_SUBSTRINGS)
-    alternatives = [f"{_BEFORE}(?:{_alternation(names + list(_RISKY_WORDS))}){_AFTER}"]
+    alternatives = [f"{_BEFORE}(?:{_alternation(names + risky_words)}){_AFTER}"]
     alternatives.append(_alternation(substrings))
     fast_re = re.compile("|".join(alternatives))
     risky_re = re.compile(
-        f"{_BEFORE}(?:{_alternation(list(_RISKY_WORDS))}){_AFTER}|" + _alternation(substrings)
+        f"{_BEFORE}(?:{_alternation(risky_words)}){_AFTER}|" + _alternation(substrings)
     )
     return CompiledView(
         view=view,
@@ -467,11 +504,12 @@ def compile_view(view: OperatorView) -> CompiledView:
         dependents_by_bare=dep_bare,
         fast_re=fast_re,
         risky_substrings=tuple(substrings),
-        bounded_words=tuple(names + list(_RISKY_WORDS)),
+        bounded_words=tuple(names + risky_words),
         names_re=names_re,
         risky_re=risky_re,
         key=view_key(view),
         hash_secret=hash_secret,
+        fk_parents=fk_parents,
     )
 
 

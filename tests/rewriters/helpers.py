@@ -38,7 +38,7 @@ CATALOG = Catalog(
             CatalogColumn("email", "text", 25),
             CatalogColumn("address", "text", 25),
             CatalogColumn("birthday", "date", 1082),
-            CatalogColumn("branch_id", "text", 25),
+            CatalogColumn("branch_id", "text", 25, references="public.branches.id"),
             CatalogColumn("level", "integer", 23),
             CatalogColumn("created_at", "timestamp with time zone", 1184),
         ),
@@ -47,7 +47,7 @@ CATALOG = Catalog(
             CatalogColumn("customer_id", "integer", 23, references="public.customers.id"),
             CatalogColumn("card_no", "text", 25),
             CatalogColumn("balance", "numeric(14,2)", 1700),
-            CatalogColumn("branch_id", "text", 25),
+            CatalogColumn("branch_id", "text", 25, references="public.branches.id"),
             CatalogColumn("opened_on", "date", 1082),
         ),
         "public.orders": (

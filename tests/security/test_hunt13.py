@@ -184,25 +184,25 @@ def test_nothing_of_a_request_reaches_the_client_after_a_capped_execute(
 
 
 @pytest.mark.parametrize("companion", [
-    "WITH d AS (DELETE FROM branches WHERE id = '{b}' RETURNING id) SELECT * FROM d",
+    "WITH d AS (DELETE FROM branches WHERE id = 'QQ01' RETURNING id) SELECT * FROM d",
     "COMMIT",
 ])
 def test_a_capped_execute_may_not_share_a_request_with_a_write_or_a_commit(
         leak: LeakChecker, companion: str) -> None:
-    branch = f"Q{uuid.uuid4().hex[:4].upper()}"
+    tag = f"hunt13-{uuid.uuid4().hex[:8]}"
     name = f"p_{uuid.uuid4().hex[:8]}"
-    _direct(leak, f"INSERT INTO branches (id, name, city) VALUES ('{branch}', 'hunt13', 'x')")
+    _direct(leak, f"INSERT INTO orders (customer_id, amount, note) VALUES (3, 1, '{tag}')")
     try:
         with leak.connect() as conn:
             conn.execute(f"PREPARE {name} AS SELECT id FROM customers WHERE id > 0")
             conn.execute("BEGIN")
-            conn.execute(f"DELETE FROM branches WHERE id = '{branch}'")
+            conn.execute(f"UPDATE orders SET note = 'changed' WHERE note = '{tag}'")
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
-                conn.execute(f"EXECUTE {name}; " + companion.format(b=branch))
+                conn.execute(f"EXECUTE {name}; " + companion)
             conn.execute("ROLLBACK")
-        assert _direct(leak, f"SELECT count(*) FROM branches WHERE id = '{branch}'") == [(1,)]
+        assert _direct(leak, f"SELECT count(*) FROM orders WHERE note = '{tag}'") == [(1,)]
     finally:
-        _direct(leak, f"DELETE FROM branches WHERE id = '{branch}'")
+        _direct(leak, f"DELETE FROM orders WHERE note IN ('{tag}', 'changed')")
 
 
 @pytest.mark.parametrize(("login", "sql"), [
@@ -212,8 +212,9 @@ def test_a_capped_execute_may_not_share_a_request_with_a_write_or_a_commit(
                      "(1, 1, '{tag}') RETURNING id) SELECT * FROM x"),  # 1: a GZ01 customer
     ("teller_sz01", "WITH x AS (INSERT INTO branches (id, name, city) SELECT 'Z' || id, name, "
                     "'{tag}' FROM customers WHERE id > 0 RETURNING 1) SELECT count(*) FROM x"),
-    ("teller_sz01", "WITH d AS (DELETE FROM branches WHERE city = '{tag}' RETURNING id) "
-                    "SELECT c.id, c.phone FROM customers c WHERE c.id > 0 LIMIT 60"),
+    ("teller_sz01", "WITH d AS (UPDATE branches SET city = '{tag}' WHERE id = 'SZ01' "
+                    "RETURNING id) SELECT c.id, c.phone FROM customers c WHERE c.id > 0 "
+                    "LIMIT 60"),
 ])
 def test_a_data_modifying_with_on_protected_data_is_refused(
         leak: LeakChecker, login: str, sql: str) -> None:
@@ -223,3 +224,21 @@ def test_a_data_modifying_with_on_protected_data_is_refused(
             conn.execute(sql.format(tag=tag))
     assert _direct(leak, f"SELECT (SELECT count(*) FROM orders WHERE note = '{tag}') + "
                          f"(SELECT count(*) FROM branches WHERE city = '{tag}')") == [(0,)]
+
+
+def test_deleting_a_branch_cannot_tell_whether_hidden_customers_reference_it(
+        leak: LeakChecker) -> None:
+    """``DELETE FROM branches WHERE id = 'BJ01'`` failed with a foreign-key error naming
+    customers exactly when BJ01 has customers, none of them visible to a teller of SZ01."""
+    with leak.connect("teller_sz01") as conn:
+        for sql in ("DELETE FROM branches WHERE id = 'BJ01'",
+                    "UPDATE branches SET id = 'XX01' WHERE id = 'BJ01'",
+                    "WITH d AS (DELETE FROM branches WHERE id = 'BJ01' RETURNING id) "
+                    "SELECT count(*) FROM d"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege,
+                               match="foreign-key error would tell"):
+                conn.execute(sql)
+        assert conn.execute("SELECT count(*) FROM branches WHERE id = 'BJ01'").fetchone() == (1,)
+    with leak.connect("dba") as conn:  # the DBA's statement reaches PostgreSQL
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute("DELETE FROM branches WHERE id = 'BJ01'")
