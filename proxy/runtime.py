@@ -522,6 +522,8 @@ class Runtime:
         if self.config.audit.redact_literals:
             if fields.get("error"):
                 fields["error"] = _redact_error(fields["error"])
+            if fields.get("reasons"):  # a denial's reason may quote the statement's text
+                fields["reasons"] = [_redact_error(r) for r in fields["reasons"]]
         try:
             return self.audit.record(fields)
         except Exception as exc:  # the trail counts its own failures
@@ -793,14 +795,16 @@ def _audited_statement(sql: str, standard_conforming_strings: bool, redact: bool
 
 
 def _redact_error(message: str) -> str:
-    """PostgreSQL error messages can echo values (``invalid input syntax for type integer:
-    "13812345678"``): drop quoted parts and long digit runs."""
+    """PostgreSQL error messages, and pgveil's reasons for a denial, can echo values
+    (``invalid input syntax for type integer: "13812345678"``, ``syntax error at or near
+    "'330106198312231112'"``): drop quoted parts and long digit runs."""
     import re
 
     code = ""
     if re.match(r"[0-9A-Z]{5}: ", message):  # the SQLSTATE the session puts first is no value
         code, message = message[:7], message[7:]
     message = re.sub(r'"[^"]*"', '"?"', message)
+    message = re.sub(r"'(?:[^']|'')*'", "'?'", message)
     return code + re.sub(r"\d{4,}", "?", message)
 
 

@@ -52,6 +52,16 @@ def fatal(sqlstate: str, message: str, hint: str | None = None) -> bytes:
     return error_message(sqlstate, message, severity="FATAL", hint=hint)
 
 
+
+def postgres_application_name(raw: str) -> str:
+    """application_name as PostgreSQL 15 keeps it: bytes outside printable ASCII become
+    ``?`` and the value is cut at 63 bytes (NAMEDATALEN - 1). Operators are matched, and
+    audit records written, on what the server will report, not on an unbounded client
+    string (a 9000-character name made every record of its session 15 times larger)."""
+    data = raw.encode("utf-8", "surrogateescape")[:63]
+    return bytes(c if 32 <= c <= 126 else 63 for c in data).decode("ascii")
+
+
 class ClientGone(Exception):
     pass
 
@@ -591,7 +601,7 @@ class ClientConnection(asyncio.Protocol):
     async def _login(self, packet: bytes, params: dict[str, str]) -> None:
         user = params.get("user", "")
         database = params.get("database", user)
-        application = params.get("application_name", "")
+        application = postgres_application_name(params.get("application_name", ""))
         if not user:
             self.send_client(fatal("28000", "no PostgreSQL user name specified in startup "
                                     "packet"))

@@ -682,3 +682,32 @@ def test_literals_are_redacted_as_the_session_reads_them(pgveil: PgveilProcess,
     assert records, "no audit record"
     for r in records:
         assert "secretSCSOFF" not in r["statement"], r["statement"]
+
+
+def test_a_denials_reasons_are_redacted_too(pgveil: PgveilProcess) -> None:
+    """The reason of a refusal may quote the statement (``syntax error at or near
+    "'330106198312231112'"``): with redact_literals it is stored without the value."""
+    app = f"reasons-{os.getpid()}-{time.monotonic_ns()}"
+    with psycopg.connect(pgveil.dsn("teller_sz01"), autocommit=True,
+                         application_name=app) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select id from customers where id_number = '330106198312231112' "
+                         "'330106198312231112'")
+    records = [r for r in statement_records(pgveil.audit_path) if r.get("application") == app]
+    assert records and records[0]["decision"] == "blocked", records
+    assert "330106198312231112" not in json.dumps(records, ensure_ascii=False), records
+
+
+def test_the_application_name_is_kept_as_postgresql_keeps_it(pgveil: PgveilProcess) -> None:
+    """PostgreSQL keeps 63 bytes of printable ASCII; an unbounded name made each record of the
+    session as large as the client liked."""
+    long_name = "app-" + "x" * 9000
+    with psycopg.connect(pgveil.dsn("teller_sz01"), autocommit=True,
+                         application_name=long_name) as conn:
+        assert conn.execute("select id from customers where id = 3").fetchall() == [(3,)]
+        server_side = conn.execute("show application_name").fetchone()[0]
+    assert server_side == long_name[:63]
+    records = [r for r in statement_records(pgveil.audit_path)
+               if (r.get("application") or "").startswith("app-xxx")]
+    assert records and all(r["application"] == server_side for r in records), \
+        [r.get("application", "")[:80] for r in records]
