@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -30,8 +31,28 @@ def _install_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def claim_port(config: Config) -> None:
+    """Fail (OSError) if another process already listens on the configured address. The
+    workers bind with SO_REUSEPORT so that they can share the port, and that would let a second
+    pgveil (a new version started before the old one stopped, a stray manual start) share it
+    silently too: both would write the same audit chain (``host-port-wN``), which then never
+    verifies again. A bind without SO_REUSEPORT is refused while any socket listens there."""
+    if config.listen.port == 0:
+        return
+    host = config.listen.host
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                       socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            probe.bind((host, config.listen.port))
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} (is another pgveil running on this "
+                                     "port?)") from None
+
+
 def serve(config: Config) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
+    claim_port(config)
     _install_uvloop()
     if config.workers <= 1:
         from proxy.runtime import run_worker

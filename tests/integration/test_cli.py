@@ -333,3 +333,19 @@ def test_keygen_creates_a_working_key_pair(tmp_path: Path) -> None:
     assert "exist" in again.stderr.lower()
     forced = pgveil("keygen", "--out", str(out), "--force")
     assert forced.returncode == 0 and key.read_bytes() != before
+
+
+def test_serve_refuses_a_port_another_pgveil_listens_on(request: pytest.FixtureRequest,
+                                                        tmp_path: Path) -> None:
+    """Workers share the port with SO_REUSEPORT; a second pgveil must not share it too: both
+    would write one audit chain (host-port-wN), which would never verify again."""
+    running = request.getfixturevalue("pgveil")
+    config = yaml.safe_load(running.config_path.read_text(encoding="utf-8"))
+    config["metrics"] = {"host": "127.0.0.1", "port": pick_free_port()}
+    config["audit"] = {**config.get("audit", {}), "file": str(tmp_path / "audit.jsonl")}
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    r = pgveil("serve", "-c", str(path), timeout=30)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert f"cannot listen on 127.0.0.1:{running.port}" in r.stderr
+    assert "another pgveil" in r.stderr
