@@ -209,6 +209,8 @@ class MetricsServer:
         self.render = render or metrics.render
         self._server: asyncio.base_events.Server | None = None
         self._clients = 0
+        # clients still sending their request head, oldest first (dicts keep insertion order)
+        self._reading: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self, host: str, port: int) -> int:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -221,18 +223,26 @@ class MetricsServer:
 
     # A scrape is one short request: its whole head must arrive within REQUEST_SECONDS, and at
     # most MAX_CLIENTS are served at once (the endpoint shares the proxy's process and its file
-    # descriptors: trickling requests must not hold them).
+    # descriptors: trickling requests must not hold them). When all are taken, a newcomer
+    # evicts the oldest client still sending its head: one that trickles 40 half requests
+    # could otherwise keep the liveness probe out for good (and have the pod restarted).
     REQUEST_SECONDS = 5.0
     MAX_CLIENTS = 32
     MAX_HEAD_LINES = 100
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._clients >= self.MAX_CLIENTS:
-            writer.close()
-            return
+            oldest = next(iter(self._reading), None)
+            if oldest is None:  # every slot is writing a response: those end by themselves
+                writer.close()
+                return
+            del self._reading[oldest]
+            oldest.transport.abort()  # its read fails; its handler frees the slot
         self._clients += 1
+        self._reading[writer] = None
         try:
             line = await asyncio.wait_for(self._read_head(reader), self.REQUEST_SECONDS)
+            self._reading.pop(writer, None)
             if line is None:
                 return
             parts = line.decode("latin-1").split()
@@ -255,6 +265,7 @@ class MetricsServer:
                 ValueError):  # ValueError: a line over the stream's limit
             pass
         finally:
+            self._reading.pop(writer, None)
             self._clients -= 1
             writer.close()
 
