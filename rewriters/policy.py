@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+import stat
 import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -948,11 +949,25 @@ def parse_policy(text: str, filename: str = "policy.yaml",
     return policy
 
 
+MAX_POLICY_BYTES = 16 << 20
+
+
 def load_policy(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Policy:
-    """Read and validate a policy file (see :func:`parse_policy`)."""
+    """Read and validate a policy file (see :func:`parse_policy`).
+
+    Only a regular file is read, opened without blocking and at most MAX_POLICY_BYTES: the
+    proxy reloads on its event loop, where a FIFO or ``/dev/zero`` put in the policy's place
+    would hang or fill every session's process."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise OSError("not a regular file")
+            data = fh.read(MAX_POLICY_BYTES + 1)
+        if len(data) > MAX_POLICY_BYTES:
+            raise OSError(f"larger than {MAX_POLICY_BYTES} bytes")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PolicyError([f"{p}:1: (top): cannot read policy: {e}"]) from None
     return parse_policy(text, str(p), env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,16 @@ def test_missing_required_and_empty() -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read policy"):
         load_policy(tmp_path / "absent.yaml")
+
+
+def test_only_a_regular_file_is_read(tmp_path: Path) -> None:
+    """A FIFO or a device in the policy's place hung the whole proxy at its next reload."""
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy(fifo)  # returns at once: nobody writes the FIFO
+    with pytest.raises(PolicyError, match="not a regular file"):
+        load_policy("/dev/zero")
 
 
 # --------------------------------------------------------------------------------------------
