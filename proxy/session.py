@@ -371,6 +371,9 @@ _MAY_COPY_IN = re.compile(rb"(?i)stdin")
 # FunctionCall may be up to 1 GB, anything else 10 000 bytes. Longer is a broken stream, not
 # something to buffer.
 LARGE_MESSAGE_LIMIT = 0x3FFFFFFF
+# what a client may send behind a Query held until its extended batch ends (_hold_behind_sync):
+# the hold stops the stream's backpressure, so it is bounded
+HELD_CLIENT_LIMIT = 64 << 20
 SMALL_MESSAGE_LIMIT = 10000
 _LARGE_CLIENT_MESSAGES = frozenset((0x51, 0x50, 0x42, 0x64, 0x46))
 # Client messages PostgreSQL rejects in COPY mode (Terminate and Flush are fine).
@@ -905,6 +908,10 @@ class Session:
         out = Output()
         if self._held_client is not None:  # waiting for our Sync's answer: kept for later
             self._held_client += data
+            if len(self._held_client) > HELD_CLIENT_LIMIT:
+                raise ProtocolViolation(
+                    f"more than {HELD_CLIENT_LIMIT} bytes sent behind a Query that waits "
+                    "for the end of an extended-protocol batch")
             return out
         if self._cbuf:
             self._cbuf += data
@@ -1952,7 +1959,7 @@ class Session:
                 self.prepared.pop(key, None)
 
     def _refuse_own_name(self, name: bytes, what: str, out: Output) -> bool:
-        """Parse, Close or Describe of one of pgveil's own statements (``pgveil_N``, see
+        """Parse, Bind or Close of one of pgveil's own statements (``pgveil_N``, see
         upstream.prepare_rewritten): refused. Its hot path binds them by name, so a client that
         closed one and parsed its own text under the name would have that text run in place of
         the rewritten statement, past the row cap and the audit record."""
