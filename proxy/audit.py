@@ -48,10 +48,11 @@ Data flow::
   than ``seconds`` after it. A tail that breaks this shows that a checkpoint was cut away and
   the tail re-hashed, which ``audit verify`` reports as a truncated tail.
 * Restart: ``start()`` finds the last complete record of this chain id in the current file (or
-  the newest rotated one, or the PostgreSQL table) and continues from it with a ``resume``
-  checkpoint, so the chain links across the restart. If the file ends in a torn line (power
-  loss mid-write) the file sink terminates it with a newline and the resume/start checkpoint
-  records its SHA-256 and length in ``torn``: the torn line is acknowledged by a signature
+  the rotated ones, newest first: writers sharing the file may have rotated it several times
+  meanwhile; or the PostgreSQL table) and continues from it with a ``resume`` checkpoint, so
+  the chain links across the restart. If the file ends in a torn line (power loss mid-write)
+  the file sink terminates it with a newline and the resume/start checkpoint records its
+  SHA-256 and length in ``torn``: the torn line is acknowledged by a signature
   instead of being silently skipped, and the chain continues from the last *good* record of
   this chain (a torn record's statement never got its ReadyForQuery in strict mode). With a
   chain id that was never seen (e.g. it contains the pid) a new chain starts at seq 0.

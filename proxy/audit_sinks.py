@@ -231,15 +231,24 @@ class FileSink:
     def find_last(self, chain_id: str,
                   accept: Callable[[bytes], bool] = lambda _line: True) -> bytes | None:
         """The last complete line of ``chain_id`` that ``accept`` approves, searching the
-        current file, then the newest rotated one.
+        current file, then the rotated ones from the newest back; the first hit wins.
+
+        The whole series, not only the newest rotated file: writers sharing the file keep
+        rotating it while this one is down, and a restart that misses its chain starts it
+        again at seq 0, leaving its last records without a signature (``audit verify``
+        reports them as forged). Each file is searched from its end, so a chain that wrote
+        recently costs a read of the last pages only; a chain never seen reads the series.
 
         Canonical lines have sorted keys, so ``"chain":"<id>",`` occurs in a line exactly when
         that is its chain (inside a JSON string the quotes would be escaped). Call
         :meth:`repair_tail` first so that a record that only lacks its newline counts.
         """
         needle = b'"chain":' + json.dumps(chain_id, ensure_ascii=False).encode() + b","
-        candidates = [self.path, *reversed(rotated_siblings(self.path)[-1:])]
-        for path in candidates:
+        line = _rfind_line(self.path, needle, accept)
+        if line is not None:
+            return line
+        # listed after reading the current file: one rotated away meanwhile is in the list
+        for path in reversed(rotated_siblings(self.path)):
             line = _rfind_line(path, needle, accept)
             if line is not None:
                 return line

@@ -17,7 +17,10 @@ audit table — record by record, in order, and checks (see :mod:`proxy.audit` f
    ``truncated-tail`` when the tail breaks the checkpoint cadence (more than ``every`` records,
    or a record ``seconds`` after the last checkpoint: a checkpoint that must have been there
    was cut and the tail re-hashed), when a file ends in a torn line that no later signed
-   checkpoint acknowledges, or, with ``--closed``, when a chain lacks its final checkpoint.
+   checkpoint acknowledges, when a segment that the chain restarts after (a new seq-0
+   ``start`` under the same chain id) lacks its final checkpoint (its end was cut, or pgveil
+   was killed and its file archived), or, with ``--closed``, when a chain lacks its final
+   checkpoint.
 
 The first failure is classified precisely, using a look-ahead of up to 512 records per chain:
 ``edited`` (content or hash changed; or a record whose hash was recomputed, found through its
@@ -26,7 +29,8 @@ later), ``inserted`` (a duplicate ``seq``, a copy, a forged record or chain, a r
 final checkpoint), ``bad-signature``, ``truncated-tail``. What stays undetectable without an
 external anchor: cutting whole records after the last checkpoint of a chain that is still
 being written (at most ``every`` records / ``seconds`` of them) — ship the log off the host
-(PostgreSQL sink) or use ``--closed`` on archived logs.
+(PostgreSQL sink) or use ``--closed`` on archived logs. Earlier segments of a chain are no
+longer written, so their ends are held to the ``--closed`` rule always.
 """
 
 from __future__ import annotations
@@ -383,7 +387,7 @@ class _Verifier:
             while st.buf and st.error is None:
                 self._safe_step(st, st.buf.popleft())
             if st.error is None:
-                self._end_segment(st, final=True)
+                self._end_segment(st)
         # each acknowledgement excuses one torn line: the nearest one before it
         excused: set[int] = set()
         for key, where in self.acks:
@@ -445,7 +449,7 @@ class _Verifier:
                           f"segment before it ({last.file}:{last.line}, {last.ts}): segments "
                           "were moved")
                 return
-            self._end_segment(st, final=False)
+            self._end_segment(st, restart=r)
             if st.error is None:
                 st.segments += 1
                 self._begin(st, r)
@@ -580,8 +584,12 @@ class _Verifier:
             return False
         return True
 
-    def _end_segment(self, st: _Chain, *, final: bool) -> None:
-        """Apply the cadence rules to the records after the segment's last checkpoint."""
+    def _end_segment(self, st: _Chain, *, restart: _Rec | None = None) -> None:
+        """Apply the cadence rules to the records after the segment's last checkpoint, and
+        check how it ends: a segment the chain restarts after (``restart``: its new seq-0
+        start) is finished, so it must end with its final checkpoint; the last segment only
+        with ``--closed``."""
+        final = restart is None
         cp = st.last_cp
         if not final and self.key is not None and st.since_cp and st.last is not None:
             # the chain restarts at seq 0 after them: no later checkpoint of theirs can exist,
@@ -606,6 +614,19 @@ class _Verifier:
         elif final and self.require_closed and not st.closed and st.last is not None:
             self._err(st, st.last, What.TRUNCATED_TAIL,
                       "the chain ends without its final checkpoint (cut, or the writer crashed)")
+        elif restart is not None and not st.closed and st.last is not None:
+            # A clean stop always writes the final checkpoint, and a writer that finds its
+            # chain resumes it instead of restarting, so an honest segment before a restart
+            # ends closed. One that ends at an earlier checkpoint had its last records and
+            # final checkpoint cut away -- the chain still links and the cadence holds up to
+            # there, so nothing else shows it -- or pgveil was killed and its file archived
+            # before it could resume. Both need explaining, even without --closed: the
+            # segment is no longer being written, so its end is not the live-log gap.
+            self._err(st, st.last, What.TRUNCATED_TAIL,
+                      f"the segment ends without its closing checkpoint before the chain "
+                      f"restarts at seq 0 ({restart.file}:{restart.line}): records were cut "
+                      "from its end, or pgveil was killed and its log archived before it "
+                      "could resume")
 
     # results
     def summaries(self) -> list[ChainSummary]:

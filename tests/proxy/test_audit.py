@@ -11,6 +11,7 @@ needs CAP_LINUX_IMMUTABLE, which containers usually lack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from proxy.audit import AuditSettings, AuditTrail, AuditUnavailable, normalize, record_hash
-from proxy.audit_sinks import AuditSinkError, PostgresSink, rotated_siblings
+from proxy.audit_sinks import AuditSinkError, FileSink, PostgresSink, rotated_siblings
 from proxy.audit_verify import (
     SearchFilter,
     _table_items,
@@ -369,6 +370,72 @@ def test_two_processes_share_one_rotating_file(tmp_path: Path, keys: tuple[Path,
     result = verify_paths([log], keys[1], closed=True)
     assert result.ok, result.message
     assert result.chains == 2 and result.records == 3000
+
+
+async def test_restart_finds_its_chain_behind_several_rotations(
+        tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """Two writers share a file; one is killed, the other rotates the file twice before it
+    comes back. It must find its chain in the older rotated file and resume it: starting
+    again at seq 0 would leave its last records unsigned and fail verification (a false
+    alarm on an honest log)."""
+    log = tmp_path / "audit" / "pgveil-audit.jsonl"
+
+    def trail(chain: str) -> AuditTrail:
+        return AuditTrail(AuditSettings(file=log, signing_key=keys[0], checkpoint_every=10,
+                                        rotate_bytes=4000), chain_id=chain)
+
+    x = trail("x-w0")
+    await x.start()
+    for i in range(5):
+        await x.record(fields(i))
+    assert x._task is not None and x._executor is not None and x._file is not None
+    x._task.cancel()  # killed: no final checkpoint, its last records unsigned
+    with contextlib.suppress(asyncio.CancelledError):
+        await x._task
+    x._executor.shutdown()
+    x._file.close()
+    y = trail("y-w0")
+    await y.start()
+    i = 100
+    while len(rotated_siblings(log)) < 3:
+        await y.record(fields(i))
+        i += 1
+    await y.close()
+    assert not any(r["chain"] == "x-w0" for f in rotated_siblings(log)[-2:]
+                   for r in records(f))
+    x = trail("x-w0")
+    await x.start()
+    await x.record(fields(50))
+    await x.close()
+    mine = [r for f in [*rotated_siblings(log), log] for r in records(f)
+            if r["chain"] == "x-w0"]
+    assert [r["seq"] for r in mine] == list(range(len(mine)))
+    resume = mine[6]
+    assert resume["reason"] == "resume" and resume["prev"] == mine[5]["hash"]
+    result = verify_paths([log], keys[1], closed=True, require_genesis=True)
+    assert result.ok, result.message
+    assert result.chains == 2 and all(s.segments == 1 for s in result.chain_summaries)
+
+
+def test_find_last_searches_the_rotated_series_newest_first(tmp_path: Path) -> None:
+    log = tmp_path / "a.jsonl"
+    older = log.with_name("a.20261125T000000.000000Z.jsonl")
+    newer = log.with_name("a.20261125T000001.000000Z.jsonl")
+    newest = log.with_name("a.20261125T000002.000000Z.jsonl")
+
+    def line(chain: str, seq: int) -> bytes:
+        return json.dumps({"chain": chain, "seq": seq}, sort_keys=True,
+                          separators=(",", ":")).encode() + b"\n"
+
+    older.write_bytes(line("a", 0) + line("a", 1) + line("b", 0))
+    newer.write_bytes(line("a", 2) + line("b", 1))
+    newest.write_bytes(line("b", 2))
+    log.write_bytes(line("b", 3))
+    sink = FileSink(log, rotate_bytes=1 << 20)
+    assert sink.find_last("a") == line("a", 2)[:-1]
+    assert sink.find_last("a", lambda raw: b'"seq":2' not in raw) == line("a", 1)[:-1]
+    assert sink.find_last("b") == line("b", 3)[:-1]
+    assert sink.find_last("c") is None
 
 
 async def test_group_commit_throughput(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -415,14 +415,60 @@ def test_records_no_signature_covers_before_a_restart_fail(
     cut = max(find(old, kind="checkpoint")) + 1  # keep the crashed run up to a checkpoint
     joined = tmp_path / "joined.jsonl"
     put(joined, old[:cut] + lines_of(fresh))
-    result = verify_paths([joined], pub)
-    assert result.ok, result.message
-    assert result.chain_summaries[0].segments == 2
+    # a run that ends at a checkpoint that is not its final one, then a restart at seq 0
+    check(joined, pub, "truncated-tail", cut)
     tail = rec(old[cut - 1])
     forged = rechain([fields(900) | {"chain": "host-1", "kind": "select",
                                      "ts": tail["ts"]}], tail["seq"] + 1, tail["hash"])
     put(joined, old[:cut] + forged + lines_of(fresh))
     check(joined, pub, "inserted", cut + 1)
+
+
+def archived_restart(tmp_path: Path, key: Path) -> tuple[Path, Path]:
+    """A run closed cleanly and archived while pgveil was stopped, then a new run: the same
+    chain id starts again at seq 0 in a new file (two segments)."""
+    live = tmp_path / "live" / "audit.jsonl"  # where pgveil writes
+    write_log(live, key, n=35, every=10)
+    archived = tmp_path / "audit.20261125T000000.000000Z.jsonl"  # the reviewer's copy
+    live.rename(archived)
+    write_log(live, key, n=5, every=10)
+    current = tmp_path / "audit.jsonl"
+    live.rename(current)
+    return archived, current
+
+
+def test_archived_restart_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    key, pub = keys
+    archived, current = archived_restart(tmp_path, key)
+    assert rec(lines_of(current)[0])["reason"] == "start"
+    for kw in ({}, {"closed": True, "require_genesis": True}):
+        result = verify_paths([current], pub, **kw)
+        assert result.ok, result.message
+        assert result.records == 40 and result.chain_summaries[0].segments == 2
+
+
+def test_tail_cut_from_a_segment_before_a_restart_is_found(
+        tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """Cutting a segment back to one of its checkpoints (its last records and its final
+    checkpoint) leaves a chain that links and is signed up to there; only the missing final
+    checkpoint before the restart shows it -- with or without --closed, as the segment is no
+    longer being written."""
+    key, pub = keys
+    archived, current = archived_restart(tmp_path, key)
+    lines = lines_of(archived)
+    keep = find(lines, kind="checkpoint")[2] + 1  # up to its 3rd checkpoint
+    put(archived, lines[:keep])
+    last_seq = rec(lines[keep - 1])["seq"]
+    for kw in ({}, {"closed": True, "require_genesis": True}):
+        check(current, pub, "truncated-tail", keep, last_seq, **kw)
+    err = verify_paths([current], pub).first_error
+    assert err is not None and err.file == str(archived)
+    assert "without its closing checkpoint" in err.message and "killed" in err.message
+    # the same without a key: the hash chain alone still shows the missing final checkpoint
+    check(current, None, "truncated-tail", keep, last_seq)
+    # only the final checkpoint cut: the records after the last kept checkpoint are unsigned
+    put(archived, lines[:-1])
+    check(current, pub, "inserted", len(lines) - 1)
 
 
 def test_rotated_series_continuity(tmp_path: Path, keys: tuple[Path, Path]) -> None:
