@@ -359,9 +359,11 @@ def raise_sql(sqlstate: str, message: str, hint: str | None = None) -> str:
 # Q P B E S C X F: SQL carriers, portal/statement bookkeeping, Terminate, FunctionCall;
 # c f: CopyDone / CopyFail end the data of a COPY FROM STDIN
 _CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x63, 0x66,
-                             0x44))
-# Parse, Bind, Describe, Execute: the messages after which PostgreSQL may be skipping to Sync
-_OPENS_BATCH = frozenset((0x50, 0x42, 0x44, 0x45))
+                             0x44, 0x48))
+# Parse, Bind, Describe, Execute, Close, Flush: the messages after which PostgreSQL may be
+# skipping to Sync (an error in any of them -- pgveil's own refusal of one included, or a
+# malformed Close or Flush -- starts the skip)
+_OPENS_BATCH = frozenset((0x50, 0x42, 0x44, 0x45, 0x43, 0x48))
 _SYNC_FRAME = b"S\x00\x00\x00\x04"
 # Statement text that may be a COPY FROM STDIN (a false hit only costs the fast paths for a
 # while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
@@ -942,6 +944,12 @@ class Session:
                 continue
             self._skip_till_sync = False
             if (mtype == 0x51 or mtype == 0x46) and self._extended_open:
+                if self._copy_window:
+                    # an Execute of the batch may have started COPY FROM STDIN: PostgreSQL
+                    # would ignore our Sync and wait for the data we hold
+                    raise ProtocolViolation(
+                        "Query message sent in an extended-protocol batch that may have "
+                        "started COPY FROM STDIN; send Sync first")
                 if pos > start:
                     to_server.append(buf[start:pos])
                 self._hold_behind_sync(buf[pos:], out)

@@ -149,6 +149,37 @@ def test_a_query_skipped_inside_a_failed_batch_leaves_pgveil_in_step(
         w.sock.detach()  # the fd is psycopg's to close
 
 
+@pytest.mark.parametrize("opener", [
+    close_statement(b"pgveil_1"),  # refused by pgveil: its raise starts PostgreSQL's skip
+    msg(b"C", b"X\x00"),  # a Close of no known kind: 08P01 from PostgreSQL, then the skip
+    msg(b"H", b"junk"),  # a Flush with a body: the same
+])
+def test_a_query_behind_a_failed_close_or_flush_is_skipped_too(
+        leak: LeakChecker, opener: bytes) -> None:
+    with leak.connect() as conn:
+        w = Wire(conn)
+        got = w.batch(opener, query("SELECT 1 AS skipped_by_postgres"), SYNC)
+        assert got.types == ["E", "Z"], got
+        got = w.batch(query("SELECT c.id, c.phone FROM customers c WHERE c.id > 0"))
+        assert got.sqlstates == ["42501"] and got.rows <= 50, got
+        assert w.batch(query("SELECT 7")).rows == 1
+        w.sock.detach()
+
+
+def test_a_query_behind_an_execute_that_may_start_copy_ends_the_connection(
+        leak: LeakChecker) -> None:
+    """PostgreSQL, reading COPY data, would ignore pgveil's Sync while pgveil held the data."""
+    with leak.connect() as conn:
+        w = Wire(conn)
+        w.sock.sendall(parse(b"", b"COPY branches FROM STDIN") + bind(b"") + execute()
+                       + query("SELECT 42"))
+        answer = w.buf
+        while chunk := w.sock.recv(65536):  # up to pgveil closing the connection
+            answer += chunk
+        w.sock.detach()
+        assert b"C08P01" in answer and b"COPY FROM STDIN" in answer, answer
+
+
 def test_a_query_after_a_flushed_describe_runs(leak: LeakChecker) -> None:
     """asyncpg prepares with Parse, Describe and Flush, and may send a Query next."""
     with leak.connect() as conn:
