@@ -2250,6 +2250,7 @@ class Session:
                 if tx is None:
                     return pos
                 self.tx = tx
+                self._batch_error = False  # (set by an error answered in an earlier read)
                 slots.popleft()
                 if head.started and self.observe_duration is not None:
                     self.observe_duration(self.clock() - head.started)
@@ -2356,6 +2357,7 @@ class Session:
         elif self.count_statement is not None:
             self.count_statement(name, d.kind)
         self.tx = tx
+        self._batch_error = False
         slots.popleft()
         started = slots.popleft().started if kind == "execute" else head.started
         if tx is _IDLE and self._portals and not self._bound_in_batch:

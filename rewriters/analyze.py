@@ -120,6 +120,9 @@ class Core:
     copy_out: bool = False
     copy_in: bool = False
     inherited: StatementDecision | None = None
+    # a data change whose RETURNING reads masked columns of its target (table, the name the
+    # statement uses for it): see masked_returning
+    mask_returning: tuple[CompiledTable, str] | None = None
 
     def shifted(self, text: str, start: int, end: int) -> Core:
         """This inner result placed at ``text[start:end]`` of an enclosing statement."""
@@ -607,7 +610,9 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
         copy_in=core.copy_in,
         checks=tuple(core.checks),
     )
-    if core.kind in _TAGS and _returns_rows(sig):
+    if core.mask_returning is not None and core.kind in _TAGS:
+        decision = masked_returning(decision, core.mask_returning, ctx)
+    elif core.kind in _TAGS and _returns_rows(sig):
         decision = cap_inside(decision, ctx)
     elif core.kind == "prepare" and decision.tables and ctx.restricted and \
             decision.row_limit is not None:
@@ -632,6 +637,50 @@ _TAGS = {"insert": "INSERT 0", "update": "UPDATE", "delete": "DELETE"}
 
 def _returns_rows(sig: list[Token]) -> bool:
     """A top-level RETURNING clause (not one inside parentheses)."""
+    return _returning_at(sig) is not None
+
+
+def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
+                     ctx: _Ctx) -> StatementDecision:
+    """A data change whose RETURNING reads masked columns, run so that RETURNING sees the
+    masked row::
+
+        WITH "pgveil_dml" AS (<the change> RETURNING <target>.*)
+        SELECT <the client's RETURNING list> FROM (SELECT <masked projection>
+                                                  FROM "pgveil_dml") AS <target>
+
+    with the row cap of :func:`cap_inside` folded in (a second CTE: a data-modifying WITH
+    must stay at the top level). The session writes the command tag back."""
+    ct, ref_name = target
+    sig = significant(tokenize(d.sql, ctx.lex.standard_conforming_strings))
+    if sig and sig[-1].kind is Tok.PUNCT and sig[-1].text == ";":
+        sig = sig[:-1]
+    at = _returning_at(sig)
+    if at is None or at is sig[-1]:
+        raise Denied(f"cannot rewrite the RETURNING clause of this statement on {ct.name}")
+    alias = quote_ident(ref_name)
+    body = f"{d.sql[:at.start]}RETURNING {alias}.*"
+    listing = d.sql[at.end:sig[-1].end].strip()
+    rows = f'SELECT {listing} FROM (SELECT {ct.projection} FROM "pgveil_dml") AS {alias}'
+    reasons = (*d.reasons, f"RETURNING over the masked row of {ct.name}")
+    checks = d.checks
+    limit = d.row_limit
+    if limit is None:
+        sql = f'WITH "pgveil_dml" AS (\n{body}\n) {rows}'
+    else:
+        message = _cap_message(limit, ctx.view.role, d.tables)
+        sql = (f'WITH "pgveil_dml" AS (\n{body}\n), "pgveil_rows" AS (\n{rows}\n) SELECT * '
+               f'FROM "pgveil_rows" WHERE (SELECT CASE WHEN pg_catalog.count(*) '
+               f'OPERATOR(pg_catalog.<=) {int(limit)} THEN true ELSE '
+               f'{failing(message, "boolean")} END FROM "pgveil_rows")')
+        reasons = (*reasons, ROW_LIMIT_CHECK_REASON)
+        checks = (*checks, message)
+    return replace(d, action=Action.REWRITE, sql=sql, command_tag=_TAGS[d.kind],
+                   reasons=reasons, checks=checks)
+
+
+def _returning_at(sig: list[Token]) -> Token | None:
+    """The top-level RETURNING keyword (not one inside parentheses)."""
     depth = 0
     for t in sig:
         if t.kind is Tok.PUNCT:
@@ -640,8 +689,8 @@ def _returns_rows(sig: list[Token]) -> bool:
             elif t.text == ")":
                 depth -= 1
         elif depth == 0 and t.keyword == "returning":
-            return True
-    return False
+            return t
+    return None
 
 
 def cap_inside(d: StatementDecision, ctx: _Ctx) -> StatementDecision:
@@ -794,6 +843,9 @@ def _dispatch(text: str, sig: list, tokens: list, pst: PgStatement, ctx: _Ctx, m
                 raise Denied(f"cannot analyse PREPARE that references {m.names}")
             return Core("prepare", prepared=name)
         inner = analyse_core(text[start:], ctx, explain=explain)
+        if inner.mask_returning is not None:
+            raise Denied("PREPARE of a data change whose RETURNING reads masked columns is not "
+                         "supported (send it directly, or with the protocol's Parse)")
         out = inner.shifted(text, start, len(text))
         out.kind = "prepare"
         out.prepared = name
@@ -1023,6 +1075,9 @@ def _copy(text: str, sig: list, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Co
         raise Denied(f"COPY of protected data ({inner_m.names}) is not allowed for role "
                      f"{view.role}")
     inner = analyse_core(text[start:end], ctx, inner_m)
+    if inner.mask_returning is not None:
+        raise Denied("COPY of a data change whose RETURNING reads masked columns is not "
+                     "supported")
     out = inner.shifted(text, start, end)
     out.kind = "copy"
     out.copy_out = True
@@ -1176,6 +1231,8 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
                 lookups.append(qn)
         reasons.extend(dml.reasons)
         core.checks.extend(dml.checks)
+        if dml.mask_returning:
+            core.mask_returning = (top.table, top.ref_name)
         if top.table.row_filter is not None:
             reasons.append(f"row filter {view.role}: {top.table.name}")
     cap = view.limits.lookup_max_values

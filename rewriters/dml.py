@@ -60,6 +60,9 @@ class DmlResult:
     lookup_values: int = 0
     reasons: list[str] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)  # messages of the checks written in
+    # RETURNING reads masked columns of the target: rewriters.analyze.masked_returning runs it
+    # over the masked row instead
+    mask_returning: bool = False
 
 
 def reads_masked(expr: exp.Expression | None, ct: CompiledTable, ref_name: str) -> str | None:
@@ -117,16 +120,23 @@ def _what(ct: CompiledTable, col: str) -> str:
     return f"of masked column {ct.name}.{col}"
 
 
-def _returning_check(tree: exp.Expression, ct: CompiledTable, ref_name: str) -> None:
+def _returning_check(tree: exp.Expression, ct: CompiledTable, ref_name: str,
+                     res: DmlResult) -> None:
+    """RETURNING that reads masked columns of the target (``*`` included, which pgjdbc adds
+    for getGeneratedKeys) is evaluated over the masked row: ``res.mask_returning``. Not when
+    other relations join in (UPDATE ... FROM, DELETE ... USING): their ``*`` would be lost."""
     ret = tree.args.get("returning")
     if not isinstance(ret, exp.Returning) or not ct.masked_cols:
         return
-    for e in ret.expressions:
-        if isinstance(e, exp.Star):
+    star = any(isinstance(e, exp.Star) for e in ret.expressions)
+    col = "*" if star else reads_masked(ret, ct, ref_name)
+    if col is None:
+        return
+    if tree.args.get("from_") is not None or tree.args.get("using") is not None:
+        if star:
             raise Denied(f"RETURNING * of {ct.name} would return masked columns")
-    col = reads_masked(ret, ct, ref_name)
-    if col is not None:
-        raise Denied(f"RETURNING {_what(ct, col)} is not allowed")
+        raise Denied(f"RETURNING {_what(ct, col)} is not allowed with FROM or USING")
+    res.mask_returning = True
 
 
 def target_name_span(ref: Ref, idx: TokenIndex) -> tuple[int, int]:
@@ -274,7 +284,7 @@ def _update_or_delete(
         read = reads_masked(conj, ct, ref_name)
         if read is not None:
             raise Denied(f"{verb} may not filter on {_what(ct, read).removeprefix('of ')}")
-    _returning_check(tree, ct, ref_name)
+    _returning_check(tree, ct, ref_name, res)
     if ct.row_filter is None:
         return
     qf = ct.qualified_filter(ref_name)
@@ -342,7 +352,7 @@ def _insert(tree: exp.Insert, ref: Ref, ct: CompiledTable, idx: TokenIndex, res:
                 raise Denied(f"INSERT ... ON CONFLICT DO UPDATE of {ct.name} may not set "
                              f"{col or 'this column'}: it is a key into rows this operator "
                              "cannot all see (use UPDATE)")
-    _returning_check(tree, ct, ref.ref_name)
+    _returning_check(tree, ct, ref.ref_name, res)
     target = tree.this
     if isinstance(target, exp.Schema):
         cols = [ident_value(c) or "" for c in target.expressions]

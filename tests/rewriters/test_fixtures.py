@@ -24,7 +24,9 @@ wrote another name text, ``{{customers & <cond> & <cond>}}`` with conditions mov
 ``[[cap-write public.orders: <statement>]]`` (a data change with RETURNING) and
 ``[[cap-read public.customers: <statement>]]`` (a read sharing its text with other statements)
 stand for the statement wrapped so that PostgreSQL fails it past the role's max_rows
-(``rewriters.analyze.cap_inside``).
+(``rewriters.analyze.cap_inside``). ``[[masked-returning public.customers "c": <the change,
+ending RETURNING "c".*> || <the client's RETURNING list>]]`` stands for a data change whose
+RETURNING reads masked columns, run over the masked row (``rewriters.analyze.masked_returning``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 _DIRECTIVE = re.compile(r"^-- (as|expect|deny|forward|rewritten|lookup_values|lookups|row_limit|row_weight|tables|kind|lex|columns)\b:?\s*(.*)$")
 _MACRO = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
 _CAPPED = re.compile(r"\[\[cap-(read|write) ([^:]+): (.*?)\]\]", re.DOTALL)
+_MASKED_RETURNING = re.compile(r"\[\[masked-returning (\S+) (\S+): (.*?) \|\| (.*?)\]\]",
+                               re.DOTALL)
 _CAP_GUARD = (
     'WITH "pgveil_rows" AS {materialized}(\n{inner}\n) SELECT * FROM "pgveil_rows" WHERE (SELECT '
     "CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.<=) {limit} THEN true ELSE "
@@ -144,6 +148,17 @@ def expand(expected: str, role: str) -> str:
                                  tables=m.group(2))
 
     expected = _CAPPED.sub(capped, expected)
+
+    def masked_returning(m: re.Match[str]) -> str:
+        table, alias, body, listing = m.groups()
+        rows = (f"SELECT {listing} FROM (SELECT {cv.tables[table].projection} FROM "
+                f'"pgveil_dml") AS {alias}')
+        guard = _CAP_GUARD.format(materialized="", inner=rows, limit=v.limits.max_rows,
+                                  role=v.role, tables=table)
+        return guard.replace('WITH "pgveil_rows" AS (',
+                             f'WITH "pgveil_dml" AS (\n{body}\n), "pgveil_rows" AS (', 1)
+
+    expected = _MASKED_RETURNING.sub(masked_returning, expected)
 
     def sub(m: re.Match[str]) -> str:
         head, *extra = [p.strip() for p in m.group(1).split(" & ")]

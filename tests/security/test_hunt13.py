@@ -30,9 +30,11 @@
 """
 from __future__ import annotations
 
+import asyncio
 import struct
 import uuid
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -273,3 +275,53 @@ def test_deleting_a_branch_cannot_tell_whether_hidden_customers_reference_it(
     with leak.connect("dba") as conn:  # the DBA's statement reaches PostgreSQL
         with pytest.raises(psycopg.errors.ForeignKeyViolation):
             conn.execute("DELETE FROM branches WHERE id = 'BJ01'")
+
+
+def test_returning_of_masked_columns_gives_the_masked_row(leak: LeakChecker) -> None:
+    """RETURNING that reads masked columns (``RETURNING *`` is what pgjdbc adds for
+    getGeneratedKeys) used to be refused; it now runs over the masked row (SPEC: "RETURNING
+    gives masked values"), with the command tag of the data change."""
+    raw = leak.secrets.customer(3)  # an SZ01 customer
+    with leak.connect() as conn:
+        conn.execute("BEGIN")
+        cur = conn.execute("UPDATE customers SET level = level WHERE id = 3 RETURNING *")
+        row = dict(zip([d.name for d in cur.description], cur.fetchone(), strict=True))
+        assert cur.statusmessage == "UPDATE 1" and cur.rowcount == 1
+        assert row["id"] == 3 and row["phone"] != raw.phone and "*" in row["phone"], row
+        assert raw.id_number not in str(row) and raw.phone not in str(row), row
+        cur = conn.execute("INSERT INTO customers (name, phone, id_number, branch_id, level) "
+                           "VALUES ('新客户', '13912345678', '110101199001011234', 'SZ01', 1) "
+                           "RETURNING id, phone, customers")
+        new_id, phone, whole = cur.fetchone()
+        assert cur.statusmessage == "INSERT 0 1" and phone == "139****5678", (phone, whole)
+        assert "13912345678" not in str(whole) and "110101199001011234" not in str(whole)
+        # past max_rows PostgreSQL fails it as a whole: nothing is kept
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row limit of 50"):
+            conn.execute("UPDATE customers SET level = level + 1 WHERE id > 0 RETURNING phone")
+        conn.execute("ROLLBACK")
+    assert _direct(leak, f"SELECT count(*) FROM customers WHERE id = {new_id}") == [(0,)]
+    with leak.connect() as conn:  # out of the filter: nothing to return, nothing changed
+        cur = conn.execute("UPDATE customers SET level = level WHERE id = 1 RETURNING *")
+        assert cur.statusmessage == "UPDATE 0" and cur.fetchall() == []
+
+
+def test_asyncpg_prepare_then_execute_after_an_earlier_error(leak: LeakChecker) -> None:
+    """asyncpg prepares with Parse, Describe and Flush, then may send a simple Query. An error
+    earlier in the session (answered in a read of its own) left a flag set that made pgveil
+    skip that Query as if the batch had failed: the connection hung."""
+
+    async def attempt() -> tuple[str, object]:
+        conn = await asyncpg.connect(leak.pgveil.dsn("teller_sz01"))
+        try:
+            with pytest.raises(asyncpg.DivisionByZeroError):
+                await conn.execute("SELECT 1/0")
+            await conn.execute("SET statement_timeout = 0")
+            stmt = await conn.prepare("SELECT name FROM customers WHERE id = $1")
+            tag = await asyncio.wait_for(conn.execute("SET application_name = 'legacy'"), 10)
+            return tag, await asyncio.wait_for(stmt.fetchval(3), 10)
+        finally:
+            conn.terminate()
+
+    tag, name = asyncio.run(attempt())
+    assert tag == "SET" and name == leak.secrets.customer(3).name[0] + "*" * (
+        len(leak.secrets.customer(3).name) - 1), name
