@@ -611,7 +611,10 @@ def _decide(text: str, ctx: _Ctx, tokens: list[Token] | None) -> StatementDecisi
         checks=tuple(core.checks),
     )
     if core.mask_returning is not None and core.kind in _TAGS:
-        decision = masked_returning(decision, core.mask_returning, ctx)
+        try:
+            decision = masked_returning(decision, core.mask_returning, ctx)
+        except Denied as e:
+            return _deny(core.kind, str(e), text, list(decision.tables), decision.row_limit)
     elif core.kind in _TAGS and _returns_rows(sig):
         decision = cap_inside(decision, ctx)
     elif core.kind == "prepare" and decision.tables and ctx.restricted and \
@@ -658,6 +661,13 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
     at = _returning_at(sig)
     if at is None or at is sig[-1]:
         raise Denied(f"cannot rewrite the RETURNING clause of this statement on {ct.name}")
+    for t in sig[sig.index(at) + 1:]:
+        name = fold(t.text) if t.kind is Tok.IDENT else \
+            t.text[1:-1].replace('""', '"') if t.kind is Tok.QIDENT else ""
+        if name.startswith("pgveil_") or t.kind is Tok.UIDENT:
+            # moved next to "pgveil_dml" (the raw rows), such a name would read them
+            raise Denied(f"names beginning with pgveil_ are pgveil's own; RETURNING of "
+                         f"{ct.name} may not use them")
     alias = quote_ident(ref_name)
     body = f"{d.sql[:at.start]}RETURNING {alias}.*"
     listing = d.sql[at.end:sig[-1].end].strip()

@@ -325,3 +325,17 @@ def test_asyncpg_prepare_then_execute_after_an_earlier_error(leak: LeakChecker) 
     tag, name = asyncio.run(attempt())
     assert tag == "SET" and name == leak.secrets.customer(3).name[0] + "*" * (
         len(leak.secrets.customer(3).name) - 1), name
+
+
+@pytest.mark.parametrize("listing", [
+    "(SELECT phone FROM pgveil_dml LIMIT 1)",
+    '(SELECT max(phone) FROM "pgveil_dml")',
+    "(SELECT phone FROM PGVEIL_DML LIMIT 1)",
+])
+def test_returning_cannot_read_the_raw_rows_it_is_evaluated_next_to(
+        leak: LeakChecker, listing: str) -> None:
+    leak.assert_no_leak(["BEGIN", "UPDATE customers SET level = level WHERE id = 3 RETURNING "
+                         + listing, "ROLLBACK"], expect=None)
+    with leak.connect() as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgveil's own"):
+            conn.execute("UPDATE customers SET level = level WHERE id = 3 RETURNING " + listing)
