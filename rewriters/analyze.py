@@ -648,12 +648,17 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
     """A data change whose RETURNING reads masked columns, run so that RETURNING sees the
     masked row::
 
-        WITH "pgveil_dml" AS (<the change> RETURNING <target>.*)
-        SELECT <the client's RETURNING list> FROM (SELECT <masked projection>
-                                                  FROM "pgveil_dml") AS <target>
+        WITH "pgveil_dml" AS (<the change> RETURNING <target>.*),
+             "pgveil_rows" AS (SELECT <the client's RETURNING list>
+                               FROM (SELECT <masked projection> FROM "pgveil_dml") AS <target>)
+        SELECT * FROM "pgveil_rows" WHERE <one row per changed row> [AND <at most max_rows>]
 
-    with the row cap of :func:`cap_inside` folded in (a second CTE: a data-modifying WITH
-    must stay at the top level). The session writes the command tag back."""
+    (a data-modifying WITH must stay at the top level). Moved out of the change, the list
+    must mean what it meant there: not with a WITH of the change's own (its names would then
+    reach the real tables: ``WITH accounts AS (...) UPDATE ... RETURNING (SELECT card_no FROM
+    accounts)``), not with names of pgveil's, and one row per changed row (an aggregate or a
+    set-returning function, which PostgreSQL refuses in RETURNING, would run here). The
+    session writes the command tag back."""
     ct, ref_name = target
     sig = significant(tokenize(d.sql, ctx.lex.standard_conforming_strings))
     if sig and sig[-1].kind is Tok.PUNCT and sig[-1].text == ";":
@@ -661,6 +666,9 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
     at = _returning_at(sig)
     if at is None or at is sig[-1]:
         raise Denied(f"cannot rewrite the RETURNING clause of this statement on {ct.name}")
+    if sig[0].keyword == "with":
+        raise Denied(f"RETURNING of masked columns of {ct.name} is not supported in a data "
+                     "change with a WITH clause of its own")
     for t in sig[sig.index(at) + 1:]:
         name = fold(t.text) if t.kind is Tok.IDENT else \
             t.text[1:-1].replace('""', '"') if t.kind is Tok.QIDENT else ""
@@ -672,19 +680,23 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
     body = f"{d.sql[:at.start]}RETURNING {alias}.*"
     listing = d.sql[at.end:sig[-1].end].strip()
     rows = f'SELECT {listing} FROM (SELECT {ct.projection} FROM "pgveil_dml") AS {alias}'
+    one_each = (f"RETURNING of {ct.name} must give one row per changed row (no aggregates or "
+                "set-returning functions)")
+    guards = [f'(SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=) (SELECT '
+              f'pg_catalog.count(*) FROM "pgveil_dml") THEN true ELSE '
+              f'{failing(one_each, "boolean")} END FROM "pgveil_rows")']
     reasons = (*d.reasons, f"RETURNING over the masked row of {ct.name}")
-    checks = d.checks
+    checks = (*d.checks, one_each)
     limit = d.row_limit
-    if limit is None:
-        sql = f'WITH "pgveil_dml" AS (\n{body}\n) {rows}'
-    else:
+    if limit is not None:
         message = _cap_message(limit, ctx.view.role, d.tables)
-        sql = (f'WITH "pgveil_dml" AS (\n{body}\n), "pgveil_rows" AS (\n{rows}\n) SELECT * '
-               f'FROM "pgveil_rows" WHERE (SELECT CASE WHEN pg_catalog.count(*) '
-               f'OPERATOR(pg_catalog.<=) {int(limit)} THEN true ELSE '
-               f'{failing(message, "boolean")} END FROM "pgveil_rows")')
+        guards.append(f'(SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.<=) '
+                      f'{int(limit)} THEN true ELSE {failing(message, "boolean")} END FROM '
+                      '"pgveil_rows")')
         reasons = (*reasons, ROW_LIMIT_CHECK_REASON)
         checks = (*checks, message)
+    sql = (f'WITH "pgveil_dml" AS (\n{body}\n), "pgveil_rows" AS (\n{rows}\n) SELECT * FROM '
+           f'"pgveil_rows" WHERE {" AND ".join(guards)}')
     return replace(d, action=Action.REWRITE, sql=sql, command_tag=_TAGS[d.kind],
                    reasons=reasons, checks=checks)
 

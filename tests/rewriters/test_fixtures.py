@@ -155,6 +155,14 @@ def expand(expected: str, role: str) -> str:
                 f'"pgveil_dml") AS {alias}')
         guard = _CAP_GUARD.format(materialized="", inner=rows, limit=v.limits.max_rows,
                                   role=v.role, tables=table)
+        one_each = (f"RETURNING of {table} must give one row per changed row (no aggregates "
+                    "or set-returning functions)")
+        guard = guard.replace(
+            '"pgveil_rows" WHERE (SELECT CASE',
+            '"pgveil_rows" WHERE (SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=) '
+            '(SELECT pg_catalog.count(*) FROM "pgveil_dml") THEN true ELSE CAST(CAST(CAST('
+            f"pg_catalog.concat('pgveil: {one_each}') AS pg_catalog.int4) AS pg_catalog.text) "
+            'AS boolean) END FROM "pgveil_rows") AND (SELECT CASE', 1)
         return guard.replace('WITH "pgveil_rows" AS (',
                              f'WITH "pgveil_dml" AS (\n{body}\n), "pgveil_rows" AS (', 1)
 

@@ -339,3 +339,39 @@ def test_returning_cannot_read_the_raw_rows_it_is_evaluated_next_to(
     with leak.connect() as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgveil's own"):
             conn.execute("UPDATE customers SET level = level WHERE id = 3 RETURNING " + listing)
+
+
+@pytest.mark.parametrize(("login", "sql"), [
+    ("teller_sz01", "WITH accounts AS (SELECT 1 AS id, 'x'::text AS card_no) UPDATE customers "
+                    "SET level = level WHERE id = 3 RETURNING phone, (SELECT card_no FROM "
+                    "accounts WHERE id = <<id:accounts-other>>)"),
+    ("teller_sz01", "WITH customers AS (SELECT 1 AS id, 'x'::text AS phone, 'x'::text AS name) "
+                    "UPDATE public.customers SET level = level WHERE id = 3 RETURNING phone, "
+                    "(SELECT row(name, phone)::text FROM customers WHERE id = 1)"),
+    ("auditor1", "WITH accounts AS (SELECT 1 AS id, 'x'::text AS card_no) UPDATE customers "
+                 "SET level = level WHERE id = 3 RETURNING phone, (SELECT card_no FROM "
+                 "accounts WHERE id = 3)"),
+])
+def test_returning_keeps_the_scope_of_the_change(leak: LeakChecker, login: str,
+                                                 sql: str) -> None:
+    """Moved next to the masked row, RETURNING had lost the change's own WITH: a CTE named
+    like a protected table shadowed it in the analysis and the real table answered."""
+    sql = sql.replace("<<id:accounts-other>>", "3")
+    with leak.connect(login) as conn:
+        conn.execute("BEGIN")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="WITH clause"):
+            conn.execute(sql)
+        conn.execute("ROLLBACK")
+    leak.assert_no_leak(["BEGIN", sql, "ROLLBACK"], login=login)
+
+
+@pytest.mark.parametrize("listing", ["count(*), max(phone)", "phone, generate_series(1, 3)"])
+def test_returning_gives_one_row_per_changed_row(leak: LeakChecker, listing: str) -> None:
+    """PostgreSQL refuses aggregates in RETURNING; over the masked row they would have packed
+    666 changed rows into one, past max_rows, under the tag UPDATE 1."""
+    with leak.connect() as conn:
+        conn.execute("BEGIN")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="one row per changed"):
+            conn.execute(f"UPDATE customers SET level = level WHERE id IN (3, 6) "
+                         f"RETURNING {listing}")
+        conn.execute("ROLLBACK")
