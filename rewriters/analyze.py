@@ -702,16 +702,20 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
 
 
 def _returning_at(sig: list[Token]) -> Token | None:
-    """The top-level RETURNING keyword (not one inside parentheses)."""
+    """The top-level RETURNING keyword (not one inside parentheses, nor a column label: the
+    word is reserved, so as a label it follows AS: ``SELECT card_no AS returning``)."""
     depth = 0
+    before: Token | None = None
     for t in sig:
         if t.kind is Tok.PUNCT:
             if t.text == "(":
                 depth += 1
             elif t.text == ")":
                 depth -= 1
-        elif depth == 0 and t.keyword == "returning":
+        elif depth == 0 and t.keyword == "returning" and (
+                before is None or before.keyword != "as"):
             return t
+        before = t
     return None
 
 

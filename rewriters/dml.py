@@ -132,7 +132,7 @@ def _returning_check(tree: exp.Expression, ct: CompiledTable, ref_name: str,
     col = "*" if star else reads_masked(ret, ct, ref_name)
     if col is None:
         return
-    if tree.args.get("from_") is not None or tree.args.get("using") is not None:
+    if tree.args.get("from_") or tree.args.get("using"):  # (sqlglot: False when absent)
         if star:
             raise Denied(f"RETURNING * of {ct.name} would return masked columns")
         raise Denied(f"RETURNING {_what(ct, col)} is not allowed with FROM or USING")

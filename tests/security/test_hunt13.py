@@ -375,3 +375,25 @@ def test_returning_gives_one_row_per_changed_row(leak: LeakChecker, listing: str
             conn.execute(f"UPDATE customers SET level = level WHERE id IN (3, 6) "
                          f"RETURNING {listing}")
         conn.execute("ROLLBACK")
+
+
+def test_delete_returning_and_a_column_labelled_returning(leak: LeakChecker) -> None:
+    """DELETE ... RETURNING * (ORMs send it) was refused as if it had USING; a column
+    labelled ``returning`` was taken for the RETURNING clause."""
+    with leak.connect() as conn:
+        conn.execute("BEGIN")
+        new_id = conn.execute("INSERT INTO customers (name, phone, id_number, branch_id, level) "
+                              "VALUES ('删除', '13800000009', '110101199001019999', 'SZ01', 1) "
+                              "RETURNING id").fetchone()[0]
+        cur = conn.execute(f"DELETE FROM customers WHERE id = {new_id} RETURNING *")
+        row = cur.fetchone()
+        assert cur.statusmessage == "DELETE 1" and "13800000009" not in str(row), row
+        conn.execute("ROLLBACK")
+    with leak.connect("auditor1") as conn:
+        conn.execute("BEGIN")
+        cur = conn.execute("INSERT INTO accounts (customer_id, card_no, balance, branch_id, "
+                           "opened_on) SELECT customer_id, card_no AS returning, balance, "
+                           "branch_id, opened_on FROM accounts WHERE id = 3 RETURNING card_no")
+        (card,) = cur.fetchone()
+        assert cur.statusmessage == "INSERT 0 1" and card.startswith("****"), card
+        conn.execute("ROLLBACK")
