@@ -128,6 +128,11 @@ def _returning_check(tree: exp.Expression, ct: CompiledTable, ref_name: str,
     ret = tree.args.get("returning")
     if not isinstance(ret, exp.Returning) or not ct.masked_cols:
         return
+    for c in ret.find_all(exp.Column):
+        if c.table and c.table.lower() in ("old", "new"):
+            # PostgreSQL 18's RETURNING old.col / new.col: the target's rows by other names
+            raise Denied(f"RETURNING old.* / new.* of {ct.name} is not supported for masked "
+                         "roles")
     star = any(isinstance(e, exp.Star) for e in ret.expressions)
     col = "*" if star else reads_masked(ret, ct, ref_name)
     if col is None:
