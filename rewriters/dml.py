@@ -212,6 +212,27 @@ def _stays_inside(ct: CompiledTable, col: str, value: exp.Expression, idx: Token
     return (lit.start, lit.end), cond
 
 
+def _assignments(tree: exp.Expression,
+                 ct: CompiledTable) -> list[tuple[exp.Column, exp.Expression]]:
+    """An UPDATE's SET as (column, value) pairs: ``col = v`` and ``(a, b) = (v, w)`` (which
+    some query builders send); a row value from a subquery or ROW() is not followed."""
+    pairs: list[tuple[exp.Column, exp.Expression]] = []
+    for item in tree.expressions:
+        if isinstance(item, exp.EQ) and isinstance(item.this, exp.Column):
+            pairs.append((item.this, item.expression))
+            continue
+        cols = item.this.expressions if isinstance(item, exp.EQ) and \
+            isinstance(item.this, exp.Tuple) else None
+        vals = item.expression.expressions if cols is not None and \
+            isinstance(item.expression, exp.Tuple) else None
+        if cols is None or vals is None or len(cols) != len(vals) or \
+                not all(isinstance(c, exp.Column) for c in cols):
+            raise Denied(f"UPDATE of {ct.name}: only SET column = value and "
+                         "(column, ...) = (value, ...) are supported")
+        pairs.extend(zip(cols, vals, strict=True))
+    return pairs
+
+
 def _update_or_delete(
     tree: exp.Expression, ref: Ref, ct: CompiledTable, idx: TokenIndex, res: DmlResult,
     cv: CompiledView,
@@ -220,13 +241,10 @@ def _update_or_delete(
     verb = "UPDATE" if isinstance(tree, exp.Update) else "DELETE"
     if isinstance(tree, exp.Update):
         sources = _masked_sources(tree, ref, cv)
-        for item in tree.expressions:
-            if not isinstance(item, exp.EQ) or not isinstance(item.this, exp.Column):
-                raise Denied(f"{verb} of {ct.name}: only SET column = value is supported")
-            col = ident_value(item.this.this)
+        for target, value in _assignments(tree, ct):
+            col = ident_value(target.this)
             if col is None:
                 raise Denied(f"{verb} of {ct.name}: cannot read the SET target")
-            value = item.expression
             same = (
                 isinstance(value, exp.Column)
                 and ident_value(value.this) == col

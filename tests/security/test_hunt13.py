@@ -397,3 +397,16 @@ def test_delete_returning_and_a_column_labelled_returning(leak: LeakChecker) -> 
         (card,) = cur.fetchone()
         assert cur.statusmessage == "INSERT 0 1" and card.startswith("****"), card
         conn.execute("ROLLBACK")
+
+
+def test_a_multi_column_set_meets_the_rules_of_each_column(leak: LeakChecker) -> None:
+    """``SET (a, b) = (x, y)`` (some query builders send it) was refused outright."""
+    with leak.connect() as conn:
+        conn.execute("BEGIN")
+        cur = conn.execute("UPDATE customers SET (level, address) = (2, '深圳') WHERE id = 3")
+        assert cur.statusmessage == "UPDATE 1"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row filter"):
+            conn.execute("UPDATE customers SET (level, branch_id) = (2, 'GZ01') WHERE id = 3")
+        conn.execute("ROLLBACK")
+        cur = conn.execute("UPDATE customers SET (level, address) = (2, 'x') WHERE id = 1")
+        assert cur.statusmessage == "UPDATE 0"  # a GZ01 customer: outside the filter
