@@ -2404,7 +2404,10 @@ class Session:
             self.capped_run = None  # finished: a cancel sent now could hit the next statement
         if run is not None:
             run.done = True
-            if run.declare_pending and error is None:  # the name was free after all
+            # withheld: PostgreSQL completed it (after a statement stopped at max_rows), only
+            # the client was not told -- what it created or dropped on the server stands
+            succeeded = error is None or withheld
+            if run.declare_pending and succeeded:  # the name was free after all
                 d = run.decision
                 self.cursors[d.cursor] = d  # type: ignore[index]
                 if run.declare_view is not None:
@@ -2418,7 +2421,7 @@ class Session:
                     if self._portals.pop(name, None) is not None:
                         self._portal_changes += 1
             if not run.denied and not run.hidden:
-                self._settle_prepared(run.decision, error, run.source)
+                self._settle_prepared(run.decision, None if succeeded else error, run.source)
             if run.counter_key is not None and (not run.binding
                                                 or run.binding == self._unnamed_binds):
                 self._counts[run.counter_key] = self._counts.get(run.counter_key, 0) + run.rows
@@ -2502,6 +2505,8 @@ class Session:
             out.to_client.append(frame)
             return
         if self._drop_server:
+            if mtype == 0x43 and frame[5:8] in (b"DIS", b"DEA"):
+                self._statements_dropped(frame[5:-1])  # DISCARD ALL / DEALLOCATE ALL ran
             if slot is not None and slot.kind in ("execute", "query") and \
                     mtype in (0x43, 0x49, 0x45, 0x73):
                 if run is not None and not run.done and not run.denied and not run.hidden \

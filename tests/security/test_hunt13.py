@@ -410,3 +410,22 @@ def test_a_multi_column_set_meets_the_rules_of_each_column(leak: LeakChecker) ->
         conn.execute("ROLLBACK")
         cur = conn.execute("UPDATE customers SET (level, address) = (2, 'x') WHERE id = 1")
         assert cur.statusmessage == "UPDATE 0"  # a GZ01 customer: outside the filter
+
+
+def test_a_prepare_run_after_a_capped_execute_stays_recorded(leak: LeakChecker) -> None:
+    """PostgreSQL ran a PREPARE that followed an EXECUTE stopped at max_rows in one Query;
+    pgveil, dropping the rest of that request, took it for failed and forgot it, so a protocol
+    Bind of the name read all 666 SZ01 customers with no cap and no audit record."""
+    s, yy = f"s_{uuid.uuid4().hex[:8]}", f"y_{uuid.uuid4().hex[:8]}"
+    with leak.connect() as conn:
+        w = Wire(conn)
+        assert not w.batch(query(f"PREPARE {s} AS SELECT id FROM customers WHERE id > $1")
+                           ).sqlstates
+        got = w.batch(query(f"EXECUTE {s}(0); PREPARE {yy} AS SELECT id, name, phone "
+                            "FROM customers WHERE id > 0"))
+        assert got.sqlstates == ["42501"] and got.rows <= 50, got
+        got = w.batch(bind(yy.encode()), execute(), SYNC)
+        assert got.rows <= 50 and got.sqlstates == ["42501"], got
+        got = w.batch(query(f"DEALLOCATE {s}; EXECUTE {yy}"))  # known, so capped again
+        assert got.rows <= 50 and got.sqlstates == ["42501"], got
+        w.sock.detach()
