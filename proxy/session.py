@@ -365,6 +365,8 @@ _CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x6
 # malformed Close or Flush -- starts the skip)
 _OPENS_BATCH = frozenset((0x50, 0x42, 0x44, 0x45, 0x43, 0x48))
 _SYNC_FRAME = b"S\x00\x00\x00\x04"
+# what a Bind of a statement pgveil has no record of binds instead (pgveil_ names are reserved)
+_UNKNOWN_STATEMENT = b"pgveil_unknown_"
 # Statement text that may be a COPY FROM STDIN (a false hit only costs the fast paths for a
 # while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
 # Flush and fails the COPY on any other message (see Session._copy_window).
@@ -1060,6 +1062,16 @@ class Session:
             parsed = self._parsed.get(stmt)
             if parsed is None and self._refuse_own_name(stmt, "bind", out):
                 return
+            if parsed is None and stmt not in self._statements and \
+                    not self.view.unrestricted:
+                # A name pgveil has no record of: PostgreSQL holds no such statement, or one
+                # pgveil lost track of (each such loss so far ran rows past max_rows and the
+                # audit record). Bound under a name that cannot exist, it fails as an unknown
+                # one does (26000), and the unnamed statement stays as it was.
+                frame = _frame(b"B", payload[:pos] + _UNKNOWN_STATEMENT + payload[pos:])
+                self._portal_changed(portal, None)
+                out.to_server.append(frame)
+                return
             if parsed is not None and self.operator is not None and \
                     self.operator.current().policy_version != parsed[2]:
                 # the policy was reloaded or a grant changed since this statement was parsed:
@@ -1495,6 +1507,8 @@ class Session:
         if entry is None and stmt.startswith(SERVER_STATEMENT_PREFIX):
             return False
         parsed = self._parsed.get(stmt)
+        if entry is None and parsed is None and not self.view.unrestricted:
+            return False  # a name pgveil has no record of: the general path refuses it
         op = self.operator
         view = op.current() if op is not None else self.view
         if parsed is not None and op is not None and view.policy_version != parsed[2]:

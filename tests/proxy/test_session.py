@@ -169,7 +169,10 @@ def test_extended_parse_denial_injects_raise_and_skips() -> None:
     out = s.from_client(parse + bind + execute + sync)
     sent = b"".join(out.to_server)
     assert b"pg_stats" not in sent and b"RAISE EXCEPTION" in sent
-    assert sent.endswith(bind + execute + sync)
+    # the refused statement is unknown: its Bind names one that cannot exist (26000 if the
+    # batch were not already failing)
+    unknown = frame(b"B", b"\x00pgveil_unknown_s1\x00\x00\x00\x00\x00\x00\x00")
+    assert sent.endswith(unknown + execute + sync)
     err = frame(b"E", b"SERROR\x00VERROR\x00C42501\x00Mstatistics denied\x00\x00")
     res = s.from_server(err + rfq())
     assert parse_error_fields(res.to_client[0][5:])["M"] == "statistics denied"
@@ -400,7 +403,8 @@ def test_a_query_inside_a_failed_batch_is_skipped_like_postgresql_does() -> None
     bind = frame(b"B", b"\x00nosuch\x00\x00\x00\x00\x00\x00\x00")
     out = s.from_client(bind + q("select 2") + frame(b"F", b"\x00" * 10) + SYNC_FRAME
                         + q("select 3"))
-    assert b"".join(out.to_server) == bind + SYNC_FRAME
+    unknown = frame(b"B", b"\x00pgveil_unknown_nosuch\x00\x00\x00\x00\x00\x00\x00")
+    assert b"".join(out.to_server) == unknown + SYNC_FRAME
     error = frame(b"E", b"SERROR\x00C26000\x00Mprepared statement \"nosuch\" does not exist\x00\x00")
     back = s.from_server(error + rfq())
     assert b"".join(back.to_client) == error

@@ -429,3 +429,18 @@ def test_a_prepare_run_after_a_capped_execute_stays_recorded(leak: LeakChecker) 
         got = w.batch(query(f"DEALLOCATE {s}; EXECUTE {yy}"))  # known, so capped again
         assert got.rows <= 50 and got.sqlstates == ["42501"], got
         w.sock.detach()
+
+
+def test_a_bind_of_a_name_pgveil_has_no_record_of_fails_like_an_unknown_one(
+        leak: LeakChecker) -> None:
+    """Each loss of track of a prepared statement so far ran rows past max_rows through a
+    protocol Bind of its name: such a Bind now fails as one of an unknown name does, whatever
+    the server holds, and the unnamed statement is left alone."""
+    with leak.connect() as conn:
+        w = Wire(conn)
+        assert not w.batch(parse(b"", b"SELECT 41"), SYNC).sqlstates
+        got = w.batch(bind(b"never_seen"), execute(), SYNC)
+        assert got.sqlstates == ["26000"], got
+        got = w.batch(bind(b""), execute(), SYNC)  # the unnamed statement is intact
+        assert got.rows == 1 and not got.sqlstates, got
+        w.sock.detach()
