@@ -388,6 +388,24 @@ _SERVER_WATCHED = frozenset((0x43, 0x73, 0x49, 0x45, 0x5A, 0x53, 0x47, 0x48, 0x5
 _TRACE_SEVERITIES = frozenset((b"LOG", b"DEBUG"))
 
 
+# Parse, Bind, Describe, Execute, Close: the messages that name statements and portals
+_NAMED_MESSAGES = frozenset((0x50, 0x42, 0x44, 0x45, 0x43))
+NAME_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL keys statements and portals on that much
+
+
+def _check_name_lengths(mtype: int, frame: bytes) -> None:
+    """Refuse statement and portal names longer than PostgreSQL keeps: it cuts them to 63
+    bytes, so two names pgveil tells apart would be one statement on the server, and a Bind of
+    the harmless one would run the other, past max_rows and the audit record."""
+    first, pos = _cstr(frame, 6 if mtype in (0x44, 0x43) else 5)
+    names = [first]
+    if mtype == 0x42:  # Bind: portal, then statement
+        names.append(_cstr(frame, pos)[0])
+    if any(len(n) > NAME_BYTES for n in names):
+        raise ProtocolViolation(f"statement and portal names longer than {NAME_BYTES} bytes "
+                                "are not supported (PostgreSQL would cut them)")
+
+
 def _is_trace(buf: bytes, pos: int, end: int) -> bool:
     """Whether the NoticeResponse at ``buf[pos:end]`` has severity LOG or DEBUG."""
     at = pos + 5
@@ -1027,6 +1045,8 @@ class Session:
     def _client_message(self, mtype: int, frame: bytes, out: Output) -> None:
         if self._copy_window:
             self._copy_window_message(mtype)
+        if mtype in _NAMED_MESSAGES and not self.view.unrestricted:
+            _check_name_lengths(mtype, frame)
         if mtype in _OPENS_BATCH:
             self._extended_open = True
         elif mtype == 0x53:  # Sync
@@ -1501,6 +1521,8 @@ class Session:
                 data[pos + 5:pos + 5 + len(portal)] != portal:
             return False  # Execute of another portal
         stmt = data[zero + 1:stmt_end]
+        if len(portal) > NAME_BYTES or len(stmt) > NAME_BYTES:
+            return False  # the general path refuses them (_check_name_lengths)
         if self._copy_statements and stmt in self._copy_statements:
             return False  # an Execute that may start COPY FROM STDIN (_client_message)
         entry = self._statements.get(stmt)

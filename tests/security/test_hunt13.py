@@ -444,3 +444,25 @@ def test_a_bind_of_a_name_pgveil_has_no_record_of_fails_like_an_unknown_one(
         got = w.batch(bind(b""), execute(), SYNC)  # the unnamed statement is intact
         assert got.rows == 1 and not got.sqlstates, got
         w.sock.detach()
+
+
+@pytest.mark.parametrize("messages", [
+    lambda b: [parse(b + b"2", b"SELECT 1"), SYNC],
+    lambda b: [parse(b"", b"SELECT id FROM customers WHERE id > 0"), bind(b"", portal=b + b"1"),
+               execute(b + b"2"), SYNC],
+    lambda b: [bind(b + b"2"), execute(), SYNC],
+])
+def test_names_longer_than_postgresql_keeps_end_the_connection(leak: LeakChecker,
+                                                                messages: object) -> None:
+    """PostgreSQL keys statements and portals on their first 63 bytes: two names pgveil told
+    apart were one on the server, and a Bind of the harmless one ran a protected statement
+    (666 rows, unaudited)."""
+    base = b"n" * 63
+    with leak.connect() as conn:
+        w = Wire(conn)
+        w.sock.sendall(b"".join(messages(base)))  # type: ignore[operator]
+        answer = w.buf
+        while chunk := w.sock.recv(65536):
+            answer += chunk
+        w.sock.detach()
+    assert b"C08P01" in answer and b"longer than 63 bytes" in answer, answer
