@@ -365,8 +365,6 @@ _CLIENT_WATCHED = frozenset((0x51, 0x50, 0x42, 0x45, 0x53, 0x43, 0x58, 0x46, 0x6
 # malformed Close or Flush -- starts the skip)
 _OPENS_BATCH = frozenset((0x50, 0x42, 0x44, 0x45, 0x43, 0x48))
 _SYNC_FRAME = b"S\x00\x00\x00\x04"
-# what a Bind of a statement pgveil has no record of binds instead (pgveil_ names are reserved)
-_UNKNOWN_STATEMENT = b"pgveil_unknown_"
 # Statement text that may be a COPY FROM STDIN (a false hit only costs the fast paths for a
 # while): PostgreSQL then reads the client's stream in COPY mode, where it ignores Sync and
 # Flush and fails the COPY on any other message (see Session._copy_window).
@@ -445,6 +443,8 @@ _DECISION_NAMES = {Action.FORWARD: "allowed", Action.REWRITE: "rewritten",
 # a Bind of one is denied here).
 MAX_SERVER_STATEMENTS = 64
 SERVER_STATEMENT_PREFIX = b"pgveil_"
+# what a Bind of a statement pgveil has no record of binds instead (pgveil_ names are reserved)
+_UNKNOWN_STATEMENT = SERVER_STATEMENT_PREFIX + b"unknown_"
 _PARAM_COUNT = struct.Struct("!H")
 
 
@@ -586,9 +586,10 @@ class Session:
         self._portal_unsettled: dict[bytes, tuple[Any, int]] = {}
         self._bound_in_batch: set[bytes] = set()
         self._batch_error = False
-        # client side: Parse, Bind, Describe or Execute sent since the last Sync. PostgreSQL
-        # skips a Query or FunctionCall sent then if an earlier message of the batch failed:
-        # pgveil syncs first and holds the client's bytes until it knows (_hold_behind_sync)
+        # client side: Parse, Bind, Describe, Execute, Close or Flush sent since the last Sync
+        # (_OPENS_BATCH). PostgreSQL skips a Query or FunctionCall sent then if an earlier
+        # message of the batch failed: pgveil syncs first and holds the client's bytes until
+        # it knows (_hold_behind_sync)
         self._extended_open = False
         self._held_client: bytearray | None = None
         self._skip_till_sync = False  # emulating PostgreSQL's skip after that batch failed
@@ -956,13 +957,14 @@ class Session:
             end = pos + 1 + length
             if end > n:
                 break
-            if self._skip_till_sync and mtype != 0x53:
-                # PostgreSQL would skip this message of a failed batch: so does pgveil
-                if pos > start:
-                    to_server.append(buf[start:pos])
-                start = pos = end
-                continue
-            self._skip_till_sync = False
+            if self._skip_till_sync:
+                if mtype != 0x53:
+                    # PostgreSQL would skip this message of a failed batch: so does pgveil
+                    if pos > start:
+                        to_server.append(buf[start:pos])
+                    start = pos = end
+                    continue
+                self._skip_till_sync = False
             if (mtype == 0x51 or mtype == 0x46) and self._extended_open:
                 if self._copy_window:
                     # an Execute of the batch may have started COPY FROM STDIN: PostgreSQL

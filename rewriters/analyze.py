@@ -672,7 +672,7 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
     for t in sig[sig.index(at) + 1:]:
         name = fold(t.text) if t.kind is Tok.IDENT else \
             t.text[1:-1].replace('""', '"') if t.kind is Tok.QIDENT else ""
-        if name.startswith("pgveil_") or t.kind is Tok.UIDENT:
+        if name.startswith(PROXY_STATEMENT_PREFIX) or t.kind is Tok.UIDENT:
             # moved next to "pgveil_dml" (the raw rows), such a name would read them
             raise Denied(f"names beginning with pgveil_ are pgveil's own; RETURNING of "
                          f"{ct.name} may not use them")
@@ -682,17 +682,14 @@ def masked_returning(d: StatementDecision, target: tuple[CompiledTable, str],
     rows = f'SELECT {listing} FROM (SELECT {ct.projection} FROM "pgveil_dml") AS {alias}'
     one_each = (f"RETURNING of {ct.name} must give one row per changed row (no aggregates or "
                 "set-returning functions)")
-    guards = [f'(SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.=) (SELECT '
-              f'pg_catalog.count(*) FROM "pgveil_dml") THEN true ELSE '
-              f'{failing(one_each, "boolean")} END FROM "pgveil_rows")']
+    guards = [_count_guard('OPERATOR(pg_catalog.=) (SELECT pg_catalog.count(*) FROM '
+                           '"pgveil_dml")', one_each)]
     reasons = (*d.reasons, f"RETURNING over the masked row of {ct.name}")
     checks = (*d.checks, one_each)
     limit = d.row_limit
     if limit is not None:
         message = _cap_message(limit, ctx.view.role, d.tables)
-        guards.append(f'(SELECT CASE WHEN pg_catalog.count(*) OPERATOR(pg_catalog.<=) '
-                      f'{int(limit)} THEN true ELSE {failing(message, "boolean")} END FROM '
-                      '"pgveil_rows")')
+        guards.append(_count_guard(f"OPERATOR(pg_catalog.<=) {int(limit)}", message))
         reasons = (*reasons, ROW_LIMIT_CHECK_REASON)
         checks = (*checks, message)
     sql = (f'WITH "pgveil_dml" AS (\n{body}\n), "pgveil_rows" AS (\n{rows}\n) SELECT * FROM '
@@ -750,9 +747,14 @@ def _capped_sql(body: str, kind: str, limit: int, message: str) -> str:
     """``body`` (a statement of ``kind``) wrapped as :func:`cap_inside` describes."""
     materialized = "MATERIALIZED " if kind == "select" else ""
     return (f'WITH "pgveil_rows" AS {materialized}(\n{body.rstrip()}\n) SELECT * FROM '
-            f'"pgveil_rows" WHERE (SELECT CASE WHEN pg_catalog.count(*) '
-            f'OPERATOR(pg_catalog.<=) {int(limit)} THEN true ELSE {failing(message, "boolean")} '
-            'END FROM "pgveil_rows")')
+            f'"pgveil_rows" WHERE {_count_guard(f"OPERATOR(pg_catalog.<=) {int(limit)}", message)}')
+
+
+def _count_guard(test: str, message: str) -> str:
+    """A condition on the number of rows of "pgveil_rows" (``count(*) <test>``) that fails the
+    whole statement inside PostgreSQL with ``message`` when it does not hold."""
+    return (f'(SELECT CASE WHEN pg_catalog.count(*) {test} THEN true ELSE '
+            f'{failing(message, "boolean")} END FROM "pgveil_rows")')
 
 
 def _row_limit(ctx: _Ctx, tables: list[str]) -> int | None:
