@@ -10,15 +10,79 @@ floor on the same machine in the same run, so what pgveil adds above it is a num
 It is a benchmark instrument, not part of pgveil: no parsing, no TLS, no auth, no backpressure
 beyond the transports' own buffers.
 
-Usage: ``python bench/relay.py LISTEN_PORT UPSTREAM_PORT [UPSTREAM_HOST]``.
+``--audit FILE`` adds the one piece of pgveil's work no implementation of its contract can skip:
+strict audit durability (SPEC §3 ``durability: strict``). Each result that ends in ReadyForQuery
+is held until a hash-chained JSON record of it (its rows counted) is appended to FILE, in groups
+written under ``flock`` as pgveil's file sink writes them. Sent pgveil's rewritten statement
+(``bench/run.py --targets …,audit-relay``), it is the floor of any Python proxy that masks at
+the source and audits strictly: what pgveil spends above it is its enforcement.
+
+Usage: ``python bench/relay.py [--audit FILE] LISTEN_PORT UPSTREAM_PORT [UPSTREAM_HOST]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import hashlib
+import os
+import struct
 import sys
+import time
 
 import uvloop
+
+_LENGTH = struct.Struct("!I")
+# a group is written this many event-loop passes after its first record, as pgveil does
+# (proxy/audit.py FLUSH_PASSES), so that results arriving meanwhile share its write
+FLUSH_PASSES = 3
+
+
+class _StrictTrail:
+    """Results held until their audit records are appended (strict durability), in groups."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.prev = "0" * 64
+        self.seq = 0
+        self.group: list[tuple[bytes, asyncio.Transport, bytes]] = []
+        self.flushing = False
+
+    def submit(self, client: asyncio.Transport, data: bytes) -> None:
+        rows, pos, n = 0, 0, len(data)
+        while pos + 5 <= n:  # count the DataRows, as any record of the statement must
+            rows += data[pos] == 0x44
+            pos += 1 + _LENGTH.unpack_from(data, pos + 1)[0]
+        self.seq += 1
+        line = (
+            f'{{"chain":"relay","decision":"rewritten","prev":"{self.prev}","rows":{rows},'
+            f'"seq":{self.seq},"ts":{time.time():.6f}}}'
+        ).encode()
+        self.prev = hashlib.sha256(line).hexdigest()
+        self.group.append((line, client, data))
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().call_soon(self._flush, FLUSH_PASSES - 1)
+
+    def _flush(self, passes_left: int) -> None:
+        if passes_left > 0:
+            asyncio.get_running_loop().call_soon(self._flush, passes_left - 1)
+            return
+        self.flushing = False
+        group, self.group = self.group, []
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            os.stat(self.path)  # pgveil's sink checks the path is still its file (rotation)
+            os.write(self.fd, b"\n".join(line for line, _, _ in group) + b"\n")
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        for _, client, data in group:
+            if not client.is_closing():
+                client.write(data)
+
+
+_TRAIL: _StrictTrail | None = None
 
 
 class _Upstream(asyncio.Protocol):
@@ -32,8 +96,14 @@ class _Upstream(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.client.transport is not None:
-            self.client.transport.write(data)
+        client = self.client.transport
+        if client is None:
+            return
+        # a whole response in one read (the benchmark's one-row lookups): audited and held
+        if _TRAIL is not None and len(data) >= 6 and data[-6] == 0x5A:
+            _TRAIL.submit(client, data)
+        else:
+            client.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.client.transport is not None:
@@ -87,6 +157,10 @@ async def serve(listen_port: int, upstream: tuple[str, int]) -> None:
 
 
 def main(argv: list[str]) -> int:
+    global _TRAIL
+    if len(argv) >= 2 and argv[0] == "--audit":
+        _TRAIL = _StrictTrail(argv[1])
+        argv = argv[2:]
     if len(argv) not in (2, 3):
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2

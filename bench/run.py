@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -56,7 +56,12 @@ from proxy.localpg import (  # noqa: E402
     pick_free_port,
     wait_for_port,
 )
-from tests.harness.pgveil_proc import DEFAULT_POLICY, PgveilError, PgveilProcess  # noqa: E402
+from tests.harness.pgveil_proc import (  # noqa: E402
+    DEFAULT_POLICY,
+    PgveilError,
+    PgveilProcess,
+    pgveil_command,
+)
 
 WORKLOAD_DIR = Path(__file__).resolve().parent / "workloads"
 PGBENCH_DB = "pgbench"
@@ -71,6 +76,9 @@ class Target(enum.Enum):
     PGBOUNCER = "pgbouncer"
     PGVEIL = "pgveil"
     RELAY = "relay"  # bench/relay.py: the floor of any Python asyncio proxy (opt-in)
+    # bench/relay.py --audit, sent pgveil's rewritten statement: the floor of any Python proxy
+    # that masks at the source and audits strictly (opt-in; rewritten workloads only)
+    AUDIT_RELAY = "audit-relay"
 
 
 class Protocol(enum.Enum):
@@ -351,12 +359,19 @@ def start_pgveil(
     return Endpoint(Target.PGVEIL, proc.port, proc.stop, pid=proc.pid)
 
 
-def start_relay(pg: PostgresCluster, cleanup: Cleanup) -> Endpoint:
-    """bench/relay.py in front of PostgreSQL: what forwarding alone costs in Python + uvloop."""
+def start_relay(pg: PostgresCluster, cleanup: Cleanup, audit_file: Path | None = None) -> Endpoint:
+    """bench/relay.py in front of PostgreSQL: what forwarding alone costs in Python + uvloop;
+    with ``audit_file``, forwarding plus strict audit records (the ``audit-relay`` target)."""
     port = pick_free_port()
+    extra = ["--audit", str(audit_file)] if audit_file is not None else []
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve().parent / "relay.py"), str(port),
-         str(pg.port)],
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "relay.py"),
+            *extra,
+            str(port),
+            str(pg.port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -364,10 +379,56 @@ def start_relay(pg: PostgresCluster, cleanup: Cleanup) -> Endpoint:
     def stop() -> None:
         _stop_process(proc)
 
-    cleanup.push("relay", stop)
+    target = Target.RELAY if audit_file is None else Target.AUDIT_RELAY
+    cleanup.push(target.value, stop)
     if not wait_for_port("127.0.0.1", port, 15):
         raise RuntimeError("bench/relay.py did not listen within 15 s")
-    return Endpoint(Target.RELAY, port, stop, pid=proc.pid)
+    return Endpoint(target, port, stop, pid=proc.pid)
+
+
+def rewritten_workloads(pg: PostgresCluster, work: Path) -> dict[str, Workload]:
+    """The workloads pgveil rewrites, with their statement replaced by what pgveil sends
+    PostgreSQL (``pgveil explain``, bench policy): what the ``audit-relay`` target runs, so
+    that PostgreSQL does the same work behind it as behind pgveil. Keyed by workload name."""
+    proc = PgveilProcess(pg, {}, policy_path=bench_policy(work))
+    config = proc.write_config()
+    out: dict[str, Workload] = {}
+    for wl in WORKLOADS:
+        if "-f" not in wl.args:
+            continue
+        script = Path(wl.args[wl.args.index("-f") + 1])
+        lines = script.read_text(encoding="utf-8").splitlines()
+        sql_at = [
+            i for i, line in enumerate(lines) if line.strip() and not line.startswith(("--", "\\"))
+        ]
+        if len(sql_at) != 1:
+            continue
+        variables = re.findall(r":(\w+)", lines[sql_at[0]])
+        sql = lines[sql_at[0]].rstrip().rstrip(";")
+        for n, name in enumerate(variables, 1):
+            sql = sql.replace(f":{name}", f"${n}", 1)
+        shown = subprocess.run(
+            [*pgveil_command(config)[:-3], "explain", "-c", str(config), "--as", wl.login, sql],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        ).stdout
+        if "sent to PostgreSQL:" not in shown or ": rewrite (" not in shown:
+            continue  # not rewritten for this login: nothing to compare
+        sent = " ".join(
+            part.strip()
+            for part in shown.split("sent to PostgreSQL:", 1)[1].splitlines()
+            if part.strip()
+        )
+        for n, name in reversed(list(enumerate(variables, 1))):
+            sent = sent.replace(f"${n}", f":{name}")
+        lines[sql_at[0]] = sent + ";"
+        log(f"audit-relay: {wl.name} sends pgveil's statement: {sent[:90]} ...")
+        path = work / f"{script.stem}.rewritten.sql"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        out[wl.name] = replace(wl, args=("-f", str(path)))
+    return out
 
 
 # --------------------------------------------------------------------------- running pgbench
@@ -495,10 +556,11 @@ def render_table(
         ratio_cols.append(("pgveil", "pgbouncer"))
     if "pgbouncer" in names and "direct" in names:
         ratio_cols.append(("pgbouncer", "direct"))
-    if "relay" in names and "pgbouncer" in names:
-        ratio_cols.append(("relay", "pgbouncer"))
+    for floor in ("relay", "audit-relay"):
+        if floor in names and "pgbouncer" in names:
+            ratio_cols.append((floor, "pgbouncer"))
     header += [f"{a}/{b}" for a, b in ratio_cols]
-    cpu_cols = [n for n in ("relay", "pgveil") if n in names]
+    cpu_cols = [n for n in ("relay", "audit-relay", "pgveil") if n in names]
     header += [f"{n} cpu µs/txn" for n in cpu_cols]
 
     rows = []
@@ -552,8 +614,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="direct,pgbouncer,pgveil",
-        help="comma-separated subset of direct,pgbouncer,pgveil,relay (relay: bench/relay.py, "
-        "a bare Python relay, the floor of any asyncio proxy)",
+        help="comma-separated subset of direct,pgbouncer,pgveil,relay,audit-relay (relay: "
+        "bench/relay.py, a bare Python relay, the floor of any asyncio proxy; audit-relay: the "
+        "relay sent pgveil's rewritten statement, holding each result for a strict audit record "
+        "-- the floor of a Python proxy doing pgveil's job)",
     )
     parser.add_argument(
         "--audit",
@@ -619,6 +683,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if Target.RELAY in targets:
                 endpoints[Target.RELAY] = start_relay(pg, cleanup)
+            rewritten: dict[str, Workload] = {}
+            if Target.AUDIT_RELAY in targets:
+                rewritten = rewritten_workloads(pg, work)
+                if rewritten:
+                    endpoints[Target.AUDIT_RELAY] = start_relay(
+                        pg, cleanup, work / "audit-relay.jsonl"
+                    )
+                else:
+                    notes.append("audit-relay: pgveil explain rewrote no workload, skipped")
             if Target.PGVEIL in targets:
                 try:
                     endpoints[Target.PGVEIL] = start_pgveil(
@@ -640,13 +713,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check=False,
             ).stdout.strip()
             for case in cases:
-                for target in targets:
+                runs = {t: case for t in targets}
+                if Target.AUDIT_RELAY in runs:  # the rewritten statement, or nothing to compare
+                    wl = rewritten.get(case.workload.name)
+                    if wl is None:
+                        del runs[Target.AUDIT_RELAY]
+                    else:
+                        runs[Target.AUDIT_RELAY] = Case(wl, case.protocol)
+                for target, run in runs.items():
                     if args.warmup > 0:
-                        run_pgbench(pg, endpoints[target], case, args.warmup, args.clients, 0)
+                        run_pgbench(pg, endpoints[target], run, args.warmup, args.clients, 0)
                 for rnd in range(1, args.rounds + 1):
-                    for target in targets:
+                    for target, run in runs.items():
                         sample = run_pgbench(
-                            pg, endpoints[target], case, args.seconds, args.clients, rnd
+                            pg, endpoints[target], run, args.seconds, args.clients, rnd
                         )
                         samples.append(sample)
                         shown = (
@@ -680,8 +760,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         for note in notes:
             print(f"note: {note}")
-    print("\nratios are TPS ratios (1.00 = same throughput; 0.80 = 20% fewer transactions/s);"
-          "\ncpu: CPU time of the proxy's processes per transaction (user + system)")
+    print(
+        "\nratios are TPS ratios (1.00 = same throughput; 0.80 = 20% fewer transactions/s);"
+        "\ncpu: CPU time of the proxy's processes per transaction (user + system)"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(

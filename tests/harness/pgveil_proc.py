@@ -146,6 +146,11 @@ class PgveilProcess:
             "policy": str(self.policy_path),
         }
 
+    def write_config(self) -> Path:
+        """Write the config file without starting pgveil (for ``pgveil check``/``explain``)."""
+        self._write_config()
+        return self.config_path
+
     def _write_config(self) -> None:
         self.config = deep_merge(self.default_config(), self.overrides)
         # Overrides may pin ports; keep the attributes in step with what pgveil will bind.
