@@ -6,6 +6,8 @@ adds; a relay that silently broke would make that comparison meaningless.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +59,43 @@ def test_report_has_relay_ratio_and_cpu_columns() -> None:
     values = row.split()
     assert values[-2:] == ["30", "90"]  # relay cpu, pgveil cpu
     assert "0.80" in values and "0.60" in values
+
+
+def test_audit_relay_holds_each_result_for_a_chained_record(
+    pg: PostgresCluster, tmp_path: Path
+) -> None:
+    trail = tmp_path / "relay-audit.jsonl"
+    port = pick_free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "relay.py"), "--audit",
+                             str(trail), str(port), str(pg.port)])
+    try:
+        assert wait_for_port("127.0.0.1", port, 15), "relay did not listen"
+        with psycopg.connect(pg.dsn("dba", port=port), autocommit=True) as conn:
+            assert len(conn.execute("select id from customers where id <= 5").fetchall()) == 5
+            assert conn.execute("select count(*) from customers").fetchone()[0] == 2000
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    lines = trail.read_bytes().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["rows"] for r in records][-2:] == [5, 1]  # after the session's own set-up
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    for before, line, rec in zip(lines, lines[1:], records[1:], strict=False):
+        assert rec["prev"] == hashlib.sha256(before).hexdigest(), line
+
+
+def test_audit_relay_runs_the_statement_pgveil_sends(pg: PostgresCluster, tmp_path: Path) -> None:
+    workload = bench.rewritten_workloads(pg, tmp_path)["masked-lookup"]
+    script = Path(workload.args[-1]).read_text(encoding="utf-8")
+    sql = script.splitlines()[-1]
+    assert "OFFSET 0" in sql and "branch_id = 'SZ01'" in sql and sql.count(":id") == 1
+    assert "\\set id random(1, 2000)" in script
+    done = subprocess.run(
+        [bench.client_binary(pg.bin_dir, "pgbench"), "-n", "-t", "20", "-M", "prepared",
+         "-h", "127.0.0.1", "-p", str(pg.port), "-U", workload.login, *workload.args,
+         workload.db],
+        capture_output=True, text=True, timeout=120, check=False,
+        env=bench.clean_env({"PGPASSWORD": bench.password_for(workload.login)}),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "number of transactions actually processed: 20/20" in done.stdout
