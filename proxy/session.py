@@ -184,9 +184,11 @@ class _StatementRun:
         self.quota_capped = False  # capped by the quota rather than by max_rows
         # ("portal"|"cursor", name): cumulative counting
         self.counter_key: tuple[str, str] | None = counter_key
-        # an Execute of the unnamed portal: which Bind of it (Session._unnamed_binds) made the
-        # portal it runs; its rows count towards the next Execute only while no later Bind
-        # replaced the portal (pipelined Bind/Execute pairs each start from zero)
+        # an Execute of the unnamed portal counted as that portal's (not a cursor's FETCH):
+        # which Bind of it (Session._unnamed_binds) made the portal it runs; its rows count
+        # towards the next Execute only while no later Bind replaced the portal (pipelined
+        # Bind/Execute pairs each start from zero). A FETCH's rows are its cursor's, however
+        # many times the unnamed portal is bound around it
         self.binding = 0
         self.capped = False
         self.denied = denied
@@ -389,6 +391,7 @@ _TRACE_SEVERITIES = frozenset((b"LOG", b"DEBUG"))
 # Parse, Bind, Describe, Execute, Close: the messages that name statements and portals
 _NAMED_MESSAGES = frozenset((0x50, 0x42, 0x44, 0x45, 0x43))
 NAME_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL keys statements and portals on that much
+_UNNAMED_PORTAL = ("portal", "")  # the unnamed portal's row count (Session._counts)
 
 
 def _check_name_lengths(mtype: int, frame: bytes) -> None:
@@ -1157,7 +1160,7 @@ class Session:
                     self._counts[key] = floor
                 run = self._quota_start(_StatementRun(d, self.clock(), counter_key=key,
                                                       source=text))
-                if not portal:
+                if key == _UNNAMED_PORTAL:  # not a cursor's FETCH: its count is the cursor's
                     run.binding = self._unnamed_binds
                 if not is_cursor and d.cursor and d.kind == "declare":
                     self._declare_sent(d, run)
@@ -1222,7 +1225,7 @@ class Session:
         """The cumulative row count of a portal: a named one is a cursor to SQL (FETCH reads
         it, Execute runs a DECLAREd cursor), so both count against the same key."""
         if not portal:
-            return ("portal", "")
+            return _UNNAMED_PORTAL
         return ("cursor", portal.decode(self.codec, "replace"))
 
     def _portal_record(self, portal: bytes) -> tuple[StatementDecision, str, bool, int] | None:
