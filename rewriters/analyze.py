@@ -1007,9 +1007,11 @@ def _parent_written(key: str, node: dict[str, Any],
 
 
 def _current_of(pst: PgStatement, ctx: _Ctx) -> None:
-    """``UPDATE/DELETE ... WHERE CURRENT OF c`` on a masked table: denied. The row filter
-    cannot be added to it, and the cursor itself reads the masked derived table (PostgreSQL
-    would call it not updatable anyway)."""
+    """``UPDATE/DELETE ... WHERE CURRENT OF c`` on a protected table: denied. On a masked
+    one the row filter cannot be added to it, and the cursor itself reads the masked derived
+    table (PostgreSQL would call it not updatable anyway); on one the role sees whole, the
+    checks of its writes (foreign keys into hidden rows, caps) need a statement sqlglot reads,
+    and it reads no ``CURRENT OF``: say so rather than fail on a parse error."""
     where = pst.node.get("whereClause")
     if not (isinstance(where, dict) and "CurrentOfExpr" in where):
         return
@@ -1017,10 +1019,14 @@ def _current_of(pst: PgStatement, ctx: _Ctx) -> None:
     if not isinstance(rel, dict):
         return
     ct = ctx.cv.resolve(rel.get("schemaname") or None, str(rel.get("relname", "")))
-    if ct is not None and ct.masked:
-        verb = "UPDATE" if pst.node_type == "UpdateStmt" else "DELETE"
+    if ct is None:
+        return
+    verb = "UPDATE" if pst.node_type == "UpdateStmt" else "DELETE"
+    if ct.masked:
         raise Denied(f"{verb} ... WHERE CURRENT OF on {ct.name} is not supported for masked "
                      "roles")
+    raise Denied(f"{verb} ... WHERE CURRENT OF on {ct.name} is not supported for role "
+                 f"{ctx.view.role}: name the row by its key instead (WHERE id = ...)")
 
 
 def _ddl(text: str, pst: PgStatement, ctx: _Ctx, m: _Mentions) -> Core:
