@@ -23,6 +23,7 @@ against :mod:`rewriters.lexer` tokens; when anything does not line up the statem
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
@@ -36,6 +37,12 @@ from rewriters.textspan import Edit, TokenIndex
 # analysis is linear but not cheap (about 25 µs per character for a long IN list), and it runs
 # on the proxy's event loop.
 MAX_STATEMENT_CHARS = 128 * 1024
+# sqlglot's parser takes about twice as long for each ``ARRAY[`` nested in another (20 levels:
+# 16 s, with the event loop stopped for every session); PostgreSQL allows 6 array dimensions.
+# Counted over the raw text, brackets inside string literals included: a literal nesting this
+# deep is denied with the rest, never read wrongly.
+MAX_BRACKET_DEPTH = 8
+_BRACKET = re.compile(r"[\[\]]")
 
 
 class Denied(Exception):
@@ -59,6 +66,9 @@ def parse_one(sql: str) -> exp.Expression:
     """sqlglot parse of one statement, every failure turned into :class:`Denied`."""
     if len(sql) > MAX_STATEMENT_CHARS:
         raise Denied(f"statement too large to analyse ({len(sql)} characters)")
+    if sql.count("[") > MAX_BRACKET_DEPTH and bracket_depth(sql) > MAX_BRACKET_DEPTH:
+        raise Denied(f"statement nests brackets more than {MAX_BRACKET_DEPTH} deep (PostgreSQL "
+                     "allows arrays of 6 dimensions)")
     try:
         trees = POSTGRES.parse(sql)
     except RecursionError:
@@ -73,6 +83,18 @@ def parse_one(sql: str) -> exp.Expression:
     if isinstance(tree, exp.Command):
         raise Denied(f"sqlglot cannot read {str(tree.this).upper()} statements")
     return tree
+
+
+def bracket_depth(sql: str) -> int:
+    """How deep ``[`` nest in ``sql`` (string literals and comments not set apart)."""
+    depth = deepest = 0
+    for m in _BRACKET.finditer(sql):
+        if m.group() == "[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
 
 
 def ident_value(node: exp.Expression | None) -> str | None:
