@@ -60,6 +60,7 @@ from rewriters.model import (
 )
 from rewriters.shape import ShapeCache
 from rewriters.substitute import (
+    MAX_PROTECTED_REFERENCES,
     MAX_STATEMENT_CHARS,
     Denied,
     collect_refs,
@@ -1243,6 +1244,12 @@ def _query(text: str, tokens: list, ctx: _Ctx, m: _Mentions, kind: str,
         target = nested.table.name if nested.table is not None else nested.ref_name
         raise Denied(f"data-modifying WITH on {target} is not supported for masked roles "
                      f"in a statement on protected data ({m.names})")
+    protected_refs = sum(1 for r in refs if r.table is not None)
+    if protected_refs > MAX_PROTECTED_REFERENCES:
+        # each becomes a derived table with every mask: the rewritten text (and its
+        # verification) grows by a kilobyte or so per reference, on the event loop
+        raise Denied(f"statement names protected tables {protected_refs} times; at most "
+                     f"{MAX_PROTECTED_REFERENCES} are analysed for masked roles")
     sub = substitute(tree, refs, idx, cv)
     edits = list(sub.edits)
     lookups = list(sub.lookups)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,13 +196,41 @@ def pg_parse(sql: str) -> list[dict[str, Any]]:
     """Parse with PostgreSQL's grammar; returns the RawStmt dicts. Raises PgParseError.
 
     Memoised for the last few texts: classification and verification parse the same statement
-    when nothing was rewritten. Callers must not modify the result.
+    when nothing was rewritten. Callers must not modify the result. Long texts are not kept:
+    a parse tree is ~150 times its text in Python objects (a 2.5 MB rewritten statement held
+    400 MB), and their parse is not the cost that matters then.
     """
+    if sql.count("/*") > MAX_COMMENT_DEPTH and _comment_depth(sql) > MAX_COMMENT_DEPTH:
+        raise PgParseError(f"comments nested more than {MAX_COMMENT_DEPTH} deep")
+    if len(sql) > PARSE_MEMO_CHARS:
+        return _pg_parse(sql)
     return _pg_parse_cached(sql)
+
+
+PARSE_MEMO_CHARS = 16 * 1024
+# libpg_query's scanner takes quadratic time in the nesting of /* comments */ (20000 levels:
+# 5 s, on the proxy's event loop); counted over the raw text, string literals included
+MAX_COMMENT_DEPTH = 256
+_COMMENT_EDGE = re.compile(r"/\*|\*/")
+
+
+def _comment_depth(sql: str) -> int:
+    depth = deepest = 0
+    for m in _COMMENT_EDGE.finditer(sql):
+        if m.group() == "/*":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
 
 
 @functools.lru_cache(maxsize=16)
 def _pg_parse_cached(sql: str) -> list[dict[str, Any]]:
+    return _pg_parse(sql)
+
+
+def _pg_parse(sql: str) -> list[dict[str, Any]]:
     try:
         return list(json.loads(pg_parser.parse_sql_json(sql)).get("stmts", []))
     except pg_parser.ParseError as e:  # type: ignore[attr-defined]

@@ -37,6 +37,9 @@ from rewriters.textspan import Edit, TokenIndex
 # analysis is linear but not cheap (about 25 µs per character for a long IN list), and it runs
 # on the proxy's event loop.
 MAX_STATEMENT_CHARS = 128 * 1024
+# References to protected tables in one statement from a masked role beyond this are denied:
+# each becomes a derived table with every mask, about a kilobyte of text to verify.
+MAX_PROTECTED_REFERENCES = 100
 # sqlglot's parser takes about twice as long for each ``ARRAY[`` nested in another (20 levels:
 # 16 s, with the event loop stopped for every session); PostgreSQL allows 6 array dimensions.
 # Counted over the raw text, brackets inside string literals included: a literal nesting this

@@ -26,6 +26,7 @@ offsets before comparing with the rewriter's spans.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -493,6 +494,34 @@ _PG_DUMP_SET_CONFIG = re.compile(
     re.IGNORECASE)
 
 
+class _Spans:
+    """Text spans (start, end) asked whether they hold an offset, in log time: the walk asks
+    for every node, and a statement may have thousands of generated spans (a linear scan was
+    quadratic: 18 s for a 128 KB statement of subqueries on customers). Overlapping or nested
+    spans are merged; membership is the same as ``any(s <= pos < e for s, e in spans)``."""
+
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self, spans: list[tuple[int, int]]) -> None:
+        merged: list[list[int]] = []
+        for start, end in sorted(spans):
+            if start >= end:
+                continue  # holds nothing
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self._starts = [m[0] for m in merged]
+        self._ends = [m[1] for m in merged]
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __contains__(self, pos: int) -> bool:
+        i = bisect.bisect_right(self._starts, pos) - 1
+        return i >= 0 and pos < self._ends[i]
+
+
 class _Walker:
     def __init__(
         self,
@@ -504,8 +533,8 @@ class _Walker:
         restricted: bool,
     ) -> None:
         self.cv = cv
-        self.generated = generated
-        self.allowed = allowed
+        self.generated = _Spans(generated)
+        self.allowed = _Spans(allowed)
         self.restricted = restricted
         self.sql = sql
         self.b2c = _char_offsets(sql)
@@ -531,8 +560,8 @@ class _Walker:
             return location
         return self.b2c[location] if location < len(self.b2c) else None
 
-    def inside(self, pos: int | None, spans: list[tuple[int, int]]) -> bool:
-        return pos is not None and any(s <= pos < e for s, e in spans)
+    def inside(self, pos: int | None, spans: _Spans) -> bool:
+        return pos is not None and pos in spans
 
     def generated_select(self, sel: dict[str, Any]) -> bool:
         """Is this SELECT pgveil's own text (a protected table's derived table)?"""

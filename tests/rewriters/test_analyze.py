@@ -178,6 +178,42 @@ def test_deep_brackets_are_denied_before_sqlglot_reads_them(opening: str) -> Non
     assert Analyzer().analyze(six, view("teller")).denied is None
 
 
+def test_many_references_to_protected_tables_are_denied_before_rewriting() -> None:
+    """Each reference becomes a derived table with every mask (about a kilobyte to verify):
+    2700 of them in a 128 KB statement held the event loop for seconds."""
+    unit = " AND id IN (SELECT id FROM customers WHERE id = 3)"
+    sql = "SELECT phone FROM customers WHERE id = 3" + unit * 2000
+    t0 = time.perf_counter()
+    denied = Analyzer().analyze(sql, view("teller")).denied
+    assert denied is not None and "names protected tables 2001 times" in denied.message
+    assert time.perf_counter() - t0 < 2.0
+    assert Analyzer().analyze(sql, view("dba")).denied is None
+    near = "SELECT phone FROM customers WHERE id = 3" + unit * 30
+    assert Analyzer().analyze(near, view("teller")).denied is None
+
+
+def test_deeply_nested_comments_are_not_parsed() -> None:
+    """libpg_query takes quadratic time in nested comments (20000 levels: 5 s)."""
+    sql = "SELECT phone FROM customers WHERE id = 3 " + "/*" * 20000 + "*/" * 20000
+    t0 = time.perf_counter()
+    denied = Analyzer().analyze(sql, view("teller")).denied
+    assert denied is not None and "comments nested more than 256 deep" in denied.message
+    assert time.perf_counter() - t0 < 0.5
+    ok = "SELECT phone FROM customers WHERE id = 3 /* a /* nested */ comment */"
+    assert Analyzer().analyze(ok, view("teller")).denied is None
+
+
+def test_long_texts_are_not_kept_by_the_parse_memo() -> None:
+    """A parse tree is ~150 times its text: a 2.5 MB rewritten statement held 400 MB."""
+    from rewriters.classify import PARSE_MEMO_CHARS, _pg_parse_cached, pg_parse
+    long_sql = "SELECT 1 WHERE 1 IN (" + ", ".join(["1"] * PARSE_MEMO_CHARS) + ")"
+    before = _pg_parse_cached.cache_info().currsize
+    _pg_parse_cached.cache_clear()
+    assert pg_parse(long_sql) and _pg_parse_cached.cache_info().currsize == 0
+    assert pg_parse("SELECT 1") and _pg_parse_cached.cache_info().currsize == 1
+    assert before >= 0
+
+
 def test_oversized_statement_is_denied_quickly() -> None:
     sql = "SELECT phone FROM customers WHERE id IN (" + ", ".join(["3"] * 50_000) + ")"
     t0 = time.perf_counter()
