@@ -254,6 +254,8 @@ class ClientConnection(asyncio.Protocol):
         self._watched: set[asyncio.Future[None]] = set()
         self._last_activity = time.monotonic()
         self._track_idle = runtime.config.listen.idle_timeout > 0  # the idle reaper's input
+        self._paused_for: set[str] = set()  # why reading the client is paused
+        self._resuming = False  # a _resume_client is due (the session stopped after a slice)
         self._counted = False
         self.over_capacity = False
         # the audit error of statements still running when the connection ends (Session.abandon)
@@ -308,16 +310,36 @@ class ClientConnection(asyncio.Protocol):
                 if up is not None and up.transport is not None:
                     up.transport.write(sent)
                 return
-            try:
-                out = session.from_client(data)
-            except Exception as exc:  # a malformed stream: end the session cleanly
-                log.warning("client %s sent an invalid message stream: %s", self.peer, exc)
-                self.send_client(fatal("08P01", f"invalid frontend message: {exc}"))
-                self.close()
-                return
-            self._perform(out)
+            self._feed(session, data)
         else:
             self.reader.feed(data)
+
+    def _feed(self, session: Session, data: bytes) -> None:
+        """The general path: ``data`` through the session. When the session stops after a
+        long analysis (Output.resume), reading pauses and the rest is taken up on a later
+        turn of the loop, so that one client's pipeline of long statements does not hold
+        every other connection."""
+        try:
+            out = session.from_client(data)
+        except Exception as exc:  # a malformed stream: end the session cleanly
+            log.warning("client %s sent an invalid message stream: %s", self.peer, exc)
+            self.send_client(fatal("08P01", f"invalid frontend message: {exc}"))
+            self.close()
+            return
+        self._perform(out)
+        if out.resume and not self.closed:
+            if not self._resuming:
+                self._resuming = True
+                self.pause_reading_client("analysis")
+            asyncio.get_running_loop().call_soon(self._resume_client)
+        elif self._resuming:
+            self._resuming = False
+            self.resume_reading_client("analysis")
+
+    def _resume_client(self) -> None:
+        session = self.session
+        if session is not None and not self.closed:
+            self._feed(session, b"")
 
     def eof_received(self) -> bool | None:
         return False
@@ -342,13 +364,18 @@ class ClientConnection(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 self.upstream.transport.resume_reading()
 
-    def pause_reading_client(self) -> None:
-        if self.transport is not None:
-            with contextlib.suppress(Exception):
-                self.transport.pause_reading()
+    def pause_reading_client(self, why: str = "upstream") -> None:
+        """Stop reading the client (``why``: PostgreSQL is not reading us, or the session is
+        still working through what it has); reading resumes when every reason has passed."""
+        if not self._paused_for:
+            if self.transport is not None:
+                with contextlib.suppress(Exception):
+                    self.transport.pause_reading()
+        self._paused_for.add(why)
 
-    def resume_reading_client(self) -> None:
-        if self.transport is not None:
+    def resume_reading_client(self, why: str = "upstream") -> None:
+        self._paused_for.discard(why)
+        if not self._paused_for and self.transport is not None:
             with contextlib.suppress(Exception):
                 self.transport.resume_reading()
 

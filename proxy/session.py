@@ -120,7 +120,7 @@ class Output:
     """What one input to the session asks the shell to do (a plain class: one per message
     batch, and mypyc compiles its constructor natively)."""
 
-    __slots__ = ("audit", "cancel", "close", "to_client", "to_server")
+    __slots__ = ("audit", "cancel", "close", "resume", "to_client", "to_server")
 
     def __init__(self) -> None:
         self.to_server: list[bytes] = []
@@ -128,6 +128,9 @@ class Output:
         self.cancel = False
         self.audit: list[AuditEvent] = []
         self.close = False
+        # messages wait in the session's buffer after a long analysis (ANALYSIS_SLICE): the
+        # shell lets other connections run, then calls from_client(b"") to go on
+        self.resume = False
 
 
 # _StatementRun.room: no quota applies / one applies and the run has not claimed its share yet
@@ -378,6 +381,11 @@ LARGE_MESSAGE_LIMIT = 0x3FFFFFFF
 # what a client may send behind a Query held until its extended batch ends (_hold_behind_sync):
 # the hold stops the stream's backpressure, so it is bounded
 HELD_CLIENT_LIMIT = 64 << 20
+# How long one from_client call may analyse statements before it leaves the rest of the
+# client's messages for a later turn of the event loop (Output.resume): a long statement on
+# customer data costs up to about 2 s to analyse, and a pipeline of them must not hold every
+# other connection for the sum
+ANALYSIS_SLICE = 0.05
 SMALL_MESSAGE_LIMIT = 10000
 _LARGE_CLIENT_MESSAGES = frozenset((0x51, 0x50, 0x42, 0x64, 0x46))
 # Client messages PostgreSQL rejects in COPY mode (Terminate and Flush are fine).
@@ -950,6 +958,7 @@ class Session:
         pos, n = 0, len(buf)
         start = 0
         to_server = out.to_server
+        began = self.clock()
         while n - pos >= 5:
             mtype = buf[pos]
             length = _U32.unpack_from(buf, pos + 1)[0]
@@ -989,6 +998,10 @@ class Session:
                     if pos > start:
                         to_server.insert(mark, buf[start:pos])
                     start = end
+                if n - end >= 5 and self.clock() - began > ANALYSIS_SLICE:
+                    pos = end
+                    out.resume = True  # the rest on a later turn (stays in _cbuf, in order)
+                    break
             pos = end
         if pos > start:
             to_server.append(buf[start:pos] if start or pos < n else buf)

@@ -414,3 +414,30 @@ def test_a_query_inside_a_failed_batch_is_skipped_like_postgresql_does() -> None
     result = ROW_DESC + data_row(b"3") + complete("SELECT 1") + rfq()
     assert b"".join(s.from_server(result).to_client) == result
     assert not s.busy
+
+
+def test_a_long_analysis_leaves_the_rest_of_the_messages_for_a_later_turn() -> None:
+    """One client's pipeline of statements that are slow to analyse must not hold the event
+    loop for the sum: after ANALYSIS_SLICE the session stops, keeps the rest in order, and
+    asks the shell to call again (Output.resume)."""
+    from proxy import session as session_module
+
+    s, _ = make_session({})
+    now = [0.0]
+    s.clock = lambda: now[0]
+    real = s._analyze
+
+    def slow(sql: str, *args: object, **kw: object) -> Analysis:
+        now[0] += session_module.ANALYSIS_SLICE  # each statement takes a whole slice
+        return real(sql, *args, **kw)
+
+    s._analyze = slow
+    raw = q("select 1") + q("select 2") + q("select 3")
+    out = s.from_client(raw)
+    assert out.resume and b"".join(out.to_server) == q("select 1") + q("select 2")
+    s.from_server(complete("SELECT 1") + rfq())
+    out = s.from_client(b"")
+    assert out.resume is False and b"".join(out.to_server) == q("select 3")
+    quick, _ = make_session({})
+    out = quick.from_client(raw)  # a fast analysis: all at once
+    assert not out.resume and b"".join(out.to_server) == raw

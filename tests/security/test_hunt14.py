@@ -55,3 +55,42 @@ def test_pipelined_lookups_each_start_from_zero(leak: LeakChecker) -> None:
         assert not got.sqlstates and got.rows == 3 * 33, got
         w.sock.detach()
     assert psycopg  # the wire helpers ride on psycopg's authenticated socket
+
+
+def test_a_pipeline_of_slow_statements_leaves_other_sessions_served(
+        leak: LeakChecker) -> None:
+    """Statements on customer data that take long to analyse (long IN lists), pipelined in
+    one write: pgveil analyses them in turns of the event loop, not all at once, so another
+    session's lookups keep being answered meanwhile (each statement once stopped every
+    session for its whole analysis, and a pipeline for the sum)."""
+    import threading
+    import time
+
+    ids = ", ".join(str(i) for i in range(1, 2000) if i % 3)  # none of them in SZ01
+    texts = [f"SELECT id, phone AS p{n} FROM customers WHERE id IN ({ids})".encode()
+             for n in range(24)]  # shapes of their own: no cache hits
+    waits: list[float] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with leak.connect() as other:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                other.execute("SELECT phone FROM customers WHERE id = 3").fetchone()
+                waits.append(time.perf_counter() - t0)
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    with leak.connect() as conn:
+        w = Wire(conn)
+        prober.start()
+        time.sleep(0.3)
+        t0 = time.perf_counter()
+        got = w.batch(*[m for t in texts for m in (parse(b"", t), bind(b""), execute())], SYNC)
+        took = time.perf_counter() - t0
+        done.set()
+        prober.join(30)
+        w.sock.detach()
+    assert not got.sqlstates and got.rows == 0, got.sqlstates
+    assert took > 1.0, took  # slow enough to matter (else the test shows nothing)
+    assert max(waits) < took / 3, (max(waits), took)
