@@ -326,15 +326,21 @@ class ClientConnection(asyncio.Protocol):
             self.send_client(fatal("08P01", f"invalid frontend message: {exc}"))
             self.close()
             return
-        self._perform(out)
-        if out.resume and not self.closed:
-            if not self._resuming:
-                self._resuming = True
-                self.pause_reading_client("analysis")
-            asyncio.get_running_loop().call_soon(self._resume_client)
-        elif self._resuming:
+        self._perform(out)  # schedules the rest when out.resume
+        if not out.resume and self._resuming:
             self._resuming = False
             self.resume_reading_client("analysis")
+
+    def _resume_later(self) -> None:
+        """The session stopped after a long analysis (Output.resume), answering the client
+        (_feed) or releasing bytes it held for the server's answer (from_server): pause
+        reading the client and take up the rest on a later turn of the loop."""
+        if self.closed:
+            return
+        if not self._resuming:
+            self._resuming = True
+            self.pause_reading_client("analysis")
+        asyncio.get_running_loop().call_soon(self._resume_client)
 
     def _resume_client(self) -> None:
         session = self.session
@@ -442,6 +448,8 @@ class ClientConnection(asyncio.Protocol):
             # race with the client's next statement. Cancel only one still running shortly after.
             run = self.session.capped_run
             asyncio.get_running_loop().call_later(CAP_CANCEL_DELAY, self._cancel_if_running, run)
+        if out.resume:
+            self._resume_later()
         if out.close:
             self.close()
 

@@ -1043,6 +1043,7 @@ class Session:
         out.audit.extend(more.audit)
         out.close = out.close or more.close
         out.cancel = out.cancel or more.cancel
+        out.resume = out.resume or more.resume  # the rest after a long analysis: later
 
     def _open_copy_window(self, slot: _Slot) -> None:
         self._copy_epoch += 1

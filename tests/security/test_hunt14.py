@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import uuid
+
 import psycopg
 
 from tests.harness.wire import SYNC, Wire, bind, execute, parse, query
@@ -94,3 +96,22 @@ def test_a_pipeline_of_slow_statements_leaves_other_sessions_served(
     assert not got.sqlstates and got.rows == 0, got.sqlstates
     assert took > 1.0, took  # slow enough to matter (else the test shows nothing)
     assert max(waits) < took / 3, (max(waits), took)
+
+
+def test_queries_held_behind_pgveils_sync_all_run_after_a_slow_one(leak: LeakChecker) -> None:
+    """Queries held behind pgveil's own Sync (an extended batch left open, as asyncpg's
+    prepare does) run when that Sync is answered; the first took more than the analysis
+    slice, and the rest stayed in the session's buffer until the client sent something else."""
+    from tests.harness.wire import msg
+
+    ids = ", ".join(str(i) for i in range(1, 2000) if i % 3)
+    slow = f"SELECT id, phone AS held_{uuid.uuid4().hex[:8]} FROM customers WHERE id IN ({ids})"
+    with leak.connect() as conn:
+        w = Wire(conn)
+        w.sock.sendall(parse(b"", b"SELECT 1") + msg(b"D", b"S\x00") + msg(b"H", b"")
+                       + query(slow) + query("SELECT 'second'") + query("SELECT 'third'"))
+        got = w.messages(syncs=3)  # pgveil's Sync's, and the three Queries' ReadyForQuery
+        assert [k for k, _ in got].count("Z") == 3
+        assert [body for k, body in got if k == "D"][-2:] == [
+            b"\x00\x01\x00\x00\x00\x06second", b"\x00\x01\x00\x00\x00\x05third"]
+        w.sock.detach()
