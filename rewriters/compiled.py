@@ -26,7 +26,18 @@ from sqlglot.dialects.postgres import Postgres
 from rewriters.lexer import fold
 from rewriters.model import ColumnView, OperatorView, TableView
 
-POSTGRES = Postgres()
+
+class _Postgres(Postgres):
+    """sqlglot's PostgreSQL dialect without its array index offset. sqlglot turns PostgreSQL's
+    1-based subscripts into its own 0-based ones as it parses, re-inferring the types of the
+    whole subscript chain at each ``[``: quadratic in the chain (``x[1][1]...``, 1024
+    subscripts: 3 s on the proxy's event loop). pgveil edits the client's text and never
+    generates SQL from these trees, so the subscripts may stay as written."""
+
+    INDEX_OFFSET = 0
+
+
+POSTGRES = _Postgres()
 
 # Substrings that make a statement worth a full analysis even when it names no protected table.
 # Each is a way to reach table data without writing the table's name in the statement:

@@ -203,6 +203,32 @@ def test_deeply_nested_comments_are_not_parsed() -> None:
     assert Analyzer().analyze(ok, view("teller")).denied is None
 
 
+def test_a_chain_of_subscripts_is_read_in_linear_time() -> None:
+    """sqlglot's PostgreSQL dialect re-inferred the types of the whole chain at each ``[`` to
+    shift the index (1024 subscripts: 3 s); pgveil's dialect keeps subscripts as written."""
+    from rewriters.compiled import POSTGRES
+
+    sql = "SELECT phone FROM customers WHERE id = 3 AND level" + "[1]" * 4096 + " IS NULL"
+    t0 = time.perf_counter()
+    Analyzer().analyze(sql, view("teller"))
+    assert time.perf_counter() - t0 < 2.0
+    assert POSTGRES.parse("SELECT a[1]")[0].sql() == "SELECT a[1]"
+
+
+def test_a_wide_multiple_column_set_is_not_parsed() -> None:
+    """libpg_query's JSON repeats the value list of SET (a, b, ...) = (...) once per column:
+    1024 columns made 53 MB of JSON, 17 s and 2.3 GB to read."""
+    n = 2000
+    sql = (f"UPDATE orders SET ({', '.join(['note'] * n)}) = ({', '.join(['$1'] * n)}) "
+           "WHERE id = 3")
+    t0 = time.perf_counter()
+    denied = Analyzer().analyze(sql, view("teller")).denied
+    assert denied is not None and "SET (column, ...) of more than 100 columns" in denied.message
+    assert time.perf_counter() - t0 < 0.5
+    ok = "UPDATE orders SET (note, amount) = ('x', 1) WHERE id = 3"
+    assert Analyzer().analyze(ok, view("manager")).denied is None
+
+
 def test_long_texts_are_not_kept_by_the_parse_memo() -> None:
     """A parse tree is ~150 times its text: a 2.5 MB rewritten statement held 400 MB."""
     from rewriters.classify import PARSE_MEMO_CHARS, _pg_parse_cached, pg_parse
