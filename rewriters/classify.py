@@ -24,7 +24,7 @@ from typing import Any
 
 from pglast import parser as pg_parser
 
-from rewriters.lexer import Tok, Token
+from rewriters.lexer import Tok, Token, nesting_depth
 
 # Leading keyword -> kind (StatementDecision.kind).
 KEYWORD_KIND: dict[str, str] = {
@@ -200,7 +200,7 @@ def pg_parse(sql: str) -> list[dict[str, Any]]:
     a parse tree is ~150 times its text in Python objects (a 2.5 MB rewritten statement held
     400 MB), and their parse is not the cost that matters then.
     """
-    if sql.count("/*") > MAX_COMMENT_DEPTH and _comment_depth(sql) > MAX_COMMENT_DEPTH:
+    if sql.count("/*") > MAX_COMMENT_DEPTH and nesting_depth(sql, _COMMENT_EDGE, "/*") > MAX_COMMENT_DEPTH:
         raise PgParseError(f"comments nested more than {MAX_COMMENT_DEPTH} deep")
     if _MULTI_ASSIGN.search(sql) is not None and _widest_multi_assign(sql) > MAX_MULTI_ASSIGN:
         raise PgParseError(f"SET (column, ...) of more than {MAX_MULTI_ASSIGN} columns")
@@ -245,15 +245,6 @@ def _widest_multi_assign(sql: str) -> int:
     return widest
 
 
-def _comment_depth(sql: str) -> int:
-    depth = deepest = 0
-    for m in _COMMENT_EDGE.finditer(sql):
-        if m.group() == "/*":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif depth:
-            depth -= 1
-    return deepest
 
 
 @functools.lru_cache(maxsize=16)

@@ -129,6 +129,20 @@ _GROUP_KIND = {
 _COMMENT_EDGE = re.compile(r"/\*|\*/")
 
 
+def nesting_depth(sql: str, edges: re.Pattern[str], opener: str) -> int:
+    """How deep ``opener`` nests in ``sql``: ``edges`` finds the opener and its closer (string
+    literals and comments not set apart -- a cheap bound taken before a parser that is slow
+    on deep nesting; a closer without an opener is ignored)."""
+    depth = deepest = 0
+    for m in edges.finditer(sql):
+        if m.group() == opener:
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
 def block_comment_end(sql: str, start: int) -> int:
     """Offset after the ``*/`` closing the (nested) comment opened at ``start``; -1 if none."""
     depth = 0

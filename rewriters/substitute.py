@@ -30,7 +30,7 @@ from decimal import Decimal, InvalidOperation
 from sqlglot import exp
 
 from rewriters.compiled import POSTGRES, CompiledTable, CompiledView, quote_ident
-from rewriters.lexer import Tok, Token, fold
+from rewriters.lexer import Tok, Token, fold, nesting_depth
 from rewriters.textspan import Edit, TokenIndex
 
 # Statements on customer data from masked roles longer than this are denied, not analysed: the
@@ -69,7 +69,7 @@ def parse_one(sql: str) -> exp.Expression:
     """sqlglot parse of one statement, every failure turned into :class:`Denied`."""
     if len(sql) > MAX_STATEMENT_CHARS:
         raise Denied(f"statement too large to analyse ({len(sql)} characters)")
-    if sql.count("[") > MAX_BRACKET_DEPTH and bracket_depth(sql) > MAX_BRACKET_DEPTH:
+    if sql.count("[") > MAX_BRACKET_DEPTH and nesting_depth(sql, _BRACKET, "[") > MAX_BRACKET_DEPTH:
         raise Denied(f"statement nests brackets more than {MAX_BRACKET_DEPTH} deep (PostgreSQL "
                      "allows arrays of 6 dimensions)")
     try:
@@ -86,18 +86,6 @@ def parse_one(sql: str) -> exp.Expression:
     if isinstance(tree, exp.Command):
         raise Denied(f"sqlglot cannot read {str(tree.this).upper()} statements")
     return tree
-
-
-def bracket_depth(sql: str) -> int:
-    """How deep ``[`` nest in ``sql`` (string literals and comments not set apart)."""
-    depth = deepest = 0
-    for m in _BRACKET.finditer(sql):
-        if m.group() == "[":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif depth:
-            depth -= 1
-    return deepest
 
 
 def ident_value(node: exp.Expression | None) -> str | None:
