@@ -132,6 +132,16 @@ class Output:
         # shell lets other connections run, then calls from_client(b"") to go on
         self.resume = False
 
+    def extend(self, later: Output) -> None:
+        """Add what ``later`` (an input handled after this one's) asks for, every field of it:
+        a field left out here is a request lost (resume once was, and a pipeline hung)."""
+        self.to_server.extend(later.to_server)
+        self.to_client.extend(later.to_client)
+        self.audit.extend(later.audit)
+        self.cancel = self.cancel or later.cancel
+        self.close = self.close or later.close
+        self.resume = self.resume or later.resume
+
 
 # _StatementRun.room: no quota applies / one applies and the run has not claimed its share yet
 UNLIMITED_ROOM = 1 << 62
@@ -1038,12 +1048,7 @@ class Session:
         self._held_client = None
         self._skip_till_sync = failed
         more = self.from_client(held)
-        out.to_server.extend(more.to_server)
-        out.to_client.extend(more.to_client)
-        out.audit.extend(more.audit)
-        out.close = out.close or more.close
-        out.cancel = out.cancel or more.cancel
-        out.resume = out.resume or more.resume  # the rest after a long analysis: later
+        out.extend(more)
 
     def _open_copy_window(self, slot: _Slot) -> None:
         self._copy_epoch += 1

@@ -38,6 +38,7 @@ from rewriters.classify import (
     KEYWORD_KIND,
     PgParseError,
     PgStatement,
+    PgTooComplex,
     copy_query_span,
     copy_table_span,
     declare_prefix,
@@ -834,6 +835,9 @@ def analyse_core(
     except PgParseError as e:
         if ctx.restricted and m.sensitive:
             raise Denied(f"cannot analyse statement that references {m.names}: {e}") from None
+        if ctx.restricted and isinstance(e, PgTooComplex):
+            # PostgreSQL may well run it (a DO block, say): unread, it is not forwarded
+            raise Denied(f"cannot analyse statement: {e}") from None
         return Core(lead)
     try:
         return _dispatch(text, sig, tokens, pst, ctx, m, explain)

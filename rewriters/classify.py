@@ -192,6 +192,11 @@ class PgParseError(Exception):
     """libpg_query rejected the text (so would the server)."""
 
 
+class PgTooComplex(PgParseError):
+    """pgveil would not read the text (it bounds what parsing may cost on its event loop),
+    though the server might: never a reason to forward a restricted role's statement."""
+
+
 def pg_parse(sql: str) -> list[dict[str, Any]]:
     """Parse with PostgreSQL's grammar; returns the RawStmt dicts. Raises PgParseError.
 
@@ -201,9 +206,9 @@ def pg_parse(sql: str) -> list[dict[str, Any]]:
     400 MB), and their parse is not the cost that matters then.
     """
     if sql.count("/*") > MAX_COMMENT_DEPTH and nesting_depth(sql, _COMMENT_EDGE, "/*") > MAX_COMMENT_DEPTH:
-        raise PgParseError(f"comments nested more than {MAX_COMMENT_DEPTH} deep")
+        raise PgTooComplex(f"comments nested more than {MAX_COMMENT_DEPTH} deep")
     if _MULTI_ASSIGN.search(sql) is not None and _widest_multi_assign(sql) > MAX_MULTI_ASSIGN:
-        raise PgParseError(f"SET (column, ...) of more than {MAX_MULTI_ASSIGN} columns")
+        raise PgTooComplex(f"SET (column, ...) of more than {MAX_MULTI_ASSIGN} columns")
     if len(sql) > PARSE_MEMO_CHARS:
         return _pg_parse(sql)
     return _pg_parse_cached(sql)
@@ -258,7 +263,7 @@ def _pg_parse(sql: str) -> list[dict[str, Any]]:
     except pg_parser.ParseError as e:  # type: ignore[attr-defined]
         raise PgParseError(str(e)) from e
     except (RecursionError, MemoryError, ValueError) as e:
-        raise PgParseError(f"{type(e).__name__}: {e}") from e
+        raise PgTooComplex(f"{type(e).__name__}: {e}") from e
 
 
 def pg_statement(sql: str) -> PgStatement:

@@ -203,6 +203,19 @@ def test_deeply_nested_comments_are_not_parsed() -> None:
     assert Analyzer().analyze(ok, view("teller")).denied is None
 
 
+
+def test_a_statement_pgveil_will_not_parse_is_never_forwarded_for_a_masked_role() -> None:
+    """The parse limits stop statements PostgreSQL would run: a DO block behind a deep
+    comment names no table, yet must not pass unread (it can read any table)."""
+    deep = "/*" * 300 + "*/" * 300
+    do = "DO $$ BEGIN PERFORM 1; END $$ " + deep
+    _denied_quickly(do, "teller", "cannot analyse statement: comments nested", 0.5)
+    wide = ("UPDATE branches SET (" + ", ".join(["name"] * 150) + ") = ("
+            + ", ".join(["'x'"] * 150) + ") WHERE id = 'SZ01'")
+    _denied_quickly(wide, "teller", "more than 100 columns", 0.5)
+    assert Analyzer().analyze(do, view("dba")).denied is None  # unrestricted: PostgreSQL's
+
+
 def test_a_chain_of_subscripts_is_read_in_linear_time() -> None:
     """sqlglot's PostgreSQL dialect re-inferred the types of the whole chain at each ``[`` to
     shift the index (1024 subscripts: 3 s); pgveil's dialect keeps subscripts as written."""
